@@ -1,0 +1,33 @@
+# Set-up and everyday commands. `make install` then `make test` is all a new machine needs.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of torch; override for CUDA, e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast lint format clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+
+test:
+	WANDB_MODE=disabled $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast:
+	WANDB_MODE=disabled $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint:
+	$(BIN)/ruff check kd_lightning tests
+	$(BIN)/ruff format --check kd_lightning tests
+	$(BIN)/mypy kd_lightning
+
+format:
+	$(BIN)/ruff format kd_lightning tests
+	$(BIN)/ruff check --fix kd_lightning tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache outputs multirun lightning_logs

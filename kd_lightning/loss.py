@@ -1,0 +1,171 @@
+"""The multi-teacher distillation objective: (1 − α)·CE + α·KD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning.functional import (
+    js_divergence,
+    kl_divergence,
+    logit_mse,
+    reverse_kl_divergence,
+    soft_cross_entropy,
+)
+from kd_lightning.fusion import FusionRule, build_fusion
+
+PROBABILITY_DIVERGENCES = {
+    "kl": kl_divergence,
+    "reverse_kl": reverse_kl_divergence,
+    "js": js_divergence,
+    "soft_ce": soft_cross_entropy,
+}
+DIVERGENCES = (*PROBABILITY_DIVERGENCES, "mse")
+Aggregation = Literal["target", "loss"]
+
+
+@dataclass(frozen=True)
+class DistillationOutput:
+    """Everything one evaluation of :class:`DistillationLoss` produced.
+
+    Attributes:
+        loss: the total objective (1 − α)·hard + α·soft.
+        hard: cross-entropy of the student on the labels.
+        soft: the distillation term.
+        weights: per-sample, per-teacher fusion weights, shape ``(B, K)``.
+    """
+
+    loss: Tensor
+    hard: Tensor
+    soft: Tensor
+    weights: Tensor
+
+
+class DistillationLoss(nn.Module):
+    """Hinton-style distillation from several teachers: (1 − α)·CE(s, y) + α·KD.
+
+    The KD term compares the student with the teachers through a fusion rule, aggregated in one of
+    two named ways (see ``methods.md``):
+
+    * ``"target"``: fuse first, then one divergence, ``D(Σ_k w_k p_k, s)`` (the fusion rule's target;
+      e.g. Hinton et al. 2015's averaged soft targets, TextBrewer's averaged logits).
+    * ``"loss"``: one divergence per teacher, then weigh, ``Σ_k w_k D(p_k, s)`` (EBKD, CA-MKD and
+      AE-KD write their objectives this way).
+
+    For KL and weights that sum to one and do not depend on the student the two have the same
+    gradient (identity E1). With ``divergence="mse"`` the teachers' logits are fused instead of
+    their probabilities, and the temperature is unused. All of it runs in float32, also under AMP.
+
+    Args:
+        fusion: a :class:`~kd_lightning.fusion.FusionRule` or a registered name (``"mean_probs"``...).
+        alpha: weight of the KD term; ``1 − alpha`` weighs the cross-entropy on labels.
+        temperature: softmax temperature T; probability divergences carry the T² factor.
+        divergence: one of ``"kl"``, ``"reverse_kl"``, ``"js"``, ``"soft_ce"``, ``"mse"``.
+        aggregation: ``"target"`` or ``"loss"``.
+
+    Example:
+        >>> loss = DistillationLoss("mean_probs", alpha=0.9, temperature=4.0)
+        >>> out = loss(torch.randn(8, 10), torch.randn(3, 8, 10), torch.randint(0, 10, (8,)))
+        >>> out.loss.shape, out.weights.shape
+        (torch.Size([]), torch.Size([8, 3]))
+    """
+
+    def __init__(
+        self,
+        fusion: FusionRule | str = "mean_probs",
+        alpha: float = 0.9,
+        temperature: float = 4.0,
+        divergence: str = "kl",
+        aggregation: Aggregation = "target",
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if divergence not in DIVERGENCES:
+            raise ValueError(
+                f"unknown divergence {divergence!r}; choose one of {list(DIVERGENCES)}"
+            )
+        if aggregation not in ("target", "loss"):
+            raise ValueError(f"unknown aggregation {aggregation!r}; choose 'target' or 'loss'")
+        self.fusion = build_fusion(fusion) if isinstance(fusion, str) else fusion
+        self.alpha = alpha
+        self.temperature = temperature
+        self.divergence = divergence
+        self.aggregation = aggregation
+
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
+    ) -> DistillationOutput:
+        """Compute the objective from student logits ``(B, C)``, teacher logits ``(K, B, C)``, labels ``(B,)``."""
+        check_shapes(student_logits, teacher_logits, labels)
+        with torch.autocast(device_type=student_logits.device.type, enabled=False):
+            student = student_logits.float()
+            teachers = teacher_logits.float()
+            fusion = self.fusion(teachers, labels, self.temperature)
+            hard = F.cross_entropy(student, labels)
+            soft = self._soft_term(student, teachers, fusion.weights, fusion.target)
+            loss = (1.0 - self.alpha) * hard + self.alpha * soft
+        return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=fusion.weights)
+
+    def _soft_term(
+        self, student: Tensor, teachers: Tensor, weights: Tensor, target: Tensor
+    ) -> Tensor:
+        if self.aggregation == "loss":
+            per_teacher = torch.stack(
+                [self._divergence(student, teacher) for teacher in teachers], -1
+            )
+            return (weights * per_teacher).sum(-1).mean()
+        if self.divergence == "mse":
+            normalised = weights / weights.sum(-1, keepdim=True)
+            return logit_mse(student, torch.einsum("...k,k...c->...c", normalised, teachers))
+        divergence = PROBABILITY_DIVERGENCES[self.divergence]
+        return divergence(student, target, self.temperature)
+
+    def _divergence(self, student: Tensor, teacher_logits: Tensor) -> Tensor:
+        if self.divergence == "mse":
+            return logit_mse(student, teacher_logits, reduction="none")
+        target = torch.softmax(teacher_logits / self.temperature, -1)
+        divergence = PROBABILITY_DIVERGENCES[self.divergence]
+        return divergence(student, target, self.temperature, reduction="none")
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, temperature={self.temperature}, "
+            f"divergence={self.divergence!r}, aggregation={self.aggregation!r}"
+        )
+
+
+def check_shapes(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> None:
+    """Refuse inputs that cannot be distilled, naming what is wrong."""
+    if teacher_logits.ndim != student_logits.ndim + 1:
+        raise ValueError(
+            f"teacher logits must be stacked as (K, *student_shape): got teachers "
+            f"{tuple(teacher_logits.shape)} for student {tuple(student_logits.shape)}"
+        )
+    num_classes = student_logits.shape[-1]
+    if teacher_logits.shape[-1] != num_classes:
+        raise ValueError(
+            f"the student has {num_classes} classes but the teachers have {teacher_logits.shape[-1]}"
+        )
+    if teacher_logits.shape[1:] != student_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} do not match student logits "
+            f"{tuple(student_logits.shape)}"
+        )
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"labels of shape {tuple(labels.shape)} do not match logits {tuple(student_logits.shape)}"
+        )
+    if labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for {num_classes} classes; got values from "
+            f"{labels.min().item()} to {labels.max().item()}"
+        )

@@ -1,0 +1,13 @@
+"""MNIST-1D models of Greydanus 2020 ("Scaling down deep learning") and their registry."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kd_lightning.models.cnn import CNN1D
+from kd_lightning.models.gru import GRUClassifier
+from kd_lightning.models.mlp import MLP
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN1D, "gru": GRUClassifier}
+
+__all__ = ["CNN1D", "MLP", "MODELS", "GRUClassifier"]

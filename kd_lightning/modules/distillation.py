@@ -1,0 +1,158 @@
+"""Distil a student from a frozen ensemble of teachers with Lightning."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MeanMetric
+
+from kd_lightning.batch import BatchAdapter
+from kd_lightning.loss import DistillationLoss
+from kd_lightning.teachers import TeacherEnsemble
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[..., LRScheduler]
+Stage = Literal["train", "val", "test"]
+
+
+class DistillationModule(LightningModule):
+    """Train ``student`` against frozen ``teachers`` with a :class:`~kd_lightning.DistillationLoss`.
+
+    Each train/val/test step runs the teachers once and returns the detached student logits,
+    teacher logits, labels and fusion weights, so callbacks (e.g.
+    :class:`~kd_lightning.callbacks.TeacherAgreementCallback`) never run a teacher again. Logged:
+    ``{stage}/loss``, ``{stage}/ce``, ``{stage}/kd`` and ``{stage}/acc``.
+
+    Only the student and the loss's learnable parameters (e.g. learnable fusion weights) are
+    optimised. Checkpoints hold no teacher weights unless ``save_teachers=True``; loading a
+    student-only checkpoint leaves the teachers as they are.
+
+    Args:
+        student: the network being trained.
+        teachers: a :class:`~kd_lightning.teachers.TeacherEnsemble` or a ``name → model`` mapping.
+        loss: the objective; defaults to ``DistillationLoss()`` (mean of probabilities, α = 0.9, T = 4).
+        optimizer: called with the trainable parameters, e.g. ``functools.partial(torch.optim.Adam, lr=1e-2)``.
+        scheduler: called with the optimizer (and ``total_steps=trainer.estimated_stepping_batches``
+            when it takes a ``total_steps`` argument); ``None`` for a constant learning rate.
+        scheduler_interval: ``"step"`` or ``"epoch"``.
+        batch_adapter: turns a batch into ``(inputs, labels)``; defaults to :class:`~kd_lightning.BatchAdapter`.
+        save_teachers: keep teacher weights in checkpoints.
+
+    Example:
+        >>> module = DistillationModule(nn.Linear(4, 3), {"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
+        >>> module(torch.randn(2, 4)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: TeacherEnsemble | Mapping[str, nn.Module],
+        loss: DistillationLoss | None = None,
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
+        save_teachers: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            ignore=["student", "teachers", "loss", "optimizer", "scheduler", "batch_adapter"]
+        )
+        self.student = student
+        self.teachers = (
+            teachers if isinstance(teachers, TeacherEnsemble) else TeacherEnsemble(teachers)
+        )
+        self.loss = loss if loss is not None else DistillationLoss()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
+        self.accuracy = {stage: MeanMetric() for stage in ("train", "val", "test")}
+        self.train_accuracy, self.val_accuracy, self.test_accuracy = self.accuracy.values()
+
+    def forward(self, inputs: Any) -> Tensor:
+        """The student's logits."""
+        return self.student(inputs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, _ = self.batch_adapter(batch)
+        return self.student(inputs)
+
+    def configure_optimizers(self) -> Any:
+        parameters = [
+            p for p in (*self.student.parameters(), *self.loss.parameters()) if p.requires_grad
+        ]
+        optimizer = self.optimizer_factory(parameters)
+        if self.scheduler_factory is None:
+            return optimizer
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+            scheduler = self.scheduler_factory(
+                optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+            )
+        else:
+            scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams["scheduler_interval"],
+            },
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.hparams["save_teachers"]:
+            state = checkpoint["state_dict"]
+            for key in [key for key in state if key.startswith("teachers.")]:
+                del state[key]
+
+    def _step(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
+        inputs, labels = self.batch_adapter(batch)
+        student_logits = self.student(inputs)
+        teacher_logits = self.teachers(inputs)
+        self._check_classes(student_logits, teacher_logits)
+        out = self.loss(student_logits, teacher_logits, labels)
+        accuracy = self.accuracy[stage]
+        accuracy.update((student_logits.argmax(-1) == labels).float())
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss",
+            out.loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=not on_step,
+        )
+        self.log(f"{stage}/ce", out.hard, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/kd", out.soft, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return {
+            "loss": out.loss,
+            "student_logits": student_logits.detach(),
+            "teacher_logits": teacher_logits,
+            "labels": labels,
+            "fusion_weights": out.weights.detach(),
+        }
+
+    def _check_classes(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
+        student_classes, teacher_classes = student_logits.shape[-1], teacher_logits.shape[-1]
+        if student_classes != teacher_classes:
+            raise ValueError(
+                f"the student ({type(self.student).__name__}) outputs {student_classes} classes but the "
+                f"teachers {self.teachers.names} output {teacher_classes}"
+            )
