@@ -29,6 +29,9 @@ class TeacherAgreementCallback(Callback):
     * ``val/fusion_weight/cnn`` — the teacher's mean fusion weight;
     * ``val/ensemble/{accuracy,disagreement,jsd}`` — the ensemble as a whole.
 
+    The last computed statistics of each stage stay in ``latest[stage]`` (the dict of
+    :meth:`TeacherAgreement.compute`), for plots and summaries.
+
     Args:
         stages: which of ``"train"``, ``"val"``, ``"test"`` to log.
 
@@ -44,6 +47,7 @@ class TeacherAgreementCallback(Callback):
         self.stages = tuple(stages)
         self.metrics: dict[str, TeacherAgreement] = {}
         self.names: list[str] = []
+        self.latest: dict[str, dict[str, Tensor]] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         teachers = getattr(pl_module, "teachers", None)
@@ -111,7 +115,8 @@ class TeacherAgreementCallback(Callback):
         metric = self.metrics.get(stage)
         if metric is None or not metric.update_called:
             return
-        values = agreement_log_dict(stage, self.names, metric.compute())
+        self.latest[stage] = {key: value.detach().cpu() for key, value in metric.compute().items()}
+        values = agreement_log_dict(stage, self.names, self.latest[stage])
         metric.reset()
         pl_module.log_dict(values, on_step=False, on_epoch=True)
 

@@ -1,5 +1,6 @@
-"""LightningModules for each distillation regime."""
+"""LightningModules for each training regime."""
 
+from kd_lightning.modules.classifier import ClassifierModule
 from kd_lightning.modules.distillation import DistillationModule
 
-__all__ = ["DistillationModule"]
+__all__ = ["ClassifierModule", "DistillationModule"]

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.loss import DistillationLoss
+from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 from kd_lightning.teachers import TeacherEnsemble
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-SchedulerFactory = Callable[..., LRScheduler]
 Stage = Literal["train", "val", "test"]
 
 
@@ -95,25 +91,13 @@ class DistillationModule(LightningModule):
         return self.student(inputs)
 
     def configure_optimizers(self) -> Any:
-        parameters = [
-            p for p in (*self.student.parameters(), *self.loss.parameters()) if p.requires_grad
-        ]
-        optimizer = self.optimizer_factory(parameters)
-        if self.scheduler_factory is None:
-            return optimizer
-        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
-            scheduler = self.scheduler_factory(
-                optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
-            )
-        else:
-            scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": scheduler,
-                "interval": self.hparams["scheduler_interval"],
-            },
-        }
+        return configure_optimizers(
+            (*self.student.parameters(), *self.loss.parameters()),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            interval=self.hparams["scheduler_interval"],
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.hparams["save_teachers"]:

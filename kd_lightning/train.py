@@ -1,0 +1,152 @@
+"""``kd-train``: distil a student from the configured teachers, with a from-scratch baseline.
+
+Run ``kd-train --help`` for the config groups, e.g.
+``kd-train teachers=[cnn,gru] fusion=confidence accelerator=ddp_cpu logger=wandb``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.app.config import CONFIG_DIR
+from kd_lightning.app.methods import build_method
+from kd_lightning.app.summary import build_summary, format_summary, write_json
+from kd_lightning.app.teacher_cache import build_teachers
+from kd_lightning.callbacks import TeacherAgreementCallback
+from kd_lightning.callbacks.progress import progress_bar
+from kd_lightning.modules import ClassifierModule
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the experiment ``cfg`` and return ``(summary, objects)``.
+
+    Teachers are loaded (trained and cached first where missing), the student is distilled and
+    tested, then, when ``cfg.baseline``, the same student is trained from scratch and tested.
+    ``summary`` is also written to ``summary.json`` in the run's output directory.
+    """
+    started = time.perf_counter()
+    refuse_ddp_in_multirun(cfg)
+    datamodule: LightningDataModule = instantiate(cfg.data)
+    teachers = build_teachers(cfg, datamodule)
+
+    L.seed_everything(cfg.seed, workers=True)
+    student = instantiate(cfg.student)
+    module = build_method(cfg, student, teachers)
+    loggers = instantiate_dict(cfg.get("logger"))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    if not loggers:  # nothing to monitor the learning rate into
+        callbacks = [
+            callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)
+        ]
+    if not any(isinstance(callback, TeacherAgreementCallback) for callback in callbacks):
+        callbacks.insert(0, TeacherAgreementCallback(stages=("test",)))
+    trainer: Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=[*callbacks, *progress_bar(cfg, "student")]
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule)
+    test_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+    baseline_accuracy = None
+    if cfg.baseline:
+        baseline_accuracy = train_baseline(cfg, datamodule)
+
+    summary = build_summary(
+        teachers.names, test_metrics, baseline_accuracy, choices(cfg), time.perf_counter() - started
+    )
+    report(summary, cfg.paths.output_dir)
+    return summary, {
+        "cfg": cfg,
+        "datamodule": datamodule,
+        "module": module,
+        "trainer": trainer,
+        "teachers": teachers,
+    }
+
+
+def train_baseline(cfg: DictConfig, datamodule: LightningDataModule) -> float:
+    """Train the student architecture from scratch on labels alone; return its test accuracy."""
+    L.seed_everything(cfg.seed, workers=True)
+    module = ClassifierModule(
+        instantiate(cfg.student),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+    trainer: Trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=progress_bar(cfg, "scratch baseline"),
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    return float(trainer.callback_metrics["test/acc"])
+
+
+def instantiate_dict(node: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a ``name → {_target_: ...}`` group (loggers, callbacks)."""
+    if not node:
+        return []
+    return [instantiate(entry) for entry in node.values() if entry is not None]
+
+
+def choices(cfg: DictConfig) -> dict[str, str]:
+    """The options picked in each config group (``fusion=entropy`` → ``{"fusion": "entropy"}``)."""
+    if HydraConfig.initialized():
+        return {key: str(value) for key, value in HydraConfig.get().runtime.choices.items()}
+    return {"method": cfg.method.name, "fusion": cfg.fusion._target_.rsplit(".", 1)[-1]}
+
+
+def refuse_ddp_in_multirun(cfg: DictConfig) -> None:
+    """DDP re-executes the command in each rank, which a multirun cannot do safely: refuse early."""
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if (
+        HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+        and strategy.startswith("ddp")
+    ):
+        if strategy != "ddp_spawn":
+            raise ValueError(
+                f"trainer.strategy={strategy} re-launches the command in every process and cannot run "
+                f"inside a multirun (-m): run the sweep's jobs one by one, or use trainer.strategy=ddp_spawn"
+            )
+
+
+@rank_zero_only
+def report(summary: dict[str, Any], output_dir: str) -> None:
+    """Write ``summary.json`` and print the summary table."""
+    path = Path(output_dir) / "summary.json"
+    write_json(path, summary)
+    print(f"\n{format_summary(summary)}\n\nsummary written to {path}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """The ``kd-train`` command; returns the student's test accuracy (for Hydra sweepers)."""
+    summary, _ = train(cfg)
+    return summary["test_accuracy"]["student"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""``kd-teachers``: train (once) and evaluate the teachers of a ``kd-train`` config.
+
+Takes the same overrides as ``kd-train``, e.g. ``kd-teachers teachers=[cnn,gru] teacher_epochs=150``,
+trains every teacher that has no checkpoint yet into the cache, and prints each teacher's test
+accuracy and where its weights are.
+"""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch import LightningDataModule
+from omegaconf import DictConfig
+
+from kd_lightning.app.config import CONFIG_DIR
+from kd_lightning.app.teacher_cache import build_teachers, teacher_checkpoint
+from kd_lightning.modules import ClassifierModule
+
+
+def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
+    """Make sure every teacher of ``cfg`` has weights; return ``{name: {checkpoint, test_acc}}``."""
+    datamodule: LightningDataModule = instantiate(cfg.data)
+    teachers = build_teachers(cfg, datamodule)
+    report: dict[str, dict[str, float | str]] = {}
+    for name, model in zip(teachers.names, teachers, strict=True):
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.get("accelerator", "auto"),
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=cfg.paths.output_dir,
+        )
+        trainer.test(ClassifierModule(model), datamodule=datamodule, verbose=False)
+        report[name] = {
+            "checkpoint": str(teacher_checkpoint(name, cfg)),
+            "test_acc": float(trainer.callback_metrics["test/acc"]),
+        }
+    width = max(len(name) for name in report)
+    print(f"\n{'teacher':<{width}}  test acc  checkpoint")
+    for name, entry in report.items():
+        print(f"{name:<{width}}  {100 * float(entry['test_acc']):6.1f} %  {entry['checkpoint']}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    """The ``kd-teachers`` command."""
+    train_teachers(cfg)
+
+
+if __name__ == "__main__":
+    main()
