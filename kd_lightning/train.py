@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,6 +68,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer.test(module, datamodule=datamodule)
     test_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
 
+    finish_wandb_runs(loggers)
     baseline_accuracy = None
     if cfg.baseline:
         baseline_accuracy = train_baseline(cfg, datamodule)
@@ -104,6 +106,13 @@ def train_baseline(cfg: DictConfig, datamodule: LightningDataModule) -> float:
     return float(trainer.callback_metrics["test/acc"])
 
 
+def finish_wandb_runs(loggers: list[Any]) -> None:
+    """Close W&B runs now, so a next ``train`` call in this process starts its own run."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:
+            logger.experiment.finish()
+
+
 def instantiate_dict(node: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a ``name → {_target_: ...}`` group (loggers, callbacks)."""
     if not node:
@@ -121,16 +130,12 @@ def choices(cfg: DictConfig) -> dict[str, str]:
 def refuse_ddp_in_multirun(cfg: DictConfig) -> None:
     """DDP re-executes the command in each rank, which a multirun cannot do safely: refuse early."""
     strategy = str(cfg.trainer.get("strategy", "auto"))
-    if (
-        HydraConfig.initialized()
-        and HydraConfig.get().mode == RunMode.MULTIRUN
-        and strategy.startswith("ddp")
-    ):
-        if strategy != "ddp_spawn":
-            raise ValueError(
-                f"trainer.strategy={strategy} re-launches the command in every process and cannot run "
-                f"inside a multirun (-m): run the sweep's jobs one by one, or use trainer.strategy=ddp_spawn"
-            )
+    in_multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_multirun and strategy.startswith("ddp") and strategy != "ddp_spawn":
+        raise ValueError(
+            f"trainer.strategy={strategy} re-launches the command in every process and cannot run "
+            f"inside a multirun (-m): run the sweep's jobs one by one, or use trainer.strategy=ddp_spawn"
+        )
 
 
 @rank_zero_only

@@ -73,7 +73,7 @@ def test_default_config_is_the_documented_experiment(tmp_path):
 
 def test_train_end_to_end_writes_summary_and_caches_teachers(tmp_path, monkeypatch, capsys):
     cfg = compose_config(tmp_path, [*FAST, "teachers=[cnn,mlp]", "fusion=confidence"])
-    summary, objects = train(cfg)
+    summary, _ = train(cfg)
     written = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
     assert written == summary
     assert set(summary["test_accuracy"]["teachers"]) == {"cnn", "mlp"}
