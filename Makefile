@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format clean
+.PHONY: install test test-fast train teachers lint format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ test:
 
 test-fast:
 	WANDB_MODE=disabled $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+train:
+	$(BIN)/kd-train $(ARGS)
+
+teachers:
+	$(BIN)/kd-teachers $(ARGS)
 
 lint:
 	$(BIN)/ruff check kd_lightning tests
