@@ -41,6 +41,7 @@ def test_multirun_writes_a_comparison_table(tmp_path):
 
 
 def test_ddp_cpu_gives_the_single_process_teacher_metrics(tmp_path):
+    (tmp_path / "one").mkdir()
     single = run_command(["-m", "kd_lightning.train", "logger=none", *QUICK], tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
     (tmp_path / "two").mkdir()
