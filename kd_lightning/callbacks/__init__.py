@@ -2,5 +2,13 @@
 
 from kd_lightning.callbacks.agreement import TeacherAgreementCallback, agreement_log_dict
 from kd_lightning.callbacks.heatmap import AgreementHeatmapCallback
+from kd_lightning.callbacks.progress import LabelledProgressBar
+from kd_lightning.callbacks.schedule import LossSchedule
 
-__all__ = ["AgreementHeatmapCallback", "TeacherAgreementCallback", "agreement_log_dict"]
+__all__ = [
+    "AgreementHeatmapCallback",
+    "LabelledProgressBar",
+    "LossSchedule",
+    "TeacherAgreementCallback",
+    "agreement_log_dict",
+]
