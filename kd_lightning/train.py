@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +41,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Teachers are loaded (trained and cached first where missing), the student is distilled and
     tested, then, when ``cfg.baseline``, the same student is trained from scratch and tested.
+    Relaunched in the same output directory (``hydra.run.dir=...``), distillation resumes from
+    the ``last.ckpt`` the checkpoint callback left there.
     ``summary`` is also written to ``summary.json`` in the run's output directory.
     """
     started = time.perf_counter()
@@ -64,7 +66,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(trainer))
     trainer.test(module, datamodule=datamodule)
     test_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
 
@@ -104,6 +106,18 @@ def train_baseline(cfg: DictConfig, datamodule: LightningDataModule) -> float:
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule, verbose=False)
     return float(trainer.callback_metrics["test/acc"])
+
+
+def last_checkpoint(trainer: Trainer) -> str | None:
+    """``last.ckpt`` of an earlier, interrupted launch in the same output directory, if any."""
+    callback = trainer.checkpoint_callback
+    if not isinstance(callback, ModelCheckpoint) or not callback.dirpath or not callback.save_last:
+        return None
+    path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+    if not path.is_file():
+        return None
+    log.info("resuming from %s", path)
+    return str(path)
 
 
 def finish_wandb_runs(loggers: list[Any]) -> None:

@@ -180,3 +180,19 @@ def test_cli_help_lists_the_groups(tmp_path):
     assert result.returncode == 0, result.stderr
     for group in ("teachers", "fusion", "accelerator", "logger", "method"):
         assert f"{group}:" in result.stdout
+
+
+def test_relaunch_in_the_same_directory_resumes_from_last_checkpoint(tmp_path):
+    overrides = [
+        *FAST,
+        "teachers=[mlp]",
+        "baseline=false",
+        "callbacks=default",
+        "~callbacks.heatmap",
+    ]
+    _, first = train(compose_config(tmp_path, overrides))
+    last = Path(first["cfg"].paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    steps = first["trainer"].global_step
+    _, again = train(compose_config(tmp_path, [*overrides, "trainer.max_epochs=3"]))
+    assert again["trainer"].global_step == steps + steps // 2  # only the third epoch ran
