@@ -107,7 +107,7 @@ class DistillationLoss(nn.Module):
         with torch.autocast(device_type=student_logits.device.type, enabled=False):
             student = student_logits.float()
             teachers = teacher_logits.float()
-            fusion = self.fusion(teachers, labels, self.temperature)
+            fusion = self.fusion(teachers, labels, self.temperature, student_logits=student)
             hard = F.cross_entropy(student, labels)
             soft = self._soft_term(student, teachers, fusion.weights, fusion.target)
             loss = (1.0 - self.alpha) * hard + self.alpha * soft

@@ -18,6 +18,7 @@ from kd_lightning.fusion import (
     EntropyWeighted,
     Fusion,
     FusionRule,
+    GradientSpaceWeights,
     MajorityVote,
     MeanLogits,
     MeanProbabilities,
@@ -543,6 +544,7 @@ def test_registry_holds_every_rule() -> None:
         "correct_only": CorrectTeachersOnly,
         "vote": MajorityVote,
         "random": RandomTeacher,
+        "aekd": GradientSpaceWeights,
     }
     assert expected == FUSION_RULES
     assert all(issubclass(rule, FusionRule) for rule in FUSION_RULES.values())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kd_lightning.fusion.aekd import GradientSpaceWeights
 from kd_lightning.fusion.averages import MeanLogits, MeanProbabilities
 from kd_lightning.fusion.base import Fusion, FusionRule
 from kd_lightning.fusion.confidence import ConfidenceAware
@@ -33,6 +34,7 @@ FUSION_RULES: dict[str, type[FusionRule]] = {
     "correct_only": CorrectTeachersOnly,
     "vote": MajorityVote,
     "random": RandomTeacher,
+    "aekd": GradientSpaceWeights,
 }
 
 
@@ -62,6 +64,7 @@ __all__ = [
     "EntropyWeighted",
     "Fusion",
     "FusionRule",
+    "GradientSpaceWeights",
     "MajorityVote",
     "MeanLogits",
     "MeanProbabilities",

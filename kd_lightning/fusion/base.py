@@ -36,7 +36,9 @@ class FusionRule(nn.Module, ABC):
 
     Subclasses implement :meth:`weights`; the default :meth:`target` mixes the teachers'
     temperature-scaled probabilities, ``Σ_k ŵ_k softmax(z_k / T)`` with ``ŵ = w / Σ_k w_k``.
-    Rules that need the ground truth set ``needs_labels = True``.
+    Rules that need the ground truth set ``needs_labels = True``; rules whose weights depend on the
+    student (e.g. AE-KD) set ``needs_student = True`` and receive ``student_logits`` in
+    :meth:`weights`.
 
     Both outputs serve the two ways of distilling from several teachers: ``kl_T(target, s)``
     ("target" mode) or ``Σ_k w_k kl_T(p_k, s)`` ("loss" mode). For weights that do not depend on
@@ -55,12 +57,14 @@ class FusionRule(nn.Module, ABC):
     """
 
     needs_labels: ClassVar[bool] = False
+    needs_student: ClassVar[bool] = False
 
     def forward(
         self,
         teacher_logits: Tensor,
         labels: Tensor | None = None,
         temperature: float = 1.0,
+        student_logits: Tensor | None = None,
     ) -> Fusion:
         """Fuse the teachers.
 
@@ -69,6 +73,8 @@ class FusionRule(nn.Module, ABC):
                 ``(K, B, L, C)``. Cast to float32.
             labels: Integer class indices ``(*batch)``; required by rules with ``needs_labels``.
             temperature: Temperature ``T > 0`` of the fused target.
+            student_logits: The student's logits ``(*batch, C)``; required by rules with
+                ``needs_student``, ignored by the others. Cast to float32.
 
         Returns:
             The weights ``(*batch, K)`` and the target ``(*batch, C)``.
@@ -95,21 +101,53 @@ class FusionRule(nn.Module, ABC):
                     f"{tuple(batch_shape)} of teacher_logits {tuple(teacher_logits.shape)}"
                 )
             labels = labels.long()
+        if self.needs_student:
+            if student_logits is None:
+                raise ValueError(
+                    f"{rule} needs the student's logits: pass student_logits of shape "
+                    f"(*batch, C) to forward"
+                )
+            if student_logits.shape != teacher_logits.shape[1:]:
+                raise ValueError(
+                    f"{rule}: student_logits shape {tuple(student_logits.shape)} must equal "
+                    f"{tuple(teacher_logits.shape[1:])}, the (*batch, C) of teacher_logits "
+                    f"{tuple(teacher_logits.shape)}"
+                )
+            student_logits = student_logits.float()
         logits = teacher_logits.float()
-        weights = self.weights(logits, labels)
+        weights = self._rule_weights(logits, labels, temperature, student_logits)
         return Fusion(weights=weights, target=self.target(logits, weights, temperature))
 
     @abstractmethod
-    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def weights(
+        self,
+        teacher_logits: Tensor,
+        labels: Tensor | None,
+        student_logits: Tensor | None = None,
+    ) -> Tensor:
         """Per-teacher weights.
 
         Args:
             teacher_logits: Float32 teacher logits ``(K, *batch, C)``.
             labels: Int64 class indices ``(*batch)``, or ``None``.
+            student_logits: Float32 student logits ``(*batch, C)``, passed (by keyword) only to
+                rules with ``needs_student``; other rules may leave it out of their signature.
 
         Returns:
             Non-negative float32 weights ``(*batch, K)``.
         """
+
+    def _rule_weights(
+        self,
+        teacher_logits: Tensor,
+        labels: Tensor | None,
+        temperature: float,
+        student_logits: Tensor | None,
+    ) -> Tensor:
+        """Call :meth:`weights` for :meth:`forward`; a rule needing the temperature overrides it."""
+        if self.needs_student:
+            return self.weights(teacher_logits, labels, student_logits=student_logits)
+        return self.weights(teacher_logits, labels)
 
     def target(self, teacher_logits: Tensor, weights: Tensor, temperature: float) -> Tensor:
         """Mix the teachers' probabilities ``softmax(z_k / T)`` with the normalised weights.
