@@ -36,7 +36,8 @@ class DistillationOutput:
         loss: the total objective (1 − α)·hard + α·soft.
         hard: cross-entropy of the student on the labels.
         soft: the distillation term.
-        weights: per-sample, per-teacher fusion weights, shape ``(B, K)``.
+        weights: per-position, per-teacher fusion weights, shape ``(*batch, K)`` (``(B, K)``
+            or ``(B, L, K)``); zero at padded positions.
     """
 
     loss: Tensor
@@ -60,18 +61,39 @@ class DistillationLoss(nn.Module):
     gradient (identity E1). With ``divergence="mse"`` the teachers' logits are fused instead of
     their probabilities, and the temperature is unused. All of it runs in float32, also under AMP.
 
+    Shapes: student logits ``(*batch, C)``, e.g. ``(B, C)`` for classification or ``(B, L, V)``
+    for token-level (sequence) outputs; teacher logits ``(K, *batch, C)``; labels ``(*batch)``.
+    Every fusion rule and every divergence is applied per position, and positions whose label is
+    ``ignore_index`` are padding: the CE and KD terms are the sums over the real positions divided
+    by their number, and padded positions change neither the loss nor any gradient (the fusion rule
+    sees zero logits and label 0 there, and their contributions are dropped). A batch without real
+    positions gives 0. Without padding the result equals the plain batch mean.
+
     Args:
         fusion: a :class:`~kd_lightning.fusion.FusionRule` or a registered name (``"mean_probs"``...).
         alpha: weight of the KD term; ``1 − alpha`` weighs the cross-entropy on labels.
         temperature: softmax temperature T; probability divergences carry the T² factor.
         divergence: one of ``"kl"``, ``"reverse_kl"``, ``"js"``, ``"soft_ce"``, ``"mse"``.
         aggregation: ``"target"`` or ``"loss"``.
+        ignore_index: the label of padded positions, as in :func:`torch.nn.functional.cross_entropy`.
 
     Example:
         >>> loss = DistillationLoss("mean_probs", alpha=0.9, temperature=4.0)
         >>> out = loss(torch.randn(8, 10), torch.randn(3, 8, 10), torch.randint(0, 10, (8,)))
         >>> out.loss.shape, out.weights.shape
         (torch.Size([]), torch.Size([8, 3]))
+
+        Token-level outputs ``(B, L, V)``, the second sequence padded after two tokens:
+
+        >>> student, teachers = torch.randn(2, 4, 10), torch.randn(3, 2, 4, 10)
+        >>> labels = torch.tensor([[1, 2, 3, 4], [5, 6, -100, -100]])
+        >>> out = loss(student, teachers, labels)
+        >>> out.weights.shape, out.weights[1, 2].tolist()
+        (torch.Size([2, 4, 3]), [0.0, 0.0, 0.0])
+        >>> real = labels != -100  # the same as distilling the 6 real tokens alone
+        >>> flat = loss(student[real], teachers[:, real], labels[real])
+        >>> torch.allclose(out.loss, flat.loss)
+        True
     """
 
     def __init__(
@@ -81,6 +103,7 @@ class DistillationLoss(nn.Module):
         temperature: float = 4.0,
         divergence: str = "kl",
         aggregation: Aggregation = "target",
+        ignore_index: int = -100,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -98,34 +121,53 @@ class DistillationLoss(nn.Module):
         self.temperature = temperature
         self.divergence = divergence
         self.aggregation = aggregation
+        self.ignore_index = int(ignore_index)
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     ) -> DistillationOutput:
-        """Compute the objective from student logits ``(B, C)``, teacher logits ``(K, B, C)``, labels ``(B,)``."""
-        check_shapes(student_logits, teacher_logits, labels)
+        """Compute the objective from student logits ``(*batch, C)``, teacher logits
+        ``(K, *batch, C)`` and labels ``(*batch)``; labels equal to ``ignore_index`` are padding."""
+        check_shapes(student_logits, teacher_logits, labels, ignore_index=self.ignore_index)
         with torch.autocast(device_type=student_logits.device.type, enabled=False):
-            student = student_logits.float()
-            teachers = teacher_logits.float()
-            fusion = self.fusion(teachers, labels, self.temperature, student_logits=student)
-            hard = F.cross_entropy(student, labels)
-            soft = self._soft_term(student, teachers, fusion.weights, fusion.target)
+            real = labels != self.ignore_index
+            count = real.sum().clamp_min(1)
+            # Padded positions hold neutral values from here on: whatever they held reaches no
+            # rule, no divergence and no gradient (``where`` passes no gradient to the other branch).
+            student = torch.where(real.unsqueeze(-1), student_logits.float(), 0.0)
+            teachers = torch.where(real.unsqueeze(-1), teacher_logits.float(), 0.0)
+            rule_labels = torch.where(real, labels, 0)
+            fusion = self.fusion(teachers, rule_labels, self.temperature, student_logits=student)
+            hard = (
+                F.cross_entropy(
+                    student.reshape(-1, student.shape[-1]),
+                    labels.reshape(-1),
+                    ignore_index=self.ignore_index,
+                    reduction="sum",
+                )
+                / count
+            )
+            per_position = self._soft_term(student, teachers, fusion.weights, fusion.target)
+            soft = torch.where(real, per_position, 0.0).sum() / count
             loss = (1.0 - self.alpha) * hard + self.alpha * soft
-        return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=fusion.weights)
+        weights = torch.where(real.unsqueeze(-1), fusion.weights, 0.0)
+        return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=weights)
 
     def _soft_term(
         self, student: Tensor, teachers: Tensor, weights: Tensor, target: Tensor
     ) -> Tensor:
+        """The KD term at each position, shape ``(*batch)``."""
         if self.aggregation == "loss":
             per_teacher = torch.stack(
                 [self._divergence(student, teacher) for teacher in teachers], -1
             )
-            return (weights * per_teacher).sum(-1).mean()
+            return (weights * per_teacher).sum(-1)
         if self.divergence == "mse":
             normalised = weights / weights.sum(-1, keepdim=True)
-            return logit_mse(student, torch.einsum("...k,k...c->...c", normalised, teachers))
+            fused = torch.einsum("...k,k...c->...c", normalised, teachers)
+            return logit_mse(student, fused, reduction="none")
         divergence = PROBABILITY_DIVERGENCES[self.divergence]
-        return divergence(student, target, self.temperature)
+        return divergence(student, target, self.temperature, reduction="none")
 
     def _divergence(self, student: Tensor, teacher_logits: Tensor) -> Tensor:
         if self.divergence == "mse":
@@ -137,12 +179,21 @@ class DistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, temperature={self.temperature}, "
-            f"divergence={self.divergence!r}, aggregation={self.aggregation!r}"
+            f"divergence={self.divergence!r}, aggregation={self.aggregation!r}, "
+            f"ignore_index={self.ignore_index}"
         )
 
 
-def check_shapes(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> None:
-    """Refuse inputs that cannot be distilled, naming what is wrong."""
+def check_shapes(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    ignore_index: int | None = None,
+) -> None:
+    """Refuse inputs that cannot be distilled, naming what is wrong.
+
+    Labels equal to ``ignore_index`` (padding) are exempt from the range check.
+    """
     if teacher_logits.ndim != student_logits.ndim + 1:
         raise ValueError(
             f"teacher logits must be stacked as (K, *student_shape): got teachers "
@@ -164,8 +215,10 @@ def check_shapes(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor)
         )
     if labels.dtype.is_floating_point:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+    real = labels if ignore_index is None else labels[labels != ignore_index]
+    if real.numel() and (real.min() < 0 or real.max() >= num_classes):
+        padding = "" if ignore_index is None else f" (besides ignore_index={ignore_index})"
         raise ValueError(
-            f"labels must lie in [0, {num_classes}) for {num_classes} classes; got values from "
-            f"{labels.min().item()} to {labels.max().item()}"
+            f"labels must lie in [0, {num_classes}) for {num_classes} classes{padding}; got "
+            f"values from {real.min().item()} to {real.max().item()}"
         )

@@ -17,7 +17,8 @@ class TeacherAgreementCallback(Callback):
     """Log per-teacher agreement statistics at the end of each epoch, to any Lightning logger.
 
     Works with any module whose steps return a dict with ``student_logits``, ``teacher_logits``
-    and ``labels`` (and optionally ``fusion_weights``), and whose ``teachers`` attribute has
+    and ``labels`` (and optionally ``fusion_weights`` and, for token-level outputs, a ``mask`` of
+    real tokens), and whose ``teachers`` attribute has
     ``names`` — as :class:`~kd_lightning.DistillationModule` does. Counts are accumulated in a
     :class:`~kd_lightning.metrics.TeacherAgreement`, so values are exact under DDP. Keys, for a
     teacher ``cnn`` in stage ``val``:
@@ -109,6 +110,7 @@ class TeacherAgreementCallback(Callback):
             outputs["teacher_logits"],
             outputs["labels"],
             outputs.get("fusion_weights"),
+            mask=outputs.get("mask"),
         )
 
     def _log(self, stage: str, pl_module: LightningModule) -> None:

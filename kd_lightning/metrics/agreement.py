@@ -16,7 +16,8 @@ class TeacherAgreement(Metric):
     ``compute`` returns:
 
     * ``teacher_accuracy`` (K,): top-1 accuracy of each teacher.
-    * ``student_agreement`` (K,): fraction of samples where student and teacher argmax agree.
+    * ``student_agreement`` (K,): fraction of samples (or real tokens, see ``update``'s ``mask``)
+      where student and teacher argmax agree.
     * ``student_kl`` (K,): mean KL(p_teacher ‖ p_student) at T = 1, the quantity KD drives down.
     * ``pairwise_agreement`` (K, K): top-1 agreement between teachers (diagonal 1).
     * ``disagreement``: mean over teacher pairs of 1 − agreement (0 for one teacher).
@@ -64,8 +65,14 @@ class TeacherAgreement(Metric):
         teacher_logits: Tensor,
         labels: Tensor,
         weights: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> None:
-        """Add a batch: student ``(B, C)``, teachers ``(K, B, C)``, labels ``(B,)``, weights ``(B, K)``."""
+        """Add a batch: student ``(*batch, C)``, teachers ``(K, *batch, C)``, labels ``(*batch)``,
+        weights ``(*batch, K)``, e.g. ``(B, C)`` or token-level ``(B, L, V)``.
+
+        ``mask`` ``(*batch)``, true at real positions (tokens), restricts every statistic to
+        those; ``None`` counts every position.
+        """
         if (
             teacher_logits.shape[0] != self.num_teachers
             or teacher_logits.shape[1:] != student_logits.shape
@@ -74,6 +81,16 @@ class TeacherAgreement(Metric):
                 f"expected teacher logits of shape ({self.num_teachers}, *{tuple(student_logits.shape)}), "
                 f"got {tuple(teacher_logits.shape)}"
             )
+        if mask is not None:
+            if mask.shape != student_logits.shape[:-1]:
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} does not match logits "
+                    f"{tuple(student_logits.shape)}"
+                )
+            mask = mask.bool()
+            student_logits, teacher_logits = student_logits[mask], teacher_logits[:, mask]
+            labels = labels[mask]
+            weights = None if weights is None else weights[mask]
         student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
         student_top1 = student_logits.argmax(-1)
         teacher_top1 = teacher_logits.argmax(-1)

@@ -1,4 +1,5 @@
-"""MNIST-1D models of Greydanus 2020 ("Scaling down deep learning") and their registry."""
+"""MNIST-1D models of Greydanus 2020 ("Scaling down deep learning"), their registry, and a tiny
+token-level Transformer tagger for sequence outputs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from torch import nn
 from kd_lightning.models.cnn import CNN1D
 from kd_lightning.models.gru import GRUClassifier
 from kd_lightning.models.mlp import MLP
+from kd_lightning.models.transformer import TinyTransformerTagger
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN1D, "gru": GRUClassifier}
 
-__all__ = ["CNN1D", "MLP", "MODELS", "GRUClassifier"]
+__all__ = ["CNN1D", "MLP", "MODELS", "GRUClassifier", "TinyTransformerTagger"]

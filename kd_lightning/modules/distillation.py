@@ -26,6 +26,10 @@ class DistillationModule(LightningModule):
     :class:`~kd_lightning.callbacks.TeacherAgreementCallback`) never run a teacher again. Logged:
     ``{stage}/loss``, ``{stage}/ce``, ``{stage}/kd`` and ``{stage}/acc``.
 
+    Token-level outputs work too: logits ``(B, L, V)`` with labels ``(B, L)`` whose padded
+    positions hold the loss's ``ignore_index``; accuracy then counts real tokens only, and the
+    step also returns ``"mask"`` ``(B, L)``, true at real tokens.
+
     Only the student and the loss's learnable parameters (e.g. learnable fusion weights) are
     optimised. Checkpoints hold no teacher weights unless ``save_teachers=True``; loading a
     student-only checkpoint leaves the teachers as they are.
@@ -111,8 +115,9 @@ class DistillationModule(LightningModule):
         teacher_logits = self.teachers(inputs)
         self._check_classes(student_logits, teacher_logits)
         out = self.loss(student_logits, teacher_logits, labels)
+        real = labels != self.loss.ignore_index  # padded tokens count for nothing
         accuracy = self.accuracy[stage]
-        accuracy.update((student_logits.argmax(-1) == labels).float())
+        accuracy.update((student_logits.argmax(-1) == labels).float(), weight=real.float())
         on_step = stage == "train"
         self.log(
             f"{stage}/loss",
@@ -125,13 +130,16 @@ class DistillationModule(LightningModule):
         self.log(f"{stage}/ce", out.hard, on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/kd", out.soft, on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return {
+        outputs = {
             "loss": out.loss,
             "student_logits": student_logits.detach(),
             "teacher_logits": teacher_logits,
             "labels": labels,
             "fusion_weights": out.weights.detach(),
         }
+        if labels.ndim > 1:  # sequence batches: which positions are real tokens
+            outputs["mask"] = real
+        return outputs
 
     def _check_classes(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
         student_classes, teacher_classes = student_logits.shape[-1], teacher_logits.shape[-1]
