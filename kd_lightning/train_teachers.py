@@ -23,7 +23,7 @@ def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
     datamodule: LightningDataModule = instantiate(cfg.data)
     teachers = build_teachers(cfg, datamodule)
     report: dict[str, dict[str, float | str]] = {}
-    for name, model in zip(teachers.names, teachers, strict=True):
+    for name in teachers.names:
         trainer = L.Trainer(
             accelerator=cfg.trainer.get("accelerator", "auto"),
             devices=1,
@@ -32,7 +32,7 @@ def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
             enable_model_summary=False,
             default_root_dir=cfg.paths.output_dir,
         )
-        trainer.test(ClassifierModule(model), datamodule=datamodule, verbose=False)
+        trainer.test(ClassifierModule(teachers.view(name)), datamodule=datamodule, verbose=False)
         report[name] = {
             "checkpoint": str(teacher_checkpoint(name, cfg)),
             "test_acc": float(trainer.callback_metrics["test/acc"]),

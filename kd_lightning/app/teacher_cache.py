@@ -9,25 +9,29 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
+from kd_lightning.batch import BatchAdapter
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.teachers import TeacherEnsemble, load_teacher
 
 # Data settings that do not change the data itself, left out of a teacher's key.
 IRRELEVANT_DATA_KEYS = ("data_dir", "num_workers")
+# Label of samples a teacher with a class map does not cover: cross-entropy's default ignore_index.
+IGNORE_INDEX = -100
 
 
 def teacher_key(name: str, cfg: DictConfig) -> str:
     """A short hash of everything that decides a cached teacher's weights.
 
-    The teacher's model and fit settings and the data (not where it is stored) enter the key;
-    the student, fusion and method do not.
+    The teacher's model and fit settings, its ``input_transform`` and ``class_map`` when set, and
+    the data (not where it is stored) enter the key; the student, fusion and method do not.
     """
     teacher = OmegaConf.to_container(cfg.teachers[name], resolve=True)
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -37,6 +41,11 @@ def teacher_key(name: str, cfg: DictConfig) -> str:
         "fit": teacher["fit"],
         "data": {key: value for key, value in data.items() if key not in IRRELEVANT_DATA_KEYS},
     }
+    # A teacher trained through an input transform or on mapped labels has other weights. Unset,
+    # they stay out of the key, so caches of plain teachers keep their names.
+    for option in ("input_transform", "class_map"):
+        if teacher.get(option) is not None:
+            described[option] = teacher[option]
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -75,14 +84,22 @@ def missing_teachers(cfg: DictConfig) -> list[str]:
 def train_teacher(name: str, cfg: DictConfig, datamodule: LightningDataModule) -> Path:
     """Train teacher ``name`` with plain cross-entropy and cache it; returns the cache file.
 
+    A teacher with an ``input_transform`` is trained on transformed inputs, and one with a
+    ``class_map`` on labels moved into its own classes (samples of classes it does not cover are
+    left out of its loss), so that it later fits the ensemble that applies both.
     The file appears only once complete (written aside, then renamed), so an interrupted run
     never leaves a teacher that later runs would load.
     """
     teacher = cfg.teachers[name]
     L.seed_everything(teacher.fit.seed, workers=True, verbose=False)
     model: nn.Module = instantiate(teacher.model)
+    transform = input_transform(teacher)
+    class_map = teacher_class_map(teacher)
     module = ClassifierModule(
-        model, optimizer=instantiate(teacher.fit.optimizer), scheduler=instantiate(cfg.scheduler)
+        model if transform is None else _Transformed(transform, model),
+        optimizer=instantiate(teacher.fit.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        batch_adapter=None if class_map is None else _TeacherLabels(class_map),
     )
     trainer = L.Trainer(
         accelerator=cfg.trainer.get("accelerator", "auto"),
@@ -117,16 +134,97 @@ def train_teacher(name: str, cfg: DictConfig, datamodule: LightningDataModule) -
     return path
 
 
+def input_transform(teacher: DictConfig) -> Any:
+    """The teacher's ``input_transform``, instantiated, or ``None``."""
+    node = teacher.get("input_transform")
+    return None if node is None else instantiate(node)
+
+
+def teacher_class_map(teacher: DictConfig) -> list[int] | None:
+    """The teacher's ``class_map`` as a plain list, or ``None``."""
+    node = teacher.get("class_map")
+    if node is None:
+        return None
+    if not OmegaConf.is_list(node):
+        raise TypeError(f"class_map must be a list of student class indices, got {node!r}")
+    return list(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
+
+
 def build_teachers(cfg: DictConfig, datamodule: LightningDataModule) -> TeacherEnsemble:
-    """The config's teachers, trained first where missing, loaded safely, as a frozen ensemble."""
-    for name in missing_teachers(cfg):
-        train_teacher(name, cfg, datamodule)
+    """The config's teachers, trained first where missing, loaded safely, as a frozen ensemble.
+
+    Each teacher's ``input_transform`` and ``class_map`` go to the ensemble; when a teacher has a
+    class map, the top-level ``num_classes`` (the student's class count) does too. The ensemble is
+    built (and its settings checked) before any teacher is trained.
+    """
+    missing = missing_teachers(cfg)
     models: dict[str, nn.Module] = {}
     adapters: dict[str, Any] = {}
+    transforms: dict[str, Any] = {}
+    class_maps: dict[str, list[int]] = {}
     for name, teacher in cfg.teachers.items():
-        models[name] = load_teacher(
-            instantiate(teacher.model), teacher_checkpoint(name, cfg), name=name
-        )
+        models[name] = instantiate(teacher.model)
         if teacher.get("output_adapter"):
             adapters[name] = teacher.output_adapter
-    return TeacherEnsemble(models, adapters)
+        transform = input_transform(teacher)
+        if transform is not None:
+            transforms[name] = transform
+        class_map = teacher_class_map(teacher)
+        if class_map is not None:
+            width = teacher.model.get("num_classes")
+            if width is not None and width != len(class_map):
+                raise ValueError(
+                    f"teachers.{name}.class_map has {len(class_map)} entries but "
+                    f"teachers.{name}.model.num_classes={width}: give the student class of each "
+                    f"of the teacher's classes"
+                )
+            class_maps[name] = class_map
+    num_classes = cfg.get("num_classes") if class_maps else None
+    ensemble = TeacherEnsemble(models, adapters, transforms, class_maps, num_classes)
+    for name in missing:
+        train_teacher(name, cfg, datamodule)
+    for name, model in models.items():
+        load_teacher(model, teacher_checkpoint(name, cfg), name=name)
+    return ensemble
+
+
+class _Transformed(nn.Module):
+    """``model(transform(x))``, to train a teacher on the inputs the ensemble will give it."""
+
+    def __init__(self, transform: Any, model: nn.Module) -> None:
+        super().__init__()
+        self.transform = transform
+        self.model = model
+        if isinstance(transform, nn.Module):
+            transform.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _Transformed:
+        super().train(mode)
+        if isinstance(self.transform, nn.Module):
+            self.transform.eval()  # a fixed preprocessing step, as in the ensemble
+        return self
+
+    def forward(self, inputs: Any) -> Any:
+        with torch.no_grad():
+            inputs = self.transform(inputs)
+        return self.model(inputs)
+
+
+class _TeacherLabels(BatchAdapter):
+    """Student labels → the teacher's class indices through its class map.
+
+    Labels of classes the teacher does not cover become ``-100``, which cross-entropy ignores.
+    """
+
+    def __init__(self, class_map: list[int]) -> None:
+        super().__init__()
+        lookup = torch.full((max(class_map) + 1,), IGNORE_INDEX, dtype=torch.long)
+        lookup[torch.tensor(class_map)] = torch.arange(len(class_map))
+        self.lookup = lookup
+
+    def __call__(self, batch: Any) -> tuple[Any, Any]:
+        inputs, labels = super().__call__(batch)
+        lookup = self.lookup.to(labels.device)
+        covered = (labels >= 0) & (labels < len(lookup))
+        mapped = lookup[labels.clamp(0, len(lookup) - 1)]
+        return inputs, torch.where(covered, mapped, IGNORE_INDEX)

@@ -1,9 +1,10 @@
-"""A named, frozen ensemble of teachers that returns stacked logits."""
+"""A named, frozen ensemble of teachers that returns stacked logits in the student's class space."""
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -13,6 +14,14 @@ from kd_lightning.errors import TeacherOutputError
 from kd_lightning.teachers.loading import load_teacher
 
 OutputAdapter = Callable[[Any], Tensor]
+InputTransform = Callable[[Any], Any]
+
+#: A class the teacher does not know gets the logit ``row max − MISSING_CLASS_LOGIT_GAP``.
+#: Relative to the row and finite, so its probability is at most ``exp(−gap / T)`` (below 4e-44
+#: for any temperature T ≤ 100; 0 in float32 for T ≤ 95), while every divergence, entropy and
+#: cross-entropy stays finite: no ``−inf`` (``0 · ∞ = NaN``) and no ``float32.min`` that would
+#: overflow once squared (logit MSE) or multiplied by T² (reverse KL).
+MISSING_CLASS_LOGIT_GAP = 1e4
 
 
 def attribute_adapter(name: str) -> OutputAdapter:
@@ -38,10 +47,27 @@ class TeacherEnsemble(nn.Module):
     Parameters have ``requires_grad=False``, so no optimizer or DDP gradient reducer ever sees them.
     Outputs are checked: every teacher must give finite logits of the same shape.
 
+    Teachers may differ in preprocessing and in class layout. Each teacher ``k`` computes
+    ``class_map_k(adapter_k(teacher_k(transform_k(inputs))))``: logits always come back in the
+    student's class space. A teacher whose classes are a permutation of the student's is reordered;
+    a teacher covering a subset of them gets, for every class it does not know, the finite logit
+    ``row max − MISSING_CLASS_LOGIT_GAP`` (probability ~0 there, divergences stay finite). Nothing is
+    guessed: a teacher whose output width differs from ``num_classes`` or from the other teachers
+    must declare its class map.
+
     Args:
         teachers: name → model. Names become log keys (``val/agreement/student_vs_<name>``).
         output_adapters: name → attribute/key name (e.g. ``"logits"``) or a callable turning the
             model's output into logits. Teachers without an adapter must return a tensor.
+        input_transforms: name → callable applied to the batch inputs before that teacher only
+            (e.g. :class:`~kd_lightning.teachers.Standardize` for a teacher trained on standardised
+            inputs). An ``nn.Module`` transform is a frozen, eval-locked submodule of the ensemble:
+            it follows ``.to(device)``, and its state lives under ``input_transforms.<name>``, so a
+            :class:`~kd_lightning.DistillationModule` leaves it out of checkpoints with the teachers.
+        class_maps: name → sequence ``m`` with one entry per teacher class: ``m[j]`` is the student
+            class of the teacher's class ``j``. Distinct integers in ``[0, num_classes)``.
+        num_classes: the student's class count. Needed when a class map covers a subset of the
+            classes; when given, every teacher's output is checked against it.
 
     Example:
         >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
@@ -50,12 +76,26 @@ class TeacherEnsemble(nn.Module):
         >>> _ = ensemble.train()
         >>> ensemble.training, ensemble.teachers["a"].training
         (False, False)
+
+        A teacher of classes ``[2, 0]`` of a three-class student, reading reversed inputs:
+
+        >>> ensemble = TeacherEnsemble(
+        ...     {"full": nn.Linear(4, 3), "pair": nn.Linear(4, 2)},
+        ...     input_transforms={"pair": lambda x: x.flip(-1)},
+        ...     class_maps={"pair": [2, 0]},
+        ...     num_classes=3,
+        ... )
+        >>> ensemble(torch.randn(5, 4)).softmax(-1)[1].sum(0)[1].item()  # "pair" never says 1
+        0.0
     """
 
     def __init__(
         self,
         teachers: Mapping[str, nn.Module],
         output_adapters: Mapping[str, str | OutputAdapter] | None = None,
+        input_transforms: Mapping[str, InputTransform | None] | None = None,
+        class_maps: Mapping[str, Iterable[int] | None] | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if not teachers:
@@ -66,16 +106,57 @@ class TeacherEnsemble(nn.Module):
                     f"invalid teacher name {name!r}: use a non-empty name without '.' or '/' that is "
                     f"not an nn.Module attribute"
                 )
-        unknown = set(output_adapters or {}) - set(teachers)
-        if unknown:
-            raise ValueError(
-                f"output_adapters name unknown teachers {sorted(unknown)}; teachers are {list(teachers)}"
-            )
+        for label, given in (
+            ("output_adapters", output_adapters),
+            ("input_transforms", input_transforms),
+            ("class_maps", class_maps),
+        ):
+            unknown = set(given or {}) - set(teachers)
+            if unknown:
+                raise ValueError(
+                    f"{label} name unknown teachers {sorted(unknown)}; teachers are {list(teachers)}"
+                )
+        if num_classes is not None and (
+            isinstance(num_classes, bool)
+            or not isinstance(num_classes, numbers.Integral)
+            or num_classes < 1
+        ):
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = None if num_classes is None else int(num_classes)
         self.teachers = nn.ModuleDict(teachers)
         self.output_adapters: dict[str, OutputAdapter] = {
             name: attribute_adapter(adapter) if isinstance(adapter, str) else adapter
             for name, adapter in (output_adapters or {}).items()
         }
+        transforms = {
+            name: transform
+            for name, transform in (input_transforms or {}).items()
+            if transform is not None
+        }
+        for name, transform in transforms.items():
+            if not callable(transform):
+                raise TypeError(
+                    f"input_transforms['{name}'] must be callable (a function or nn.Module), "
+                    f"got {type(transform).__name__}"
+                )
+        # Module transforms are registered (device moves, frozen, eval-locked, state under
+        # ``input_transforms.``); plain callables are kept aside.
+        self.input_transforms = nn.ModuleDict(
+            {name: t for name, t in transforms.items() if isinstance(t, nn.Module)}
+        )
+        self._callable_transforms: dict[str, InputTransform] = {
+            name: t for name, t in transforms.items() if not isinstance(t, nn.Module)
+        }
+        self.class_maps: dict[str, tuple[int, ...]] = {
+            name: _check_class_map(name, class_map, self.num_classes)
+            for name, class_map in (class_maps or {}).items()
+            if class_map is not None
+        }
+        for name, class_map in self.class_maps.items():
+            # Not persistent: rebuilt from the map, never in a state dict, moves with the device.
+            self.register_buffer(
+                _index_buffer(name), torch.tensor(class_map, dtype=torch.long), persistent=False
+            )
         self.requires_grad_(False)
         self.train(False)
         self._register_load_state_dict_pre_hook(
@@ -88,17 +169,19 @@ class TeacherEnsemble(nn.Module):
         teachers: Mapping[str, nn.Module],
         checkpoints: Mapping[str, str | os.PathLike[str]],
         output_adapters: Mapping[str, str | OutputAdapter] | None = None,
+        **options: Any,
     ) -> TeacherEnsemble:
         """Build the ensemble after loading each teacher's weights safely from its file.
 
-        Every teacher needs a checkpoint; files are read with :func:`load_teacher`.
+        Every teacher needs a checkpoint; files are read with :func:`load_teacher`. ``options``
+        (``input_transforms``, ``class_maps``, ``num_classes``) go to the constructor.
         """
         missing = set(teachers) - set(checkpoints)
         if missing:
             raise ValueError(f"no checkpoint given for teachers {sorted(missing)}")
         for name, model in teachers.items():
             load_teacher(model, checkpoints[name], name=name)
-        return cls(teachers, output_adapters)
+        return cls(teachers, output_adapters, **options)
 
     @property
     def names(self) -> list[str]:
@@ -115,23 +198,41 @@ class TeacherEnsemble(nn.Module):
         """Teachers are locked in eval mode: ``mode`` is ignored."""
         return super().train(False)
 
+    def input_transform(self, name: str) -> InputTransform | None:
+        """The transform applied to the inputs of teacher ``name``, or ``None``."""
+        if name in self.input_transforms:
+            return self.input_transforms[name]
+        return self._callable_transforms.get(name)
+
+    def view(self, name: str) -> nn.Module:
+        """Teacher ``name`` alone, as a module from raw inputs to logits in the student's classes.
+
+        Its transform, output adapter and class map are applied, as in the ensemble (e.g. to
+        evaluate one teacher with a plain classifier loop).
+        """
+        if name not in self.teachers:
+            raise KeyError(f"no teacher {name!r}; teachers are {self.names}")
+        return _TeacherView(self, name)
+
     @torch.no_grad()
     def forward(self, inputs: Any) -> Tensor:
         """Run every teacher on ``inputs`` and return float32 logits of shape ``(K, B, C)``."""
-        logits = [
-            self._teacher_logits(name, teacher, inputs) for name, teacher in self.teachers.items()
-        ]
+        logits = [self._teacher_logits(name, inputs) for name in self.names]
         first_name, first = self.names[0], logits[0]
         for name, output in zip(self.names, logits, strict=True):
             if output.shape != first.shape:
                 raise TeacherOutputError(
                     f"teachers disagree on output shape: '{first_name}' gives {tuple(first.shape)}, "
                     f"'{name}' gives {tuple(output.shape)} (the last dimension is the number of classes)"
+                    + self._width_hint(first_name, name, first.shape[-1], output.shape[-1])
                 )
         return torch.stack(logits)
 
-    def _teacher_logits(self, name: str, teacher: nn.Module, inputs: Any) -> Tensor:
-        output = teacher(inputs)
+    def _teacher_logits(self, name: str, inputs: Any) -> Tensor:
+        transform = self.input_transform(name)
+        if transform is not None:
+            inputs = transform(inputs)
+        output = self.teachers[name](inputs)
         adapter = self.output_adapters.get(name)
         if adapter is not None:
             output = adapter(output)
@@ -143,7 +244,46 @@ class TeacherEnsemble(nn.Module):
         output = output.float()
         if not torch.isfinite(output).all():
             raise TeacherOutputError(f"teacher '{name}' produced NaN or inf logits")
-        return output
+        return self._to_student_classes(name, output)
+
+    def _to_student_classes(self, name: str, output: Tensor) -> Tensor:
+        width = output.shape[-1] if output.dim() else 0
+        class_map = self.class_maps.get(name)
+        if class_map is None:
+            if self.num_classes is not None and width != self.num_classes:
+                raise TeacherOutputError(
+                    f"teacher '{name}' outputs {width} classes but the student has "
+                    f"num_classes={self.num_classes}: declare class_maps={{'{name}': [...]}} giving "
+                    f"the student class of each of its {width} classes"
+                )
+            return output
+        if width != len(class_map):
+            raise TeacherOutputError(
+                f"teacher '{name}': class_maps['{name}'] has length {len(class_map)} but the "
+                f"teacher's output width is {width} (output shape {tuple(output.shape)}); the map "
+                f"needs one student class index per teacher class"
+            )
+        index: Tensor = getattr(self, _index_buffer(name))
+        classes = len(class_map) if self.num_classes is None else self.num_classes
+        gap = output.amax(dim=-1, keepdim=True) - MISSING_CLASS_LOGIT_GAP
+        mapped = gap.expand(*output.shape[:-1], classes).clone()
+        mapped[..., index] = output
+        return mapped
+
+    def _width_hint(self, first_name: str, name: str, first_width: int, width: int) -> str:
+        if first_width == width:
+            return ""
+        unmapped = [n for n in (name, first_name) if n not in self.class_maps]
+        if not unmapped:
+            return (
+                f"; pass num_classes=<the student's class count> so that the class maps of "
+                f"'{first_name}' and '{name}' land in the same space"
+            )
+        return (
+            f"; if '{unmapped[0]}' covers other classes, declare class_maps={{'{unmapped[0]}': "
+            f"[...]}} giving the student class of each of its classes (and num_classes=<the "
+            f"student's class count> when it covers a subset)"
+        )
 
     def _keep_missing_teacher_weights(
         self, module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any
@@ -151,3 +291,58 @@ class TeacherEnsemble(nn.Module):
         # Student checkpoints leave the teachers out; loading one keeps the teachers' weights.
         for key, value in module.state_dict(prefix=prefix).items():
             state_dict.setdefault(key, value)
+
+
+class _TeacherView(nn.Module):
+    """One teacher of an ensemble, in the student's class space (see :meth:`TeacherEnsemble.view`)."""
+
+    def __init__(self, ensemble: TeacherEnsemble, name: str) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+        self.name = name
+
+    @torch.no_grad()
+    def forward(self, inputs: Any) -> Tensor:
+        return self.ensemble._teacher_logits(self.name, inputs)
+
+
+def _index_buffer(name: str) -> str:
+    return f"_class_index_{name}"
+
+
+def _check_class_map(name: str, class_map: Any, num_classes: int | None) -> tuple[int, ...]:
+    """Validate ``class_maps[name]`` and return it as a tuple of ints."""
+    label = f"class_maps['{name}']"
+    if isinstance(class_map, Tensor):
+        class_map = class_map.tolist()
+    if isinstance(class_map, str | bytes | Mapping) or not isinstance(class_map, Iterable):
+        raise TypeError(
+            f"{label} must be a sequence of student class indices, got {type(class_map).__name__}"
+        )
+    values = list(class_map)
+    if not values:
+        raise ValueError(f"{label} is empty: give the student class of each teacher class")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{label} must hold integer class indices, got {value!r}")
+    indices = [int(value) for value in values]
+    duplicates = sorted({index for index in indices if indices.count(index) > 1})
+    if duplicates:
+        raise ValueError(
+            f"{label} maps several teacher classes to the same student class: duplicates "
+            f"{duplicates} in {indices}"
+        )
+    upper = len(indices) if num_classes is None else num_classes
+    outside = [index for index in indices if not 0 <= index < upper]
+    if num_classes is not None and outside:
+        raise ValueError(
+            f"{label} has indices outside [0, num_classes) = [0, {num_classes}): {outside}"
+        )
+    if any(index < 0 for index in indices):
+        raise ValueError(f"{label} has negative indices: {[i for i in indices if i < 0]}")
+    if outside:
+        raise ValueError(
+            f"{label} = {indices} covers a subset of the student's classes (it is not a "
+            f"permutation of 0..{len(indices) - 1}): pass num_classes=<the student's class count>"
+        )
+    return tuple(indices)
