@@ -19,6 +19,7 @@ from kd_lightning.fusion import (
     Fusion,
     FusionRule,
     GradientSpaceWeights,
+    LearnedGate,
     MajorityVote,
     MeanLogits,
     MeanProbabilities,
@@ -545,6 +546,7 @@ def test_registry_holds_every_rule() -> None:
         "vote": MajorityVote,
         "random": RandomTeacher,
         "aekd": GradientSpaceWeights,
+        "learned_gate": LearnedGate,
     }
     assert expected == FUSION_RULES
     assert all(issubclass(rule, FusionRule) for rule in FUSION_RULES.values())

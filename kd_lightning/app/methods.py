@@ -18,18 +18,24 @@ MethodBuilder = Callable[[DictConfig, nn.Module, TeacherEnsemble], LightningModu
 def build_ensemble(
     cfg: DictConfig, student: nn.Module, teachers: TeacherEnsemble
 ) -> LightningModule:
-    """``method=ensemble``: :class:`DistillationModule` with the configured fusion and loss."""
+    """``method=ensemble``: :class:`DistillationModule` with the configured fusion and loss, plus
+    feature hints when ``method.hints`` is set (``method=ensemble_hints``)."""
     loss = instantiate(cfg.method.loss, fusion=instantiate(cfg.fusion))
+    hints_cfg = cfg.method.get("hints")
     return DistillationModule(
         student,
         teachers,
         loss,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        hints=instantiate(hints_cfg, _convert_="all") if hints_cfg else None,
     )
 
 
-METHODS: dict[str, MethodBuilder] = {"ensemble": build_ensemble}
+METHODS: dict[str, MethodBuilder] = {
+    "ensemble": build_ensemble,
+    "ensemble_hints": build_ensemble,  # the same builder; its config sets method.hints
+}
 
 
 def build_method(cfg: DictConfig, student: nn.Module, teachers: TeacherEnsemble) -> LightningModule:

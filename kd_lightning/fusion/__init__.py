@@ -21,6 +21,7 @@ from kd_lightning.fusion.base import Fusion, FusionRule
 from kd_lightning.fusion.confidence import ConfidenceAware
 from kd_lightning.fusion.correct import CorrectTeachersOnly
 from kd_lightning.fusion.entropy import EntropyWeighted
+from kd_lightning.fusion.gate import LearnedGate
 from kd_lightning.fusion.random_teacher import RandomTeacher
 from kd_lightning.fusion.static import StaticWeights
 from kd_lightning.fusion.vote import MajorityVote
@@ -35,6 +36,7 @@ FUSION_RULES: dict[str, type[FusionRule]] = {
     "vote": MajorityVote,
     "random": RandomTeacher,
     "aekd": GradientSpaceWeights,
+    "learned_gate": LearnedGate,
 }
 
 
@@ -65,6 +67,7 @@ __all__ = [
     "Fusion",
     "FusionRule",
     "GradientSpaceWeights",
+    "LearnedGate",
     "MajorityVote",
     "MeanLogits",
     "MeanProbabilities",

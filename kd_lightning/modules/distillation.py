@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from kd_lightning.batch import BatchAdapter
+from kd_lightning.features import FeatureTaps
+from kd_lightning.hints import FeatureHintLoss
 from kd_lightning.loss import DistillationLoss
 from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 from kd_lightning.teachers import TeacherEnsemble
@@ -44,6 +48,12 @@ class DistillationModule(LightningModule):
         scheduler_interval: ``"step"`` or ``"epoch"``.
         batch_adapter: turns a batch into ``(inputs, labels)``; defaults to :class:`~kd_lightning.BatchAdapter`.
         save_teachers: keep teacher weights in checkpoints.
+        hints: a :class:`~kd_lightning.hints.FeatureHintLoss`: the student's and teachers' named
+            layers are tapped by forward hooks during the usual forward passes (the teachers
+            still run once per step) and ``hints.weight · hint`` is added to the loss, weighted
+            per sample by the fusion weights; logged as ``{stage}/hint``. Its adapters are
+            created in ``setup("fit")`` from one batch of ``trainer.datamodule`` (or earlier by
+            :meth:`materialize_hints`), so they are optimised and checkpointed (under ``hints.``).
 
     Example:
         >>> module = DistillationModule(nn.Linear(4, 3), {"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
@@ -61,10 +71,19 @@ class DistillationModule(LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
         save_teachers: bool = False,
+        hints: FeatureHintLoss | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["student", "teachers", "loss", "optimizer", "scheduler", "batch_adapter"]
+            ignore=[
+                "student",
+                "teachers",
+                "loss",
+                "optimizer",
+                "scheduler",
+                "batch_adapter",
+                "hints",
+            ]
         )
         self.student = student
         self.teachers = (
@@ -76,6 +95,12 @@ class DistillationModule(LightningModule):
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
         self.accuracy = {stage: MeanMetric() for stage in ("train", "val", "test")}
         self.train_accuracy, self.val_accuracy, self.test_accuracy = self.accuracy.values()
+        self.hints = hints
+        if hints is not None:
+            self._teacher_layers = hints.layers_for(self.teachers.names)
+            FeatureTaps(self.student, [hints.student_layer]).remove()  # names checked early
+            for name, layer in self._teacher_layers.items():
+                FeatureTaps(self.teachers.teachers[name], [layer]).remove()
 
     def forward(self, inputs: Any) -> Tensor:
         """The student's logits."""
@@ -94,9 +119,69 @@ class DistillationModule(LightningModule):
         inputs, _ = self.batch_adapter(batch)
         return self.student(inputs)
 
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or not self._needs_dry_run():
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise RuntimeError(
+                "DistillationModule must create its hint adapters or lazy loss parameters before "
+                "the optimizer is built: fit with a datamodule, or call "
+                "module.materialize_hints(batch) on one training batch first"
+            )
+        self.materialize_hints(next(iter(datamodule.train_dataloader())))
+
+    def materialize_hints(self, batch: Any) -> None:
+        """Create the hint adapters (and any lazy fusion parameters) with one dry run on ``batch``.
+
+        Runs the student, the teachers and the loss once under ``no_grad``; a no-op when nothing is
+        left to create.
+        """
+        if not self._needs_dry_run():
+            return
+        device = next(self.student.parameters()).device
+        inputs, labels = self.batch_adapter(move_data_to_device(batch, device))
+        with torch.no_grad(), self._taps() as taps:
+            student_logits = self.student(inputs)
+            teacher_logits = self.teachers(inputs)
+            self.loss(student_logits, teacher_logits, labels)
+            if taps is not None and self.hints is not None:
+                student_taps, teacher_taps = taps
+                self.hints.materialize(
+                    student_taps[self.hints.student_layer], self._teacher_features(teacher_taps)
+                )
+
+    def _needs_dry_run(self) -> bool:
+        lazy = any(
+            isinstance(p, nn.parameter.UninitializedParameter) for p in self.loss.parameters()
+        )
+        return lazy or (self.hints is not None and not self.hints.materialized)
+
+    @contextlib.contextmanager
+    def _taps(self):
+        """Hooks on the hinted layers for one step: ``(student_taps, teacher_taps)`` or ``None``."""
+        if self.hints is None:
+            yield None
+            return
+        student_taps = FeatureTaps(self.student, [self.hints.student_layer])
+        teacher_taps = {
+            name: FeatureTaps(self.teachers.teachers[name], [layer])
+            for name, layer in self._teacher_layers.items()
+        }
+        try:
+            yield student_taps, teacher_taps
+        finally:
+            student_taps.remove()
+            for taps in teacher_taps.values():
+                taps.remove()
+
+    def _teacher_features(self, teacher_taps: dict[str, FeatureTaps]) -> dict[str, Tensor]:
+        return {name: teacher_taps[name][layer] for name, layer in self._teacher_layers.items()}
+
     def configure_optimizers(self) -> Any:
+        hints = () if self.hints is None else tuple(self.hints.parameters())
         return configure_optimizers(
-            (*self.student.parameters(), *self.loss.parameters()),
+            (*self.student.parameters(), *self.loss.parameters(), *hints),
             self.optimizer_factory,
             self.scheduler_factory,
             total_steps=int(self.trainer.estimated_stepping_batches),
@@ -111,17 +196,28 @@ class DistillationModule(LightningModule):
 
     def _step(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
         inputs, labels = self.batch_adapter(batch)
-        student_logits = self.student(inputs)
-        teacher_logits = self.teachers(inputs)
+        with self._taps() as taps:
+            student_logits = self.student(inputs)
+            teacher_logits = self.teachers(inputs)
         self._check_classes(student_logits, teacher_logits)
         out = self.loss(student_logits, teacher_logits, labels)
+        total = out.loss
+        if taps is not None and self.hints is not None:
+            student_taps, teacher_taps = taps
+            hint = self.hints(
+                student_taps[self.hints.student_layer],
+                self._teacher_features(teacher_taps),
+                out.weights,
+            )
+            total = total + self.hints.weight * hint
+            self.log(f"{stage}/hint", hint, on_step=False, on_epoch=True, sync_dist=True)
         real = labels != self.loss.ignore_index  # padded tokens count for nothing
         accuracy = self.accuracy[stage]
         accuracy.update((student_logits.argmax(-1) == labels).float(), weight=real.float())
         on_step = stage == "train"
         self.log(
             f"{stage}/loss",
-            out.loss,
+            total,
             on_step=on_step,
             on_epoch=True,
             prog_bar=True,
@@ -131,7 +227,7 @@ class DistillationModule(LightningModule):
         self.log(f"{stage}/kd", out.soft, on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         outputs = {
-            "loss": out.loss,
+            "loss": total,
             "student_logits": student_logits.detach(),
             "teacher_logits": teacher_logits,
             "labels": labels,
