@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train teachers lint format clean
+.PHONY: install test test-fast train teachers bench lint format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ train:
 
 teachers:
 	$(BIN)/kd-teachers $(ARGS)
+
+bench:
+	$(BIN)/kd-bench --json bench.json
 
 lint:
 	$(BIN)/ruff check kd_lightning tests

@@ -83,7 +83,16 @@ def test_wandb_offline_run_holds_the_agreement_metrics(tmp_path):
 
 def test_a_built_wheel_ships_the_configs(tmp_path):
     result = run_command(
-        ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(Path(__file__).parents[1])],
+        [
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(Path(__file__).parents[1]),
+        ],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,473 @@
+"""``kd-bench``: the cost of an epoch of distillation against plain training, in one process.
+
+Five workloads train the MNIST-1D MLP student on the same data in the same process:
+
+* ``plain``: the student alone with cross-entropy through a Lightning ``Trainer`` (the floor);
+* ``live``: :class:`~kd_lightning.DistillationModule` with live teachers (mean of probabilities);
+* ``handwritten``: the same live-teacher workload as a minimal plain-PyTorch loop;
+* ``aekd``: ``DistillationModule`` with :class:`~kd_lightning.fusion.GradientSpaceWeights` and
+  ``aggregation="loss"``;
+* ``plain_handwritten``: the student alone in a plain-PyTorch loop (Lightning's own overhead).
+
+Each workload runs in its own thread, but only one at a time: a scheduler hands them the turn
+round-robin, one epoch each, so slow drifts of the machine spread over all of them. Lightning
+workloads are one ``fit`` of ``warmup + epochs`` epochs; a callback records
+``time.perf_counter()`` at the start and end of each training epoch, and waits for its next turn
+there. Warm-up epochs are discarded. The teachers are randomly initialised: an epoch's cost does
+not depend on their weights.
+
+This is a measuring tool, configured by plain ``argparse`` rather than Hydra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kd_lightning.data import MNIST1DDataModule
+from kd_lightning.fusion import GradientSpaceWeights
+from kd_lightning.loss import DistillationLoss
+from kd_lightning.models import CNN1D, MLP, GRUClassifier
+from kd_lightning.modules import ClassifierModule, DistillationModule
+from kd_lightning.teachers import TeacherEnsemble
+
+WORKLOADS = ("plain", "live", "handwritten", "aekd", "plain_handwritten")
+LR = 0.01  # the project's default optimizer: Adam, lr 0.01
+ALPHA = 0.5  # the project's default method (conf/method/ensemble.yaml)
+TEMPERATURE = 4.0
+TEACHER_FACTORIES: dict[str, Callable[[], nn.Module]] = {
+    "cnn": CNN1D,
+    "gru": GRUClassifier,
+    "mlp": partial(MLP, hidden=512, dropout=0.2),
+}
+NOTE = (
+    "teachers are randomly initialised (an epoch's cost does not depend on their weights); "
+    "times are training epochs only (no validation), from one run in one process"
+)
+
+
+def cache_dir() -> Path:
+    """``$KD_LIGHTNING_CACHE``, or ``~/.cache/kd_lightning``."""
+    return Path(os.environ.get("KD_LIGHTNING_CACHE", Path.home() / ".cache" / "kd_lightning"))
+
+
+class _Aborted(Exception):
+    """Raised in a workload thread when the benchmark stops early."""
+
+
+class _Turns:
+    """Hands one workload thread the turn at a time; the thread gives it back at each epoch end."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.aborted = False
+
+    def wait_turn(self) -> None:
+        self.go.wait()
+        self.go.clear()
+        if self.aborted:
+            raise _Aborted
+
+    def end_turn(self) -> None:
+        self.done.set()
+
+    def run_turn(self, thread: threading.Thread) -> None:
+        """Called by the scheduler: let the thread run until it ends its turn (or dies)."""
+        self.go.set()
+        while not self.done.wait(timeout=0.5):
+            if not thread.is_alive():
+                break
+        self.done.clear()
+
+
+@dataclass
+class _Workload:
+    name: str
+    device: torch.device
+    total_epochs: int
+    turns: _Turns = field(default_factory=_Turns)
+    times: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+    _start: float = 0.0
+
+    def epoch_start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = time.perf_counter()
+
+    def epoch_end(self) -> None:
+        """Record the epoch, give the turn back, and wait for the next one (also after the last
+        epoch: the scheduler's final turn lets the workload finish and tear down alone)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter() - self._start)
+        if self.device.type == "cuda":
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        self.turns.end_turn()
+        self.turns.wait_turn()
+
+
+class _EpochTimer(L.Callback):
+    def __init__(self, workload: _Workload) -> None:
+        self.workload = workload
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.workload.epoch_start()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.workload.epoch_end()
+
+
+def _batches(loader: DataLoader, limit: int | None) -> Iterator[Any]:
+    for index, batch in enumerate(loader):
+        if limit is not None and index >= limit:
+            return
+        yield batch
+
+
+def _handwritten_loop(
+    workload: _Workload,
+    student: nn.Module,
+    loader: DataLoader,
+    limit: int | None,
+    teachers: Sequence[nn.Module] = (),
+    loss_fn: DistillationLoss | None = None,
+) -> None:
+    """A minimal training loop: teachers in eval under ``no_grad``, Adam, ``DistillationLoss``."""
+    device = workload.device
+    student.to(device).train()
+    for teacher in teachers:
+        teacher.to(device).eval().requires_grad_(False)
+    if loss_fn is not None:
+        loss_fn.to(device)
+    optimizer = torch.optim.Adam(student.parameters(), lr=LR)
+    for _ in range(workload.total_epochs):
+        workload.epoch_start()
+        for inputs, labels in _batches(loader, limit):
+            inputs, labels = inputs.to(device), labels.to(device)
+            logits = student(inputs)
+            if loss_fn is None:
+                loss = F.cross_entropy(logits, labels)
+            else:
+                with torch.no_grad():
+                    teacher_logits = torch.stack([teacher(inputs) for teacher in teachers])
+                loss = loss_fn(logits, teacher_logits, labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        workload.epoch_end()
+
+
+def _trainer(workload: _Workload, limit: int | None) -> L.Trainer:
+    return L.Trainer(
+        accelerator="gpu" if workload.device.type == "cuda" else "cpu",
+        devices=1,
+        max_epochs=workload.total_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        limit_train_batches=limit if limit is not None else 1.0,
+        callbacks=[_EpochTimer(workload)],
+    )
+
+
+def _teachers(names: Sequence[str]) -> dict[str, nn.Module]:
+    unknown = [name for name in names if name not in TEACHER_FACTORIES]
+    if unknown:
+        raise ValueError(f"unknown teachers {unknown}; choose from {list(TEACHER_FACTORIES)}")
+    return {name: TEACHER_FACTORIES[name]() for name in names}
+
+
+def _build(
+    name: str,
+    workload: _Workload,
+    teachers: Sequence[str],
+    loader: DataLoader,
+    limit: int | None,
+    seed: int,
+) -> Callable[[], None]:
+    """Build the models of workload ``name`` (seeded) and return the function that trains it."""
+    torch.manual_seed(seed)
+    student = MLP()
+    adam = partial(torch.optim.Adam, lr=LR)
+    if name in ("plain_handwritten", "handwritten"):
+        if name == "plain_handwritten":
+            return lambda: _handwritten_loop(workload, student, loader, limit)
+        loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
+        models = list(_teachers(teachers).values())
+        return lambda: _handwritten_loop(workload, student, loader, limit, models, loss)
+    module: L.LightningModule
+    if name == "plain":
+        module = ClassifierModule(student, optimizer=adam)
+    elif name == "live":
+        loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
+        module = DistillationModule(student, TeacherEnsemble(_teachers(teachers)), loss, adam)
+    elif name == "aekd":
+        loss = DistillationLoss(
+            GradientSpaceWeights(), alpha=ALPHA, temperature=TEMPERATURE, aggregation="loss"
+        )
+        module = DistillationModule(student, TeacherEnsemble(_teachers(teachers)), loss, adam)
+    else:
+        raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
+    trainer = _trainer(workload, limit)
+    return lambda: trainer.fit(module, train_dataloaders=loader)
+
+
+def _thread_body(workload: _Workload, train: Callable[[], None], threads: int) -> None:
+    # The intra-op thread count is per thread (OpenMP): set it in every workload thread.
+    torch.set_num_threads(threads)
+    try:
+        workload.turns.wait_turn()
+        train()
+    except BaseException as error:  # reported by the scheduler
+        workload.turns.error = error
+    finally:
+        workload.turns.end_turn()
+
+
+def machine(threads: int, device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "threads": threads,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_benchmark(
+    epochs: int = 5,
+    warmup: int = 1,
+    batch_size: int = 100,
+    teachers: Sequence[str] = ("cnn", "gru", "mlp"),
+    seed: int = 0,
+    threads: int | None = None,
+    num_samples: int = 5000,
+    limit_batches: int | None = None,
+    workloads: Sequence[str] = WORKLOADS,
+) -> dict[str, Any]:
+    """Time ``epochs`` training epochs (after ``warmup``) of each workload, round-robin.
+
+    Args:
+        epochs: Measured epochs per workload.
+        warmup: Epochs run first and discarded.
+        batch_size: Training batch size.
+        teachers: Names of the live teachers (``cnn``, ``gru``, ``mlp``).
+        seed: Seed of every workload's models.
+        threads: ``torch.set_num_threads`` for every workload; ``None`` keeps torch's default.
+        num_samples: MNIST-1D samples (train, validation and test together).
+        limit_batches: Training batches per epoch; ``None`` for all of them.
+        workloads: Which workloads to run; ``plain`` is required (the ratios' denominator).
+
+    Returns:
+        ``{"machine", "settings", "workloads": {name: {"ms_per_epoch", "ms_epochs", "x_plain",
+        "peak_memory_bytes"}}, "ratios": {"live/handwritten", "aekd/live"}, "memory", "note"}``.
+    """
+    if epochs < 1 or warmup < 0:
+        raise ValueError(f"need epochs >= 1 and warmup >= 0, got {epochs} and {warmup}")
+    if "plain" not in workloads:
+        raise ValueError("the workloads must include 'plain', the denominator of every ratio")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    _teachers(teachers)  # unknown names fail here, before any thread starts
+    num_threads = torch.get_num_threads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    datamodule = MNIST1DDataModule(
+        data_dir=str(cache_dir() / "data"),
+        num_samples=num_samples,
+        val_size=min(500, num_samples // 10),
+        batch_size=batch_size,
+    )
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    total = warmup + epochs
+    runs = []
+    for name in workloads:
+        workload = _Workload(name, device, total)
+        # Each workload gets its own loader over the same training set.
+        train = _build(name, workload, teachers, datamodule.train_dataloader(), limit_batches, seed)
+        thread = threading.Thread(
+            target=_thread_body,
+            args=(workload, train, num_threads),
+            name=f"kd-bench-{name}",
+            daemon=True,
+        )
+        thread.start()
+        runs.append((workload, thread))
+    try:
+        for _ in range(total + 1):  # the last turn lets each workload finish its fit alone
+            for workload, thread in runs:
+                workload.turns.run_turn(thread)
+                if workload.turns.error is not None:
+                    raise RuntimeError(f"workload {workload.name!r} failed") from (
+                        workload.turns.error
+                    )
+    finally:
+        for workload, thread in runs:
+            workload.turns.aborted = True  # a no-op unless a failure stopped the rounds early
+            while thread.is_alive():
+                workload.turns.go.set()
+                thread.join(timeout=0.1)
+
+    results: dict[str, dict[str, Any]] = {}
+    for workload, _ in runs:
+        if len(workload.times) != total:
+            raise RuntimeError(
+                f"workload {workload.name!r} ran {len(workload.times)} epochs, expected {total}"
+            )
+        measured = [1000 * seconds for seconds in workload.times[warmup:]]
+        results[workload.name] = {
+            "ms_per_epoch": statistics.median(measured),
+            "ms_epochs": measured,
+            "peak_memory_bytes": workload.peak_bytes if device.type == "cuda" else None,
+        }
+    plain = results["plain"]["ms_per_epoch"]
+    for entry in results.values():
+        entry["x_plain"] = entry["ms_per_epoch"] / plain
+
+    def ratio(a: str, b: str) -> float | None:
+        if a in results and b in results:
+            return float(results[a]["ms_per_epoch"] / results[b]["ms_per_epoch"])
+        return None
+
+    if device.type == "cuda":
+        memory: dict[str, Any] = {
+            "kind": "torch.cuda.max_memory_allocated per workload (its own epochs)"
+        }
+    else:
+        # ru_maxrss is in kilobytes on Linux, bytes on macOS.
+        scale = 1 if sys.platform == "darwin" else 1024
+        memory = {
+            "kind": "process max RSS at the end, process-wide (all workloads together)",
+            "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+        }
+    return {
+        "machine": machine(num_threads, device),
+        "settings": {
+            "epochs": epochs,
+            "warmup": warmup,
+            "batch_size": batch_size,
+            "teachers": list(teachers),
+            "seed": seed,
+            "num_samples": num_samples,
+            "train_samples": len(datamodule.train_set or ()),
+            "limit_batches": limit_batches,
+            "alpha": ALPHA,
+            "temperature": TEMPERATURE,
+        },
+        "workloads": results,
+        "ratios": {
+            "live/handwritten": ratio("live", "handwritten"),
+            "aekd/live": ratio("aekd", "live"),
+        },
+        "memory": memory,
+        "note": NOTE,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The machine line, a table (name, median ms/epoch, × plain) and the tracked ratios."""
+    m = report["machine"]
+    s = report["settings"]
+    lines = [
+        f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, "
+        f"lightning {m['lightning']}, {m['threads']} threads, device {m.get('gpu', m['device'])}",
+        f"MNIST-1D, {s['train_samples']} training samples, batch {s['batch_size']}, MLP student, "
+        f"teachers {'+'.join(s['teachers'])}; median of {s['epochs']} epochs after {s['warmup']} "
+        "warm-up, round-robin",
+    ]
+    cuda = m["device"].startswith("cuda")
+    header = f"{'workload':<18} {'ms/epoch':>9} {'x plain':>8}" + (
+        f" {'peak MiB':>9}" if cuda else ""
+    )
+    lines += [header, "-" * len(header)]
+    for name, entry in report["workloads"].items():
+        row = f"{name:<18} {entry['ms_per_epoch']:>9.1f} {entry['x_plain']:>7.2f}x"
+        if cuda:
+            row += f" {entry['peak_memory_bytes'] / 2**20:>9.1f}"
+        lines.append(row)
+    for key, value in report["ratios"].items():
+        if value is not None:
+            lines.append(f"{key}: {value:.2f}x")
+    memory = report["memory"]
+    if "process_max_rss_bytes" in memory:
+        lines.append(
+            f"memory: {memory['process_max_rss_bytes'] / 2**20:.0f} MiB max RSS "
+            "(process-wide, all workloads together)"
+        )
+    lines.append(f"note: {report['note']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="kd-bench",
+        description="Time an epoch of distillation against plain training, in one process.",
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="measured epochs (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded epochs (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--teachers", default="cnn,gru,mlp", help="comma-separated teachers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=5000, help=argparse.SUPPRESS)
+    parser.add_argument("--limit-batches", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, default=None, help="write the results there")
+    args = parser.parse_args(argv)
+    # Lightning's start-up banners say nothing about cost; keep the report readable.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"lightning\.")
+    report = run_benchmark(
+        epochs=args.epochs,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        teachers=[name for name in args.teachers.split(",") if name],
+        seed=args.seed,
+        threads=args.threads,
+        num_samples=args.num_samples,
+        limit_batches=args.limit_batches,
+    )
+    print(format_report(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

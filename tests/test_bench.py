@@ -1,0 +1,97 @@
+"""kd-bench: the report's structure on tiny settings (no timing assertions: machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kd_lightning import bench
+from kd_lightning.bench import WORKLOADS, format_report, main, run_benchmark
+
+TINY = {"num_samples": 200, "limit_batches": 2, "batch_size": 32}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KD_LIGHTNING_CACHE", str(tmp_path / "cache"))
+
+
+def check_structure(report: dict, epochs: int) -> None:
+    assert set(report["workloads"]) == set(WORKLOADS)
+    plain = report["workloads"]["plain"]["ms_per_epoch"]
+    for entry in report["workloads"].values():
+        assert len(entry["ms_epochs"]) == epochs
+        assert all(ms > 0 for ms in entry["ms_epochs"])
+        assert entry["ms_per_epoch"] > 0
+        assert entry["x_plain"] == entry["ms_per_epoch"] / plain
+    workloads = report["workloads"]
+    ratios = report["ratios"]
+    assert ratios["live/handwritten"] == (
+        workloads["live"]["ms_per_epoch"] / workloads["handwritten"]["ms_per_epoch"]
+    )
+    assert (
+        ratios["aekd/live"] == workloads["aekd"]["ms_per_epoch"] / workloads["live"]["ms_per_epoch"]
+    )
+    machine = report["machine"]
+    assert machine["threads"] >= 1 and machine["torch"]
+    assert "randomly initialised" in report["note"]
+    assert report["memory"]["kind"]
+
+
+def test_run_benchmark_reports_every_workload():
+    report = run_benchmark(epochs=1, warmup=0, threads=1, **TINY)
+    check_structure(report, epochs=1)
+    assert report["machine"]["threads"] == 1
+    table = format_report(report)
+    for name in WORKLOADS:
+        assert name in table
+    assert "live/handwritten" in table and "aekd/live" in table
+
+
+def test_main_writes_json(tmp_path, capsys):
+    path = tmp_path / "out" / "bench.json"
+    main(
+        [
+            "--epochs",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(path),
+            "--num-samples",
+            "200",
+            "--limit-batches",
+            "1",
+            "--batch-size",
+            "32",
+            "--teachers",
+            "cnn,mlp",
+        ]
+    )
+    report = json.loads(path.read_text())
+    check_structure(report, epochs=1)
+    assert report["settings"]["teachers"] == ["cnn", "mlp"]
+    assert "x plain" in capsys.readouterr().out
+
+
+def test_rejects_bad_settings():
+    with pytest.raises(ValueError, match="plain"):
+        run_benchmark(epochs=1, warmup=0, workloads=("live",), **TINY)
+    with pytest.raises(ValueError, match="epochs"):
+        run_benchmark(epochs=0, **TINY)
+
+
+def test_unknown_teacher_fails_cleanly():
+    with pytest.raises(ValueError, match="unknown teachers"):
+        run_benchmark(epochs=1, warmup=0, teachers=("nope",), **TINY)
+
+
+def test_a_failing_workload_stops_the_benchmark(monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("broken loop")
+
+    monkeypatch.setattr(bench, "_handwritten_loop", broken)
+    with pytest.raises(RuntimeError, match="failed") as info:
+        run_benchmark(epochs=2, warmup=0, **TINY)
+    assert isinstance(info.value.__cause__, OSError)
