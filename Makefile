@@ -39,4 +39,4 @@ format:
 	$(BIN)/ruff check --fix kd_lightning tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache outputs multirun lightning_logs
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache outputs multirun lightning_logs logs bench.json
