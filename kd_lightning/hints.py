@@ -1,5 +1,6 @@
 """Feature-level multi-teacher hints: FitNets-style regression of the student's features onto each
-teacher's, weighted per sample by the fusion rule (the intermediate term of CA-MKD)."""
+teacher's, weighted per sample by the fusion rule, or by CA-MKD's confidence through each teacher's
+classifier head (the intermediate term of CA-MKD)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kd_lightning.fusion.confidence import ConfidenceAware
 
 
 class _HintAdapter(nn.Module):
@@ -77,6 +80,13 @@ class FeatureHintLoss(nn.Module):
     ``(B, D)`` features, a 1×1 ``Conv1d`` for ``(B, C, L)`` maps, the student map being
     adaptive-average-pooled to the teacher's length when they differ.
 
+    With ``confidence_heads`` (teacher name → name of that teacher's classifier submodule), the
+    weights are CA-MKD's instead of the fusion weights: teacher ``k``'s own head maps the adapted
+    student feature to logits ``head_k(adapter_k(f_s).flatten(1))``, and ``w`` is
+    :class:`~kd_lightning.fusion.ConfidenceAware` on those logits against the labels,
+    ``w_k = (1 − softmax_k(CE_k)) / (K − 1)``, detached (the heads run under ``no_grad``), so the
+    heads get no gradient; the adapters and the student are trained by the MSE term.
+
     Adapters are created from the first observed shapes by :meth:`materialize`; they must exist
     before the optimizer is built. :class:`~kd_lightning.DistillationModule` does that in
     ``setup("fit")`` from one training batch (a dry run, under ``no_grad``). Loading a state dict
@@ -87,6 +97,9 @@ class FeatureHintLoss(nn.Module):
             :class:`~kd_lightning.models.MLP`).
         teacher_layers: teacher name → submodule name inside that teacher.
         weight: factor of this term in the total loss.
+        confidence_heads: teacher name → name of the teacher's classifier submodule (e.g.
+            ``"head"``); when given, the per-sample weights come through these heads (CA-MKD) and
+            :meth:`forward` needs ``labels`` and ``heads`` (see :meth:`heads_for`).
 
     Example:
         >>> hint = FeatureHintLoss("hidden", {"a": "conv3", "b": "hidden"})
@@ -97,7 +110,11 @@ class FeatureHintLoss(nn.Module):
     """
 
     def __init__(
-        self, student_layer: str, teacher_layers: Mapping[str, str], weight: float = 1.0
+        self,
+        student_layer: str,
+        teacher_layers: Mapping[str, str],
+        weight: float = 1.0,
+        confidence_heads: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if not teacher_layers:
@@ -107,6 +124,11 @@ class FeatureHintLoss(nn.Module):
         self.student_layer = str(student_layer)
         self.teacher_layers = {str(name): str(layer) for name, layer in teacher_layers.items()}
         self.weight = float(weight)
+        self.confidence_heads = (
+            None
+            if confidence_heads is None
+            else {str(name): str(head) for name, head in confidence_heads.items()}
+        )
         self.adapters = nn.ModuleDict()
         self._register_load_state_dict_pre_hook(self._build_adapters_from_state, with_module=True)
 
@@ -125,6 +147,30 @@ class FeatureHintLoss(nn.Module):
             )
         return {name: self.teacher_layers[name] for name in names}
 
+    def heads_for(self, teachers: Mapping[str, nn.Module]) -> dict[str, nn.Module] | None:
+        """Each teacher's classifier submodule named by ``confidence_heads`` (``None`` without
+        them); a teacher without an entry, or a name that is no submodule, is an error."""
+        if self.confidence_heads is None:
+            return None
+        missing = [name for name in teachers if name not in self.confidence_heads]
+        if missing:
+            raise ValueError(
+                f"FeatureHintLoss.confidence_heads names no head for teachers {missing}; it has "
+                f"{sorted(self.confidence_heads)}"
+            )
+        heads = {}
+        for name, teacher in teachers.items():
+            head = self.confidence_heads[name]
+            try:
+                heads[name] = teacher.get_submodule(head)
+            except AttributeError:
+                available = [n for n, _ in teacher.named_modules() if n]
+                raise ValueError(
+                    f"FeatureHintLoss.confidence_heads: teacher {name!r} has no submodule "
+                    f"{head!r}; available: {available}"
+                ) from None
+        return heads
+
     @torch.no_grad()
     def materialize(self, student_feature: Tensor, teacher_features: Mapping[str, Tensor]) -> None:
         """Create one adapter per teacher from the shapes of one batch's features (no-op if done)."""
@@ -137,10 +183,17 @@ class FeatureHintLoss(nn.Module):
             self.adapters[name] = adapter.to(student_feature.device)
 
     def forward(
-        self, student_feature: Tensor, teacher_features: Mapping[str, Tensor], weights: Tensor
+        self,
+        student_feature: Tensor,
+        teacher_features: Mapping[str, Tensor],
+        weights: Tensor,
+        labels: Tensor | None = None,
+        heads: Mapping[str, nn.Module] | None = None,
     ) -> Tensor:
         """The hint loss from the student feature, the teachers' features (in the order of the
-        columns of ``weights``) and the per-sample weights ``(B, K)``."""
+        columns of ``weights``) and the per-sample weights ``(B, K)``. With ``confidence_heads``,
+        ``weights`` only fixes the shape: the weights are computed through ``heads`` (teacher
+        name → classifier module) against ``labels`` ``(B,)``."""
         if not self.materialized:
             raise RuntimeError(
                 "FeatureHintLoss has no adapters yet: call materialize(student_feature, "
@@ -156,9 +209,14 @@ class FeatureHintLoss(nn.Module):
         unknown = [name for name in names if name not in self.adapters]
         if unknown:
             raise ValueError(f"FeatureHintLoss has no adapter for teachers {unknown}")
+        if self.confidence_heads is not None and (labels is None or heads is None):
+            raise ValueError(
+                "FeatureHintLoss with confidence_heads needs labels and the teachers' heads: "
+                "pass labels=... and heads=FeatureHintLoss.heads_for(teachers)"
+            )
         weights = weights.detach().float()
         student = student_feature.float()
-        per_teacher = []
+        per_teacher, head_logits = [], []
         for name in names:
             prediction = self.adapters[name](student)
             target = teacher_features[name].detach().float()
@@ -169,6 +227,12 @@ class FeatureHintLoss(nn.Module):
                 )
             squared = (prediction - target).pow(2).reshape(batch, -1)
             per_teacher.append(squared.mean(-1))
+            if heads is not None and self.confidence_heads is not None:
+                with torch.no_grad():  # detached weights: no gradient reaches the heads
+                    head_logits.append(heads[name](prediction.flatten(1)))
+        if head_logits:
+            assert labels is not None
+            weights = ConfidenceAware()(torch.stack(head_logits), labels).weights.detach()
         return (weights * torch.stack(per_teacher, -1)).sum(-1).mean()
 
     def _build_adapters_from_state(
@@ -192,5 +256,5 @@ class FeatureHintLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"student_layer={self.student_layer!r}, teacher_layers={self.teacher_layers}, "
-            f"weight={self.weight}"
+            f"weight={self.weight}, confidence_heads={self.confidence_heads}"
         )

@@ -16,7 +16,7 @@ from kd_lightning.fusion import StaticWeights
 from kd_lightning.hints import FeatureHintLoss
 from kd_lightning.models import CNN1D, MLP, GRUClassifier
 
-from .app_helpers import compose_config
+from .app_helpers import FAST, compose_config
 from .conftest import make_trainer, small_mlp
 
 LAYERS = {"cnn": "conv3", "gru": "gru", "mlp": "hidden"}
@@ -274,3 +274,134 @@ def test_hydra_method_ensemble_hints_trains(tmp_path):
 def test_hydra_default_method_has_no_hints(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=smoke", "data=synthetic"])
     assert cfg.method.hints is None
+
+
+# --- CA-MKD weights through the teachers' heads ----------------------------------------------------
+
+HEADS = {"cnn": "head", "gru": "head", "mlp": "head"}
+
+
+def _confidence_hint():
+    torch.manual_seed(0)
+    hint = FeatureHintLoss("s", {"a": "x", "b": "y"}, confidence_heads={"a": "h", "b": "h"})
+    student = torch.randn(5, 4, requires_grad=True)
+    teachers = {"a": torch.randn(5, 3), "b": torch.randn(5, 2, 3)}
+    hint.materialize(student, teachers)
+    heads = {"a": nn.Linear(3, 4), "b": nn.Linear(6, 4)}
+    return hint, student, teachers, heads, torch.tensor([0, 1, 2, 3, 1])
+
+
+def test_confidence_heads_weights_match_a_hand_computation():
+    from kd_lightning.fusion import ConfidenceAware
+
+    hint, student, teachers, heads, labels = _confidence_hint()
+    with torch.no_grad():
+        adapted = {name: hint.adapters[name](student) for name in ("a", "b")}
+        logits = {name: heads[name](adapted[name].flatten(1)) for name in ("a", "b")}
+        ce = torch.stack(
+            [nn.functional.cross_entropy(logits[n], labels, reduction="none") for n in "ab"], -1
+        )
+        weights = 1 - torch.softmax(ce, -1)  # (K - 1) = 1
+        rule = ConfidenceAware()(torch.stack([logits["a"], logits["b"]]), labels).weights
+        assert torch.allclose(weights, rule)
+        mse = torch.stack(
+            [(adapted[n] - teachers[n]).pow(2).reshape(5, -1).mean(-1) for n in "ab"], -1
+        )
+        expected = (weights * mse).sum(-1).mean()
+    # The fusion weights passed in are ignored (only their shape is checked).
+    got = hint(student, teachers, torch.zeros(5, 2), labels=labels, heads=heads)
+    assert torch.allclose(got, expected)
+
+    single = FeatureHintLoss("s", {"a": "x"}, confidence_heads={"a": "h"})
+    single.materialize(student, {"a": teachers["a"]})
+    with torch.no_grad():
+        mse_a = (single.adapters["a"](student) - teachers["a"]).pow(2).mean(-1).mean()
+    got = single(student, {"a": teachers["a"]}, torch.zeros(5, 1), labels=labels, heads=heads)
+    assert torch.allclose(got, mse_a)  # K = 1: weight 1
+
+
+def test_confidence_heads_get_no_gradient_and_the_adapters_do():
+    hint, student, teachers, heads, labels = _confidence_hint()
+    before = {n: {k: v.clone() for k, v in h.state_dict().items()} for n, h in heads.items()}
+    hint(student, teachers, torch.zeros(5, 2), labels=labels, heads=heads).backward()
+    for name, head in heads.items():
+        assert all(p.grad is None for p in head.parameters())
+        for key, value in head.state_dict().items():
+            assert torch.equal(value, before[name][key])
+        assert hint.adapters[name].proj.weight.grad.abs().sum() > 0
+    assert student.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs labels and the teachers' heads"):
+        hint(student, teachers, torch.zeros(5, 2))
+
+
+def test_confidence_heads_are_resolved_at_module_construction():
+    module = DistillationModule(
+        MLP(hidden=16),
+        mnist1d_teachers(),
+        hints=FeatureHintLoss("hidden", LAYERS, confidence_heads=HEADS),
+    )
+    for name in LAYERS:
+        assert module._hint_heads[name] is module.teachers.teachers[name].head
+    with pytest.raises(ValueError, match=r"names no head for teachers \['gru'\]"):
+        DistillationModule(
+            MLP(hidden=16),
+            mnist1d_teachers(),
+            hints=FeatureHintLoss(
+                "hidden", LAYERS, confidence_heads={"cnn": "head", "mlp": "head"}
+            ),
+        )
+    with pytest.raises(ValueError, match=r"teacher 'mlp' has no submodule 'nope'"):
+        DistillationModule(
+            MLP(hidden=16),
+            mnist1d_teachers(),
+            hints=FeatureHintLoss("hidden", LAYERS, confidence_heads={**HEADS, "mlp": "nope"}),
+        )
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_camkd_step_weights_come_through_the_heads():
+    module = DistillationModule(
+        MLP(hidden=16),
+        mnist1d_teachers(),
+        hints=FeatureHintLoss("hidden", LAYERS, confidence_heads=HEADS),
+    )
+    data = synthetic_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module.materialize_hints(batch)
+    heads = {name: module.teachers.teachers[name].head for name in LAYERS}
+    snapshot = {n: [p.clone() for p in h.parameters()] for n, h in heads.items()}
+    total = module.training_step(batch, 0)["loss"]
+    total.backward()
+    for name, head in heads.items():
+        assert all(p.grad is None for p in head.parameters())
+        assert all(
+            torch.equal(p, q) for p, q in zip(head.parameters(), snapshot[name], strict=True)
+        )
+        assert module.hints.adapters[name].proj.weight.grad.abs().sum() > 0
+
+
+def test_hydra_experiment_camkd_composes_and_trains(tmp_path):
+    from kd_lightning.train import train
+
+    cfg = compose_config(tmp_path, ["experiment=camkd"])
+    assert dict(cfg.method.hints.confidence_heads) == HEADS
+    assert cfg.method.hints.weight == 50.0
+    cfg = compose_config(
+        tmp_path,
+        [
+            *FAST,
+            "baseline=false",
+            "fusion=confidence",
+            "method=ensemble_hints",
+            "method.loss.aggregation=loss",
+            "method.hints.weight=50",
+            "+method.hints.confidence_heads={cnn:head,gru:head,mlp:head}",
+            "trainer.max_epochs=1",
+        ],
+    )
+    _, objects = train(cfg)
+    module = objects["module"]
+    assert module.hints.confidence_heads == HEADS
+    assert set(module._hint_heads) == set(HEADS)
+    assert torch.isfinite(objects["trainer"].callback_metrics["test/hint"])

@@ -51,7 +51,8 @@ class DistillationModule(LightningModule):
         hints: a :class:`~kd_lightning.hints.FeatureHintLoss`: the student's and teachers' named
             layers are tapped by forward hooks during the usual forward passes (the teachers
             still run once per step) and ``hints.weight · hint`` is added to the loss, weighted
-            per sample by the fusion weights; logged as ``{stage}/hint``. Its adapters are
+            per sample by the fusion weights (or, with ``hints.confidence_heads``, CA-MKD's
+            confidence through each teacher's head); logged as ``{stage}/hint``. Its adapters are
             created in ``setup("fit")`` from one batch of ``trainer.datamodule`` (or earlier by
             :meth:`materialize_hints`), so they are optimised and checkpointed (under ``hints.``).
 
@@ -101,6 +102,7 @@ class DistillationModule(LightningModule):
             FeatureTaps(self.student, [hints.student_layer]).remove()  # names checked early
             for name, layer in self._teacher_layers.items():
                 FeatureTaps(self.teachers.teachers[name], [layer]).remove()
+            self._hint_heads = hints.heads_for(dict(self.teachers.teachers.items()))
 
     def forward(self, inputs: Any) -> Tensor:
         """The student's logits."""
@@ -208,6 +210,8 @@ class DistillationModule(LightningModule):
                 student_taps[self.hints.student_layer],
                 self._teacher_features(teacher_taps),
                 out.weights,
+                labels=labels,
+                heads=self._hint_heads,
             )
             total = total + self.hints.weight * hint
             self.log(f"{stage}/hint", hint, on_step=False, on_epoch=True, sync_dist=True)
