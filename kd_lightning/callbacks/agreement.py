@@ -8,7 +8,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from kd_lightning.metrics import TeacherAgreement
+from kd_lightning.metrics import TeacherAgreement, with_teacher_dims
 
 STAGES = ("train", "val", "test")
 
@@ -31,7 +31,8 @@ class TeacherAgreementCallback(Callback):
     * ``val/ensemble/{accuracy,disagreement,jsd}`` — the ensemble as a whole.
 
     The last computed statistics of each stage stay in ``latest[stage]`` (the dict of
-    :meth:`TeacherAgreement.compute`), for plots and summaries.
+    :meth:`TeacherAgreement.compute`, with ``(K,)`` and ``(K, K)`` shapes even for one teacher),
+    for plots and summaries.
 
     Args:
         stages: which of ``"train"``, ``"val"``, ``"test"`` to log.
@@ -117,7 +118,8 @@ class TeacherAgreementCallback(Callback):
         metric = self.metrics.get(stage)
         if metric is None or not metric.update_called:
             return
-        self.latest[stage] = {key: value.detach().cpu() for key, value in metric.compute().items()}
+        computed = {key: value.detach().cpu() for key, value in metric.compute().items()}
+        self.latest[stage] = with_teacher_dims(computed, len(self.names))
         values = agreement_log_dict(stage, self.names, self.latest[stage])
         metric.reset()
         pl_module.log_dict(values, on_step=False, on_epoch=True)
@@ -135,13 +137,14 @@ def agreement_log_dict(
         >>> agreement_log_dict("val", ["cnn"], metric.compute())["val/agreement/student_vs_cnn"]
         1.0
     """
-    k = len(names)  # torchmetrics squeezes (1,)-shaped results: restore the teacher dimension
-    agreement, accuracy = (
-        values["student_agreement"].reshape(k),
-        values["teacher_accuracy"].reshape(k),
+    k = len(names)
+    shaped = with_teacher_dims(dict(values), k)
+    agreement, accuracy = shaped["student_agreement"], shaped["teacher_accuracy"]
+    kl, weights, pairwise = (
+        shaped["student_kl"],
+        shaped["fusion_weight"],
+        shaped["pairwise_agreement"],
     )
-    kl, weights = values["student_kl"].reshape(k), values["fusion_weight"].reshape(k)
-    pairwise = values["pairwise_agreement"].reshape(k, k)
     logs: dict[str, float] = {}
     for index, name in enumerate(names):
         logs[f"{stage}/agreement/student_vs_{name}"] = agreement[index].item()

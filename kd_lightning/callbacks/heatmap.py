@@ -76,9 +76,8 @@ class AgreementHeatmapCallback(Callback):
         if values is None:  # no batch reached the agreement callback in this stage
             return
         names = self._agreement.names
-        k = len(names)  # torchmetrics squeezes a (1, 1) result: restore the matrix
         title = f"Pairwise teacher agreement ({stage}, epoch {trainer.current_epoch})"
-        fig = agreement_heatmap(values["pairwise_agreement"].reshape(k, k), names, title)
+        fig = agreement_heatmap(values["pairwise_agreement"], names, title)
         self._resolved_dirpath.mkdir(parents=True, exist_ok=True)
         fig.savefig(self._resolved_dirpath / f"agreement_{stage}.png")
         _log_figure(trainer, f"{stage}/agreement_heatmap", fig)

@@ -131,3 +131,25 @@ class TeacherAgreement(Metric):
             "ensemble_accuracy": self.ensemble_correct.float() / total,
             "student_accuracy": self.student_correct.float() / total,
         }
+
+
+PER_TEACHER = ("teacher_accuracy", "student_agreement", "student_kl", "fusion_weight")
+
+
+def with_teacher_dims(values: dict[str, Tensor], num_teachers: int) -> dict[str, Tensor]:
+    """Restore the ``(K,)`` and ``(K, K)`` shapes of :meth:`TeacherAgreement.compute` results.
+
+    torchmetrics squeezes one-element results, so with one teacher the per-teacher values come
+    back as scalars.
+
+    Example:
+        >>> metric = TeacherAgreement(num_teachers=1)
+        >>> metric.update(torch.eye(2), torch.eye(2)[None], torch.tensor([0, 1]))
+        >>> with_teacher_dims(metric.compute(), 1)["pairwise_agreement"].shape
+        torch.Size([1, 1])
+    """
+    shaped = dict(values)
+    for key in PER_TEACHER:
+        shaped[key] = values[key].reshape(num_teachers)
+    shaped["pairwise_agreement"] = values["pairwise_agreement"].reshape(num_teachers, num_teachers)
+    return shaped
