@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.app.config import CONFIG_DIR
-from kd_lightning.app.methods import build_method
+from kd_lightning.app.methods import MethodContext, build_method, method_for
 from kd_lightning.app.summary import build_summary, format_summary, write_json
 from kd_lightning.app.teacher_cache import build_teachers
 from kd_lightning.callbacks import TeacherAgreementCallback
@@ -48,11 +48,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     started = time.perf_counter()
     refuse_ddp_in_multirun(cfg)
     datamodule: LightningDataModule = instantiate(cfg.data)
-    teachers = build_teachers(cfg, datamodule)
+    teachers = build_teachers(cfg, datamodule) if method_for(cfg).needs_teachers else None
 
     L.seed_everything(cfg.seed, workers=True)
     student = instantiate(cfg.student)
-    module = build_method(cfg, student, teachers)
+    stage_dir = Path(cfg.paths.output_dir) / "stages"
+    module = build_method(MethodContext(cfg, student, teachers, datamodule, stage_dir))
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))
     if not loggers:  # nothing to monitor the learning rate into
@@ -76,7 +77,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         baseline_accuracy = train_baseline(cfg, datamodule)
 
     summary = build_summary(
-        teachers.names, test_metrics, baseline_accuracy, choices(cfg), time.perf_counter() - started
+        module.teacher_names,
+        test_metrics,
+        baseline_accuracy,
+        choices(cfg),
+        time.perf_counter() - started,
     )
     report(summary, cfg.paths.output_dir)
     return summary, {

@@ -196,5 +196,5 @@ def test_agreement_callback_needs_teachers(tmp_path, datamodule):
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[TeacherAgreementCallback()])
-    with pytest.raises(TypeError, match="BoringModel has no `teachers` ensemble"):
+    with pytest.raises(TypeError, match="BoringModel has no `teacher_names`"):
         trainer.fit(BoringModel())

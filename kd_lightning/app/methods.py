@@ -1,30 +1,56 @@
-"""Build the LightningModule of the configured ``method`` from the student and the teachers."""
+"""Build the LightningModule of the configured ``method`` from the student and the teachers.
+
+Each ``method=`` value is a :class:`Method`: a builder called with a :class:`MethodContext`, and
+whether the method needs the configured (frozen, pretrained) teachers at all. Online methods train
+peers instead; multi-stage methods run their earlier stages inside the builder and keep each
+stage's checkpoint under ``context.stage_dir``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.utils import instantiate
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import DictConfig
 from torch import nn
 
 from kd_lightning.modules import DistillationModule
 from kd_lightning.teachers import TeacherEnsemble
 
-MethodBuilder = Callable[[DictConfig, nn.Module, TeacherEnsemble], LightningModule]
+
+@dataclass
+class MethodContext:
+    """What a method builder gets: the config, the freshly built student, the teachers (``None``
+    when the method does not need them), the datamodule and a directory for stage checkpoints."""
+
+    cfg: DictConfig
+    student: nn.Module
+    teachers: TeacherEnsemble | None
+    datamodule: LightningDataModule
+    stage_dir: Path
 
 
-def build_ensemble(
-    cfg: DictConfig, student: nn.Module, teachers: TeacherEnsemble
-) -> LightningModule:
+@dataclass(frozen=True)
+class Method:
+    """One value of the ``method`` config group."""
+
+    build: Callable[[MethodContext], LightningModule]
+    needs_teachers: bool = True
+
+
+def build_ensemble(context: MethodContext) -> LightningModule:
     """``method=ensemble``: :class:`DistillationModule` with the configured fusion and loss, plus
     feature hints when ``method.hints`` is set (``method=ensemble_hints``)."""
+    cfg = context.cfg
+    assert context.teachers is not None
     loss = instantiate(cfg.method.loss, fusion=instantiate(cfg.fusion))
     hints_cfg = cfg.method.get("hints")
     return DistillationModule(
-        student,
-        teachers,
+        context.student,
+        context.teachers,
         loss,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -32,17 +58,22 @@ def build_ensemble(
     )
 
 
-METHODS: dict[str, MethodBuilder] = {
-    "ensemble": build_ensemble,
-    "ensemble_hints": build_ensemble,  # the same builder; its config sets method.hints
+METHODS: dict[str, Method] = {
+    "ensemble": Method(build_ensemble),
+    "ensemble_hints": Method(build_ensemble),  # the same builder; its config sets method.hints
 }
 
 
-def build_method(cfg: DictConfig, student: nn.Module, teachers: TeacherEnsemble) -> LightningModule:
-    """The module for ``cfg.method.name``."""
+def method_for(cfg: DictConfig) -> Method:
+    """The :class:`Method` named by ``cfg.method.name``."""
     name = cfg.method.name
     if name not in METHODS:
         raise ValueError(
             f"method.name={name!r} is not a known method; choose one of {sorted(METHODS)}"
         )
-    return METHODS[name](cfg, student, teachers)
+    return METHODS[name]
+
+
+def build_method(context: MethodContext) -> LightningModule:
+    """The module for ``context.cfg.method.name``."""
+    return method_for(context.cfg).build(context)

@@ -18,8 +18,8 @@ class TeacherAgreementCallback(Callback):
 
     Works with any module whose steps return a dict with ``student_logits``, ``teacher_logits``
     and ``labels`` (and optionally ``fusion_weights`` and, for token-level outputs, a ``mask`` of
-    real tokens), and whose ``teachers`` attribute has
-    ``names`` — as :class:`~kd_lightning.DistillationModule` does. Counts are accumulated in a
+    real tokens), and that names the teachers (or peers) in ``teacher_names`` — as
+    :class:`~kd_lightning.DistillationModule` does. Counts are accumulated in a
     :class:`~kd_lightning.metrics.TeacherAgreement`, so values are exact under DDP. Keys, for a
     teacher ``cnn`` in stage ``val``:
 
@@ -52,13 +52,13 @@ class TeacherAgreementCallback(Callback):
         self.latest: dict[str, dict[str, Tensor]] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        teachers = getattr(pl_module, "teachers", None)
-        if teachers is None or not hasattr(teachers, "names"):
+        names = getattr(pl_module, "teacher_names", None)
+        if names is None:
             raise TypeError(
-                f"{type(pl_module).__name__} has no `teachers` ensemble with names: "
-                f"TeacherAgreementCallback needs a module like DistillationModule"
+                f"{type(pl_module).__name__} has no `teacher_names`: TeacherAgreementCallback "
+                f"needs a module like DistillationModule"
             )
-        self.names = list(teachers.names)
+        self.names = list(names)
         self.metrics = {
             name: TeacherAgreement(len(self.names)).to(pl_module.device) for name in self.stages
         }

@@ -104,6 +104,11 @@ class DistillationModule(LightningModule):
                 FeatureTaps(self.teachers.teachers[name], [layer]).remove()
             self._hint_heads = hints.heads_for(dict(self.teachers.teachers.items()))
 
+    @property
+    def teacher_names(self) -> list[str]:
+        """The teachers' names, in the order of ``teacher_logits``."""
+        return list(self.teachers.names)
+
     def forward(self, inputs: Any) -> Tensor:
         """The student's logits."""
         return self.student(inputs)
