@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 from functools import partial
 
+import numpy as np
+import pytest
 import torch
+from torch import nn
 
 from kd_lightning import DistillationLoss, DistillationModule
 from kd_lightning.fusion import LearnedGate, build_fusion
@@ -95,7 +99,65 @@ def test_hydra_fusion_option_composes(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=smoke", "data=synthetic", "fusion=learned_gate"])
     rule = instantiate(cfg.fusion)
     assert isinstance(rule, LearnedGate)
-    assert rule.num_teachers == len(cfg.teachers) and rule.theta.shape[1] == cfg.num_classes
+    assert rule.num_teachers == len(cfg.teachers) and rule.student_layer == "hidden"
+    student = instantiate(cfg.student)
+    rule.bind_student(student)
+    logits = student(torch.randn(4, 40))
+    rule(torch.randn(len(cfg.teachers), 4, cfg.num_classes), student_logits=logits)
+    assert rule.theta.shape == (len(cfg.teachers), student.hidden.branch[0].out_features)
+
+
+def _feature_student() -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
+
+
+def test_beta_is_the_pooled_feature_map_of_the_named_layer():
+    torch.manual_seed(0)
+    student = _feature_student()
+    gate = LearnedGate(num_teachers=2, student_layer="1")
+    gate.bind_student(student)
+    inputs = torch.randn(5, 1, 6)
+    logits = student(inputs)
+    weights = gate(torch.randn(2, 5, 4), student_logits=logits).weights
+
+    features = torch.relu(student[0](inputs)).detach().numpy()  # (B, 3, 4)
+    beta = features.mean(axis=2)
+    theta, w = gate.theta.detach().numpy(), gate.gate.detach().numpy()
+    scores = np.stack([(beta * theta[k]) @ w for k in range(2)], axis=1)
+    expected = np.exp(scores - scores.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(weights.detach().numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_features_are_detached_from_the_student():
+    student = _feature_student()
+    gate = LearnedGate(num_teachers=2, student_layer="1")
+    gate.bind_student(student)
+    logits = student(torch.randn(5, 1, 6))
+    assert gate._features is not None and not gate._features.requires_grad
+    loss = DistillationLoss(gate, alpha=1.0)
+    loss(logits, torch.randn(2, 5, 4), torch.randint(0, 4, (5,))).loss.backward()
+    assert gate.theta.grad is not None and gate.theta.grad.abs().sum() > 0
+
+
+def test_unknown_layer_and_unbound_gate_are_refused():
+    gate = LearnedGate(num_teachers=2, student_layer="penultimate")
+    with pytest.raises(ValueError, match="student_layer='penultimate'"):
+        gate.bind_student(_feature_student())
+    with pytest.raises(RuntimeError, match="bind_student"):
+        gate(torch.randn(2, 3, 4), student_logits=torch.randn(3, 4))
+
+
+def test_module_binds_the_gate_and_survives_pickling(tmp_path, teachers, datamodule):
+    gate = LearnedGate(num_teachers=len(teachers), student_layer="0")
+    module = DistillationModule(small_mlp(), teachers, DistillationLoss(gate, alpha=1.0))
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=2).fit(module, datamodule=datamodule)
+    hidden = module.student[0].out_features
+    assert gate.theta.shape == (len(teachers), hidden)
+    clone = pickle.loads(pickle.dumps(module))
+    inputs = torch.randn(3, next(module.student.parameters()).shape[1])
+    clone.student(inputs)
+    assert clone.loss.fusion._features.shape == (3, hidden)
 
 
 def _loader(datamodule):

@@ -149,6 +149,13 @@ class FusionRule(nn.Module, ABC):
             return self.weights(teacher_logits, labels, student_logits=student_logits)
         return self.weights(teacher_logits, labels)
 
+    def bind_student(self, student: nn.Module) -> None:
+        """Attach to the student network, for rules that read its inner layers.
+
+        A :class:`~kd_lightning.DistillationModule` calls it once with its student; the default
+        does nothing.
+        """
+
     def target(self, teacher_logits: Tensor, weights: Tensor, temperature: float) -> Tensor:
         """Mix the teachers' probabilities ``softmax(z_k / T)`` with the normalised weights.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,51 +16,80 @@ from kd_lightning.fusion.base import FusionRule
 class LearnedGate(FusionRule):
     """Per-sample weights ``μ(x) = softmax_k((β(x) ⊙ θ_k)ᵀ W)``, trained with the student.
 
-    After Liu, Zhang & Wang (2020, AMTML-KD), where ``β(x)`` is the student's pooled penultimate
-    feature. **Our deviation:** fusion rules see logits only, so ``β(x)`` here is the student's
-    logits (``needs_student = True``), detached: the gate learns from the distillation loss, the
-    student is not pushed to move its logits to change the weights. ``θ`` ``(K, D)`` and ``W``
-    ``(D,)`` are ``nn.Parameter`` s, so they sit in ``loss.parameters()``, hence in the optimizer
-    and the checkpoint of a :class:`~kd_lightning.DistillationModule`. ``W`` starts near zero, so
-    the weights start near uniform. Weights sum to one per sample; the target is ``Σ_k μ_k p_k``.
+    After Liu, Zhang & Wang (2020, AMTML-KD): ``β(x)`` is the student's pooled penultimate feature,
+    read by a forward hook on the layer named ``student_layer`` once :meth:`bind_student` has
+    attached the gate to the student (a :class:`~kd_lightning.DistillationModule` does it). A
+    ``(B, D)`` output is used as it is; a ``(B, D, *spatial)`` feature map is averaged over its
+    spatial positions (global average pooling, as in the paper); a layer returning a tuple (a GRU)
+    is read at element 0. Without ``student_layer``, ``β`` is the student's logits.
 
-    Caution: trained on the distillation loss alone, the gate drifts toward the teacher the student
-    already matches best, since that lowers the loss (as for learnable static weights).
+    ``β`` is detached: the gate learns from the distillation loss, the student is not pushed to
+    move its features to change the weights. ``θ`` ``(K, D)`` and ``W`` ``(D,)`` are
+    ``nn.Parameter`` s, so they sit in ``loss.parameters()``, hence in the optimizer and the
+    checkpoint of a ``DistillationModule``. ``W`` starts near zero, so the weights start near
+    uniform. Weights sum to one per sample; the target is ``Σ_k μ_k p_k``.
+
+    Caution: trained on the distillation loss alone (as in the paper), the gate drifts toward the
+    teacher the student already matches best, since that lowers the loss.
 
     Args:
         num_teachers: ``K``.
-        feature_dim: ``D``, the width of ``β`` (the number of classes here); ``None`` infers it
-            at the first call (a ``DistillationModule`` does one dry run in ``setup("fit")`` so the
-            parameters exist before the optimizer is built).
+        feature_dim: ``D``, the width of ``β``; ``None`` infers it at the first call (a
+            ``DistillationModule`` does one dry run in ``setup("fit")`` so the parameters exist
+            before the optimizer is built).
+        student_layer: the dotted name of the student's penultimate layer (e.g. ``"hidden"`` for
+            :class:`~kd_lightning.models.MLP`); ``None`` uses the student's logits.
 
     Example:
-        >>> gate = LearnedGate(num_teachers=3, feature_dim=10)
-        >>> fusion = gate(torch.randn(3, 8, 10), student_logits=torch.randn(8, 10))
-        >>> fusion.weights.shape, torch.allclose(fusion.weights.sum(-1), torch.ones(8))
-        (torch.Size([8, 3]), True)
+        >>> student = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> gate = LearnedGate(num_teachers=2, student_layer="1")
+        >>> gate.bind_student(student)
+        >>> logits = student(torch.randn(8, 4))
+        >>> fusion = gate(torch.randn(2, 8, 3), student_logits=logits)
+        >>> gate.theta.shape, fusion.weights.shape, torch.allclose(fusion.weights.sum(-1), torch.ones(8))
+        (torch.Size([2, 6]), torch.Size([8, 2]), True)
     """
 
     needs_student = True
 
-    def __init__(self, num_teachers: int, feature_dim: int | None = None) -> None:
+    def __init__(
+        self, num_teachers: int, feature_dim: int | None = None, student_layer: str | None = None
+    ) -> None:
         super().__init__()
         if num_teachers < 1:
             raise ValueError(f"LearnedGate: num_teachers must be >= 1, got {num_teachers}")
         if feature_dim is not None and feature_dim < 1:
             raise ValueError(f"LearnedGate: feature_dim must be >= 1, got {feature_dim}")
         self.num_teachers = int(num_teachers)
+        self.student_layer = student_layer
         self.theta: nn.Parameter = UninitializedParameter()
         self.gate: nn.Parameter = UninitializedParameter()
+        self._features: Tensor | None = None
+        self._bound = False
         if feature_dim is not None:
             self._initialise(int(feature_dim))
         self._register_load_state_dict_pre_hook(self._materialise_from_state, with_module=True)
 
-    def _initialise(self, feature_dim: int, device: torch.device | None = None) -> None:
-        self.theta.materialize((self.num_teachers, feature_dim), device=device)
-        self.gate.materialize((feature_dim,), device=device)
-        with torch.no_grad():
-            self.theta.normal_(0.0, 1.0)
-            self.gate.normal_(0.0, 0.01 / math.sqrt(feature_dim))
+    def bind_student(self, student: nn.Module) -> None:
+        """Hook the student's ``student_layer``, so each student forward pass sets ``β``."""
+        if self.student_layer is None or self._bound:
+            return
+        try:
+            layer = student.get_submodule(self.student_layer)
+        except AttributeError:
+            available = [name for name, _ in student.named_modules() if name][:12]
+            raise ValueError(
+                f"LearnedGate: student_layer={self.student_layer!r} is not a submodule of "
+                f"{type(student).__name__}; its submodules include {available}"
+            ) from None
+        layer.register_forward_hook(self._capture)
+        self._bound = True
+
+    def _capture(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, tuple | list):
+            output = output[0]
+        features = output.detach().float()
+        self._features = features.flatten(2).mean(-1) if features.ndim > 2 else features
 
     def weights(
         self,
@@ -67,7 +97,7 @@ class LearnedGate(FusionRule):
         labels: Tensor | None,
         student_logits: Tensor | None = None,
     ) -> Tensor:
-        """``softmax_k((β ⊙ θ_k)ᵀ W)`` with ``β`` the detached student logits, ``(*batch, K)``."""
+        """``softmax_k((β ⊙ θ_k)ᵀ W)``, ``(*batch, K)``."""
         assert student_logits is not None  # FusionRule.forward checks it
         num_teachers = teacher_logits.shape[0]
         if num_teachers != self.num_teachers:
@@ -75,7 +105,7 @@ class LearnedGate(FusionRule):
                 f"LearnedGate has num_teachers={self.num_teachers} but teacher_logits has "
                 f"K = {num_teachers} teachers"
             )
-        beta = student_logits.detach().float()
+        beta = self._beta(student_logits)
         if isinstance(self.theta, UninitializedParameter):
             self._initialise(beta.shape[-1], device=beta.device)
         if beta.shape[-1] != self.theta.shape[1]:
@@ -86,6 +116,29 @@ class LearnedGate(FusionRule):
         scores = torch.einsum("...d,kd,d->...k", beta, self.theta, self.gate)
         return F.softmax(scores, dim=-1)
 
+    def _beta(self, student_logits: Tensor) -> Tensor:
+        if self.student_layer is None:
+            return student_logits.detach().float()
+        if not self._bound:
+            raise RuntimeError(
+                f"LearnedGate(student_layer={self.student_layer!r}) reads the student's features: "
+                f"call bind_student(student) first (DistillationModule does it)"
+            )
+        features = self._features
+        if features is None or features.shape[0] != student_logits.shape[0]:
+            raise RuntimeError(
+                f"LearnedGate: no features of the student's {self.student_layer!r} layer for this "
+                f"batch: run the student forward before the loss"
+            )
+        return features
+
+    def _initialise(self, feature_dim: int, device: torch.device | None = None) -> None:
+        self.theta.materialize((self.num_teachers, feature_dim), device=device)
+        self.gate.materialize((feature_dim,), device=device)
+        with torch.no_grad():
+            self.theta.normal_(0.0, 1.0)
+            self.gate.normal_(0.0, 0.01 / math.sqrt(feature_dim))
+
     def _materialise_from_state(
         self, module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: object
     ) -> None:
@@ -95,4 +148,4 @@ class LearnedGate(FusionRule):
 
     def extra_repr(self) -> str:
         dim = None if isinstance(self.theta, UninitializedParameter) else self.theta.shape[1]
-        return f"num_teachers={self.num_teachers}, feature_dim={dim}"
+        return f"num_teachers={self.num_teachers}, feature_dim={dim}, student_layer={self.student_layer!r}"

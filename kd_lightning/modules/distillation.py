@@ -91,6 +91,7 @@ class DistillationModule(LightningModule):
             teachers if isinstance(teachers, TeacherEnsemble) else TeacherEnsemble(teachers)
         )
         self.loss = loss if loss is not None else DistillationLoss()
+        self.loss.fusion.bind_student(self.student)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
