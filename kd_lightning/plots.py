@@ -90,3 +90,94 @@ def agreement_heatmap(
                 color="black" if value > 0.6 else "white",  # readable on viridis
             )
     return fig
+
+
+def accuracy_bars(
+    labels: Sequence[str],
+    means: Sequence[float],
+    stds: Sequence[float],
+    reference: float | None = None,
+    title: str = "Test accuracy",
+) -> Figure:
+    """Horizontal bars of mean accuracy with ±1 std error bars, one per method, top to bottom.
+
+    Args:
+        labels: one label per bar.
+        means: mean accuracies in [0, 1].
+        stds: their standard deviations over seeds.
+        reference: an accuracy drawn as a dashed vertical line (e.g. the scratch baseline).
+        title: the figure title.
+
+    Example:
+        >>> fig = accuracy_bars(["scratch", "mean_probs"], [0.62, 0.66], [0.01, 0.02], reference=0.62)
+        >>> [tick.get_text() for tick in fig.axes[0].get_yticklabels()]
+        ['scratch', 'mean_probs']
+    """
+    if not len(labels) == len(means) == len(stds):
+        raise ValueError(
+            f"labels, means and stds differ in length: {len(labels)}, {len(means)}, {len(stds)}"
+        )
+    fig = Figure(figsize=(7.5, 1.2 + 0.32 * len(labels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rows = np.arange(len(labels))
+    values = 100 * np.asarray(means, dtype=float)
+    errors = 100 * np.nan_to_num(np.asarray(stds, dtype=float))
+    ax.barh(rows, values, xerr=errors, color="#4c72b0", ecolor="black", capsize=3)
+    for row, value in zip(rows, values, strict=True):
+        ax.text(value + errors.max() + 0.3, row, f"{value:.1f}", va="center", fontsize=8)
+    if reference is not None:
+        ax.axvline(100 * reference, color="#c44e52", linestyle="--", label="scratch baseline")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(rows, labels=list(labels))
+    ax.invert_yaxis()
+    low = max(0.0, np.nanmin(values - errors) - 5)
+    ax.set_xlim(low, min(100.0, np.nanmax(values + errors) + 4))
+    ax.set_xlabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title(title)
+    return fig
+
+
+def metric_curves(
+    panels: dict[str, dict[str, Sequence[float]]],
+    ylabel: str,
+    title: str,
+    percent: bool = True,
+) -> Figure:
+    """Small multiples of per-epoch curves: one panel per key of ``panels``, one line per series.
+
+    Args:
+        panels: panel title → (series name, e.g. a teacher → values per epoch).
+        ylabel: the y axis label.
+        title: the figure title.
+        percent: show values in [0, 1] as percentages.
+
+    Example:
+        >>> fig = metric_curves({"entropy": {"cnn": [0.3, 0.4], "gru": [0.7, 0.6]}}, "weight", "Fusion weights")
+        >>> fig.axes[0].get_title(), [line.get_label() for line in fig.axes[0].lines]
+        ('entropy', ['cnn', 'gru'])
+    """
+    if not panels:
+        raise ValueError("metric_curves needs at least one panel")
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(3.4 * columns, 2.6 * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False, sharex=True)
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
+        for label, values in series.items():
+            ax.plot(np.arange(1, len(values) + 1), values, label=label)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper right", ncols=max(1, len(labels)), fontsize=8)
+    fig.suptitle(title)
+    return fig

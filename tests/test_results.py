@@ -1,0 +1,111 @@
+"""``kd-results``: the protocol, the table's statistics, and a real smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kd_lightning.results import (
+    HEADLINE,
+    Entry,
+    epoch_series,
+    markdown,
+    protocol,
+    read_summaries,
+    run_dir,
+    table_rows,
+)
+
+from .app_helpers import run_command
+
+
+def test_protocol_covers_single_teachers_every_fusion_rule_and_method():
+    entries = protocol()
+    labels = [entry.label for entry in entries]
+    assert labels[0] == HEADLINE
+    assert {"teachers=[cnn]", "teachers=[gru]", "teachers=[mlp]"} <= set(labels)
+    assert {"fusion=entropy", "fusion=aekd", "fusion=learned_gate", "method=ensemble_hints"} <= set(
+        labels
+    )
+    assert "method=ensemble" not in labels and len(labels) == len(set(labels))
+    aekd = next(entry for entry in entries if entry.label == "fusion=aekd")
+    assert "method.loss.aggregation=loss" in aekd.overrides
+
+
+def _summary(student: float, baseline: float | None, wall: float = 10.0) -> dict:
+    return {
+        "teachers": ["cnn", "gru"],
+        "test_accuracy": {
+            "student": student,
+            "baseline": baseline,
+            "ensemble": 0.9,
+            "teachers": {"cnn": 0.88, "gru": 0.87},
+        },
+        "agreement": {"teachers": {"cnn_vs_gru": 0.8}},
+        "wall_time_s": wall,
+    }
+
+
+def test_rows_give_mean_std_over_seeds_and_the_gain_over_scratch(tmp_path):
+    entries = [Entry("ensemble", HEADLINE, (HEADLINE,)), Entry("fusion rule", "fusion=vote", ())]
+    students, baselines, votes = [0.66, 0.70, 0.65], [0.61, 0.63, 0.62], [0.64, 0.68]
+    for seed, (student, baseline) in enumerate(zip(students, baselines, strict=True)):
+        path = run_dir(tmp_path, entries[0], seed)
+        path.mkdir(parents=True)
+        (path / "summary.json").write_text(json.dumps(_summary(student, baseline)))
+    for seed, student in enumerate(votes):
+        path = run_dir(tmp_path, entries[1], seed)
+        path.mkdir(parents=True)
+        (path / "summary.json").write_text(json.dumps(_summary(student, None, wall=20.0)))
+
+    rows = table_rows(entries, read_summaries(tmp_path, entries, seeds=3))
+    assert [row["label"] for row in rows] == ["scratch (CE only)", HEADLINE, "fusion=vote"]
+    scratch, headline, vote = rows
+    assert scratch["mean"] == pytest.approx(np.mean(baselines))
+    assert scratch["std"] == pytest.approx(np.std(baselines, ddof=1))
+    assert headline["n"] == 3 and headline["mean"] == pytest.approx(np.mean(students))
+    assert headline["gain"] == pytest.approx(np.mean(students) - np.mean(baselines))
+    assert vote["n"] == 2 and vote["std"] == pytest.approx(np.std(votes, ddof=1))
+    assert vote["wall_s"] == 20.0
+    table = markdown(rows, {"cnn": 0.88}, "# header")
+    assert f"| fusion rule | fusion=vote | 2 | {100 * np.mean(votes):.1f} ± " in table
+    assert "- cnn: 88.0 %" in table
+
+
+def test_epoch_series_reads_the_csv_logger_per_epoch(tmp_path):
+    path = tmp_path / "csv" / "version_0"
+    path.mkdir(parents=True)
+    (path / "metrics.csv").write_text(
+        "epoch,step,train/loss_step,val/fusion_weight/cnn,val/fusion_weight/gru\n"
+        "0,9,0.5,,\n"
+        "0,34,,0.4,0.6\n"
+        "1,69,,0.3,0.7\n"
+    )
+    assert epoch_series(tmp_path, "val/fusion_weight/") == {"cnn": [0.4, 0.3], "gru": [0.6, 0.7]}
+
+
+@pytest.mark.slow
+def test_smoke_results_write_the_table_and_plots(tmp_path):
+    done = run_command(
+        [
+            "-m",
+            "kd_lightning.results",
+            "--preset",
+            "smoke",
+            "--only",
+            f"{HEADLINE},fusion=entropy",
+            "--out",
+            str(tmp_path / "results"),
+            "teachers=[cnn,mlp]",
+        ],
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (tmp_path / "results" / "mnist1d.md").read_text()
+    assert "| baseline | scratch (CE only) | 2 |" in table
+    assert "| fusion rule | fusion=entropy | 2 |" in table
+    for name in ("accuracy", "fusion_weights", "student_agreement", "teacher_agreement"):
+        assert (tmp_path / "results" / f"{name}.png").stat().st_size > 10_000
