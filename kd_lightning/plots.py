@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 from numpy.typing import ArrayLike
 
 
@@ -124,11 +124,11 @@ def accuracy_bars(
     values = 100 * np.asarray(means, dtype=float)
     errors = 100 * np.nan_to_num(np.asarray(stds, dtype=float))
     ax.barh(rows, values, xerr=errors, color="#4c72b0", ecolor="black", capsize=3)
-    for row, value in zip(rows, values, strict=True):
-        ax.text(value + errors.max() + 0.3, row, f"{value:.1f}", va="center", fontsize=8)
+    for row, value, error in zip(rows, values, errors, strict=True):
+        ax.text(value + error + 0.3, row, f"{value:.1f}", va="center", fontsize=8)
     if reference is not None:
         ax.axvline(100 * reference, color="#c44e52", linestyle="--", label="scratch baseline")
-        ax.legend(loc="lower right", fontsize=8)
+        fig.legend(loc="outside lower right", fontsize=8)
     ax.set_yticks(rows, labels=list(labels))
     ax.invert_yaxis()
     low = max(0.0, np.nanmin(values - errors) - 5)
@@ -143,6 +143,7 @@ def metric_curves(
     ylabel: str,
     title: str,
     percent: bool = True,
+    min_span: float = 0.1,
 ) -> Figure:
     """Small multiples of per-epoch curves: one panel per key of ``panels``, one line per series.
 
@@ -151,6 +152,7 @@ def metric_curves(
         ylabel: the y axis label.
         title: the figure title.
         percent: show values in [0, 1] as percentages.
+        min_span: the least height of a panel's y range, so near-flat curves stay flat.
 
     Example:
         >>> fig = metric_curves({"entropy": {"cnn": [0.3, 0.4], "gru": [0.7, 0.6]}}, "weight", "Fusion weights")
@@ -169,6 +171,11 @@ def metric_curves(
             ax.plot(np.arange(1, len(values) + 1), values, label=label)
         ax.set_title(name)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        low, high = ax.get_ylim()
+        if high - low < min_span:  # flat curves: show a sensible range, not noise magnified
+            middle = (high + low) / 2
+            ax.set_ylim(middle - min_span / 2, middle + min_span / 2)
         if percent:
             ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     for ax in axes.flat[len(panels) :]:
@@ -178,6 +185,6 @@ def metric_curves(
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", ncols=max(1, len(labels)), fontsize=8)
+    fig.legend(handles, labels, loc="outside lower center", ncols=max(1, len(labels)), fontsize=8)
     fig.suptitle(title)
     return fig
