@@ -17,6 +17,14 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import DictConfig
 from torch import nn
 
+from kd_lightning.app.online_methods import (
+    build_afd,
+    build_codistillation,
+    build_dml,
+    build_ffl,
+    build_okddip,
+)
+from kd_lightning.app.staged_methods import build_prokd, build_prokt, build_takd, build_tfkd
 from kd_lightning.modules import DistillationModule
 from kd_lightning.teachers import TeacherEnsemble
 
@@ -61,6 +69,16 @@ def build_ensemble(context: MethodContext) -> LightningModule:
 METHODS: dict[str, Method] = {
     "ensemble": Method(build_ensemble),
     "ensemble_hints": Method(build_ensemble),  # the same builder; its config sets method.hints
+    "takd": Method(build_takd),
+    "prokt": Method(build_prokt, needs_teachers=False),  # builds its own first teacher
+    "prokd": Method(build_prokd, needs_teachers=False),
+    "tfkd": Method(build_tfkd, needs_teachers=False),
+    # online methods: peers train together, no pretrained teacher
+    "dml": Method(build_dml, needs_teachers=False),
+    "codistillation": Method(build_codistillation, needs_teachers=False),
+    "okddip": Method(build_okddip, needs_teachers=False),
+    "ffl": Method(build_ffl, needs_teachers=False),
+    "afd": Method(build_afd, needs_teachers=False),
 }
 
 

@@ -1,0 +1,183 @@
+"""AFD: online mutual learning plus per-network discriminators on the peers' feature maps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.features import FeatureTaps
+from kd_lightning.functional.online import (
+    cyclic_kd_losses,
+    lsgan_discriminator_loss,
+    lsgan_generator_loss,
+)
+from kd_lightning.modules.online.parts import FeatureDiscriminator, feature_adapter
+from kd_lightning.modules.online.peers import OnlinePeersModule, layers_per_peer
+from kd_lightning.optim import OptimizerFactory, SchedulerFactory
+
+
+class AFDModule(OnlinePeersModule):
+    """Online Adversarial Feature-map Distillation (Chung, Park, Kim, Kwak, "Feature-map-level
+    Online Adversarial Knowledge Distillation", ICML 2020).
+
+    Network ``k`` has a discriminator ``D_k`` that learns to tell network ``k − 1``'s features
+    (real) from network ``k``'s own (fake), with least-squares GAN losses; network ``k``'s feature
+    extractor learns to fool it. Network 0 learns from network ``K − 1``: the paper's cyclic
+    scheme, which for two networks is the symmetric pair. Each training step alternates, with
+    manual optimisation and three optimizers:
+
+    1. discriminators on ``Σ_k mean (D_k(f_{k−1}) − 1)² + mean D_k(f_k)²`` (features detached);
+    2. feature extractors on ``Σ_k mean (D_k(f_k) − 1)²`` (discriminators frozen; only the layers
+       up to the tapped one receive gradients);
+    3. whole networks, run again, on the logit loss ``Σ_k CE(y, z_k) + T²·KL(sg p_{k−1} ‖ p_k)``
+       (:func:`~kd_lightning.functional.cyclic_kd_losses`).
+
+    Features of different shapes (heterogeneous networks) pass through a learned adapter (a
+    linear layer or a 1×1 convolution, trained with the feature extractor) into the shape of the
+    features they imitate, like the paper's transfer layer.
+
+    The first network is reported as the student; the others are its teachers. ``{stage}/loss``
+    is the logit loss; training also logs ``train/adversarial/{discriminator,generator}``.
+
+    Args:
+        peers: the networks (K ≥ 2).
+        feature_layers: the layer tapped in every network, or one per network.
+        temperature: T of the KL terms (3).
+        discriminator_hidden: width of the discriminators' hidden layers.
+        optimizer: called with the networks' parameters (phases 2 and 3, one optimizer each).
+        discriminator_optimizer: called with the discriminators' parameters; ``None`` uses
+            ``optimizer``.
+        scheduler: called with each optimizer (and ``total_steps``), or ``None``.
+        scheduler_interval: ``"step"`` or ``"epoch"``.
+        batch_adapter: turns a batch into ``(inputs, labels)``.
+
+    Example:
+        >>> nets = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
+        >>> module = AFDModule(nets, feature_layers="1")
+        >>> module.materialize((torch.randn(5, 4), torch.zeros(5, dtype=torch.long)))
+        >>> len(module.discriminators), module.automatic_optimization
+        (2, False)
+    """
+
+    def __init__(
+        self,
+        peers: Sequence[nn.Module] | Mapping[str, nn.Module],
+        feature_layers: str | Sequence[str],
+        temperature: float = 3.0,
+        discriminator_hidden: int = 64,
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        discriminator_optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+        batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
+    ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if discriminator_hidden < 1:
+            raise ValueError(f"discriminator_hidden must be ≥ 1, got {discriminator_hidden}")
+        super().__init__(peers, optimizer, scheduler, scheduler_interval, batch_adapter)
+        self.save_hyperparameters(
+            ignore=["peers", "optimizer", "discriminator_optimizer", "scheduler", "batch_adapter"]
+        )
+        self.discriminator_factory = discriminator_optimizer
+        self.automatic_optimization = False
+        self.feature_layers = layers_per_peer(feature_layers, self.names)
+        for name, layer in self.feature_layers.items():
+            FeatureTaps(self.peers[name], [layer]).remove()  # names checked early
+        self.discriminators: nn.ModuleList | None = None
+        self.adapters: nn.ModuleList | None = None
+
+    def needs_parts(self) -> bool:
+        return self.discriminators is None
+
+    def build_parts(self, inputs: Any) -> None:
+        _, features = self.tapped_forward(inputs, self.feature_layers)
+        ordered = [features[name] for name in self.names]
+        previous = ordered[-1:] + ordered[:-1]
+        self.adapters = nn.ModuleList(
+            feature_adapter(own, real) for own, real in zip(ordered, previous, strict=True)
+        )
+        self.discriminators = nn.ModuleList(
+            FeatureDiscriminator(real, self.hparams["discriminator_hidden"]) for real in previous
+        )
+
+    def features(self, inputs: Any) -> list[Tensor]:
+        """Each network's tapped features, in network order (with their autograd graph)."""
+        _, features = self.tapped_forward(inputs, self.feature_layers)
+        return [features[name] for name in self.names]
+
+    def discriminator_loss(self, features: Sequence[Tensor]) -> Tensor:
+        """Phase 1: ``Σ_k`` LSGAN loss of ``D_k`` with real ``f_{k−1}`` and fake ``f_k``, detached."""
+        discriminators, adapters = self._parts()
+        total = torch.zeros((), device=features[0].device)
+        for k, (discriminator, adapter) in enumerate(zip(discriminators, adapters, strict=True)):
+            real = features[k - 1].detach()
+            with torch.no_grad():
+                fake = adapter(features[k].detach())
+            total = total + lsgan_discriminator_loss(discriminator(real), discriminator(fake))
+        return total
+
+    def generator_loss(self, features: Sequence[Tensor]) -> Tensor:
+        """Phase 2: ``Σ_k mean (D_k(adapter_k(f_k)) − 1)²``."""
+        discriminators, adapters = self._parts()
+        return torch.stack(
+            [
+                lsgan_generator_loss(discriminator(adapter(own)))
+                for discriminator, adapter, own in zip(
+                    discriminators, adapters, features, strict=True
+                )
+            ]
+        ).sum()
+
+    def objective(self, inputs: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Phase 3's logit loss and every network's logits."""
+        logits = {name: peer(inputs) for name, peer in self.peers.items()}
+        losses = cyclic_kd_losses(
+            torch.stack(list(logits.values())), labels, self.hparams["temperature"]
+        )
+        return losses.sum(), logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        inputs, labels = self.batch_adapter(batch)
+        discriminator_opt, feature_opt, network_opt = cast(list, self.optimizers())
+        features = self.features(inputs)
+        d_loss = self._update(discriminator_opt, lambda: self.discriminator_loss(features))
+        g_loss = self._update(feature_opt, lambda: self.generator_loss(features))
+        logit_loss = self._update(network_opt, lambda: self.objective(inputs, labels))
+        self.step_schedulers(end_of_epoch=False)
+        loss, logits = logit_loss
+        self.log("train/adversarial/discriminator", d_loss, on_step=False, on_epoch=True)
+        self.log("train/adversarial/generator", g_loss, on_step=False, on_epoch=True)
+        return self.report("train", loss.detach(), logits, labels)
+
+    def _update(self, optimizer: Any, closure: Callable[[], Any]) -> Any:
+        """Zero every gradient, compute the loss with only ``optimizer``'s parameters trainable,
+        back-propagate it and step ``optimizer``. Returns what the closure returned."""
+        self.zero_grad(set_to_none=True)
+        with self.toggled_optimizer(optimizer):
+            result = closure()
+            loss = result[0] if isinstance(result, tuple) else result
+            self.manual_backward(loss)
+        optimizer.step()
+        return result if isinstance(result, tuple) else loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        self.step_schedulers(end_of_epoch=True)
+
+    def configure_optimizers(self) -> Any:
+        discriminators, adapters = self._parts()
+        return [
+            *self.optimizers_for([discriminators.parameters()], self.discriminator_factory),
+            *self.optimizers_for([[*self.peers.parameters(), *adapters.parameters()]]),
+            *self.optimizers_for([self.peers.parameters()]),
+        ]
+
+    def _parts(self) -> tuple[nn.ModuleList, nn.ModuleList]:
+        if self.discriminators is None or self.adapters is None:
+            raise RuntimeError(
+                "call module.materialize(batch) (or fit) to build the discriminators"
+            )
+        return self.discriminators, self.adapters
