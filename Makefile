@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train teachers bench lint format clean
+.PHONY: install test test-fast train teachers cache bench results results-smoke lint format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,18 @@ train:
 teachers:
 	$(BIN)/kd-teachers $(ARGS)
 
+cache:
+	$(BIN)/kd-cache $(ARGS)
+
 bench:
 	$(BIN)/kd-bench --json bench.json
+
+# The MNIST-1D table and plots in results/ (about 4 h on 2 CPU cores; rerun to continue).
+results:
+	$(BIN)/kd-results --preset full --jobs 2 $(ARGS)
+
+results-smoke:
+	$(BIN)/kd-results --preset smoke --out results-smoke $(ARGS)
 
 lint:
 	$(BIN)/ruff check kd_lightning tests

@@ -1,20 +1,27 @@
 """``kd-bench``: the cost of an epoch of distillation against plain training, in one process.
 
-Five workloads train the MNIST-1D MLP student on the same data in the same process:
+Six workloads train the MNIST-1D MLP student on the same data in the same process:
 
 * ``plain``: the student alone with cross-entropy through a Lightning ``Trainer`` (the floor);
 * ``live``: :class:`~kd_lightning.DistillationModule` with live teachers (mean of probabilities);
 * ``handwritten``: the same live-teacher workload as a minimal plain-PyTorch loop;
 * ``aekd``: ``DistillationModule`` with :class:`~kd_lightning.fusion.GradientSpaceWeights` and
   ``aggregation="loss"``;
-* ``plain_handwritten``: the student alone in a plain-PyTorch loop (Lightning's own overhead).
+* ``plain_handwritten``: the student alone in a plain-PyTorch loop (Lightning's own overhead);
+* ``cached``: ``DistillationModule`` reading the teachers' logits from a teacher-output cache
+  (:mod:`kd_lightning.teachers.output_cache`, built once before timing under
+  ``$KD_LIGHTNING_CACHE/outputs``) by sample index: no teacher runs while it trains.
 
 Each workload runs in its own thread, but only one at a time: a scheduler hands them the turn
 round-robin, one epoch each, so slow drifts of the machine spread over all of them. Lightning
 workloads are one ``fit`` of ``warmup + epochs`` epochs; a callback records
-``time.perf_counter()`` at the start and end of each training epoch, and waits for its next turn
-there. Warm-up epochs are discarded. The teachers are randomly initialised: an epoch's cost does
-not depend on their weights.
+``time.perf_counter()`` (wall) and ``time.thread_time()`` (the CPU time of the workload's own
+thread: all of its work with ``--threads 1``, and much less disturbed than wall time by other
+processes on a shared machine) at the start and end of each training epoch, and waits for its next
+turn there. Warm-up epochs are discarded. The teachers are randomly initialised: an epoch's cost
+does not depend on their weights. The hand-written loops keep the epoch means the modules log
+(loss, CE, KD, accuracy), so both sides do the same user-visible work. ``--memory`` also runs each
+workload alone in a fresh process to measure its memory (:mod:`kd_lightning.bench_memory`).
 
 This is a measuring tool, configured by plain ``argparse`` rather than Hydra.
 """
@@ -44,14 +51,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kd_lightning.bench_memory import probe_in_subprocess
 from kd_lightning.data import MNIST1DDataModule
+from kd_lightning.data.indexed import indexed_loader
 from kd_lightning.fusion import GradientSpaceWeights
 from kd_lightning.loss import DistillationLoss
 from kd_lightning.models import CNN1D, MLP, GRUClassifier
 from kd_lightning.modules import ClassifierModule, DistillationModule
 from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.teachers.output_cache import build_output_cache
 
-WORKLOADS = ("plain", "live", "handwritten", "aekd", "plain_handwritten")
+WORKLOADS = ("plain", "live", "handwritten", "aekd", "plain_handwritten", "cached")
 LR = 0.01  # the project's default optimizer: Adam, lr 0.01
 ALPHA = 0.5  # the project's default method (conf/method/ensemble.yaml)
 TEMPERATURE = 4.0
@@ -109,14 +119,18 @@ class _Workload:
     total_epochs: int
     turns: _Turns = field(default_factory=_Turns)
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     peak_bytes: int = 0
+    report: list[float] = field(default_factory=list)  # a hand-written loop's epoch means
     _start: float = 0.0
+    _cpu_start: float = 0.0
 
     def epoch_start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._start = time.perf_counter()
+        self._cpu_start = time.thread_time()
 
     def epoch_end(self) -> None:
         """Record the epoch, give the turn back, and wait for the next one (also after the last
@@ -124,6 +138,7 @@ class _Workload:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.thread_time() - self._cpu_start)
         if self.device.type == "cuda":
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
         self.turns.end_turn()
@@ -156,7 +171,11 @@ def _handwritten_loop(
     teachers: Sequence[nn.Module] = (),
     loss_fn: DistillationLoss | None = None,
 ) -> None:
-    """A minimal training loop: teachers in eval under ``no_grad``, Adam, ``DistillationLoss``."""
+    """A minimal training loop: teachers in eval under ``no_grad``, Adam, ``DistillationLoss``.
+
+    Like the modules, it reports the epoch's mean loss (and CE and KD terms) and accuracy: summed on
+    the device each step, read once at the end of the epoch.
+    """
     device = workload.device
     student.to(device).train()
     for teacher in teachers:
@@ -166,18 +185,25 @@ def _handwritten_loop(
     optimizer = torch.optim.Adam(student.parameters(), lr=LR)
     for _ in range(workload.total_epochs):
         workload.epoch_start()
+        sums = torch.zeros(5, device=device)  # loss, CE, KD (each × batch size), correct, samples
         for inputs, labels in _batches(loader, limit):
             inputs, labels = inputs.to(device), labels.to(device)
             logits = student(inputs)
             if loss_fn is None:
-                loss = F.cross_entropy(logits, labels)
+                loss = hard = F.cross_entropy(logits, labels)
+                soft = torch.zeros((), device=device)
             else:
                 with torch.no_grad():
                     teacher_logits = torch.stack([teacher(inputs) for teacher in teachers])
-                loss = loss_fn(logits, teacher_logits, labels).loss
+                out = loss_fn(logits, teacher_logits, labels)
+                loss, hard, soft = out.loss, out.hard, out.soft
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            sums[:3] += torch.stack([loss.detach(), hard.detach(), soft.detach()]) * len(labels)
+            sums[3] += (logits.detach().argmax(-1) == labels).sum()
+            sums[4] += len(labels)
+        workload.report = (sums[:4] / sums[4]).tolist()  # the one read per epoch
         workload.epoch_end()
 
 
@@ -233,6 +259,16 @@ def _build(
             GradientSpaceWeights(), alpha=ALPHA, temperature=TEMPERATURE, aggregation="loss"
         )
         module = DistillationModule(student, TeacherEnsemble(_teachers(teachers)), loss, adam)
+    elif name == "cached":
+        loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
+        cache = build_output_cache(
+            TeacherEnsemble(_teachers(teachers)),
+            {"train": loader.dataset},
+            cache_dir() / "outputs",
+            batch_size=loader.batch_size or 1,
+        )
+        module = DistillationModule(student, cache, loss, adam)
+        loader = indexed_loader(loader)
     else:
         raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
     trainer = _trainer(workload, limit)
@@ -277,6 +313,7 @@ def run_benchmark(
     num_samples: int = 5000,
     limit_batches: int | None = None,
     workloads: Sequence[str] = WORKLOADS,
+    memory_probe: bool = False,
 ) -> dict[str, Any]:
     """Time ``epochs`` training epochs (after ``warmup``) of each workload, round-robin.
 
@@ -290,10 +327,12 @@ def run_benchmark(
         num_samples: MNIST-1D samples (train, validation and test together).
         limit_batches: Training batches per epoch; ``None`` for all of them.
         workloads: Which workloads to run; ``plain`` is required (the ratios' denominator).
+        memory_probe: Also run each workload one epoch alone in a fresh process and report its
+            memory there (:mod:`kd_lightning.bench_memory`), under ``workloads[name]["memory"]``.
 
     Returns:
         ``{"machine", "settings", "workloads": {name: {"ms_per_epoch", "ms_epochs", "x_plain",
-        "peak_memory_bytes"}}, "ratios": {"live/handwritten", "aekd/live"}, "memory", "note"}``.
+        "peak_memory_bytes"}}, "ratios": {"live/handwritten", "aekd/live", "cached/plain"}, "memory", "note"}``.
     """
     if epochs < 1 or warmup < 0:
         raise ValueError(f"need epochs >= 1 and warmup >= 0, got {epochs} and {warmup}")
@@ -352,18 +391,20 @@ def run_benchmark(
                 f"workload {workload.name!r} ran {len(workload.times)} epochs, expected {total}"
             )
         measured = [1000 * seconds for seconds in workload.times[warmup:]]
+        cpu = [1000 * seconds for seconds in workload.cpu_times[warmup:]]
         results[workload.name] = {
             "ms_per_epoch": statistics.median(measured),
             "ms_epochs": measured,
+            "cpu_ms_per_epoch": statistics.median(cpu),
             "peak_memory_bytes": workload.peak_bytes if device.type == "cuda" else None,
         }
     plain = results["plain"]["ms_per_epoch"]
     for entry in results.values():
         entry["x_plain"] = entry["ms_per_epoch"] / plain
 
-    def ratio(a: str, b: str) -> float | None:
+    def ratio(a: str, b: str, key: str = "ms_per_epoch") -> float | None:
         if a in results and b in results:
-            return float(results[a]["ms_per_epoch"] / results[b]["ms_per_epoch"])
+            return float(results[a][key] / results[b][key])
         return None
 
     if device.type == "cuda":
@@ -377,6 +418,16 @@ def run_benchmark(
             "kind": "process max RSS at the end, process-wide (all workloads together)",
             "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
         }
+    if memory_probe:
+        for name in results:
+            results[name]["memory"] = probe_in_subprocess(
+                name,
+                teachers=list(teachers),
+                batch_size=batch_size,
+                num_samples=num_samples,
+                limit_batches=limit_batches,
+                seed=seed,
+            )
     return {
         "machine": machine(num_threads, device),
         "settings": {
@@ -395,6 +446,13 @@ def run_benchmark(
         "ratios": {
             "live/handwritten": ratio("live", "handwritten"),
             "aekd/live": ratio("aekd", "live"),
+            "cached/plain": ratio("cached", "plain"),
+        },
+        # The CPU time of each workload's own thread: all of its work with threads=1, and far
+        # less sensitive than wall time to other processes sharing the machine.
+        "cpu_ratios": {
+            "live/handwritten": ratio("live", "handwritten", "cpu_ms_per_epoch"),
+            "plain/plain_handwritten": ratio("plain", "plain_handwritten", "cpu_ms_per_epoch"),
         },
         "memory": memory,
         "note": NOTE,
@@ -413,26 +471,57 @@ def format_report(report: dict[str, Any]) -> str:
         "warm-up, round-robin",
     ]
     cuda = m["device"].startswith("cuda")
-    header = f"{'workload':<18} {'ms/epoch':>9} {'x plain':>8}" + (
+    header = f"{'workload':<18} {'ms/epoch':>9} {'x plain':>8} {'cpu ms':>8}" + (
         f" {'peak MiB':>9}" if cuda else ""
     )
     lines += [header, "-" * len(header)]
     for name, entry in report["workloads"].items():
-        row = f"{name:<18} {entry['ms_per_epoch']:>9.1f} {entry['x_plain']:>7.2f}x"
+        row = (
+            f"{name:<18} {entry['ms_per_epoch']:>9.1f} {entry['x_plain']:>7.2f}x "
+            f"{entry['cpu_ms_per_epoch']:>8.1f}"
+        )
         if cuda:
             row += f" {entry['peak_memory_bytes'] / 2**20:>9.1f}"
         lines.append(row)
     for key, value in report["ratios"].items():
         if value is not None:
             lines.append(f"{key}: {value:.2f}x")
+    for key, value in report["cpu_ratios"].items():
+        if value is not None:
+            lines.append(f"{key} (cpu ms, the workload's own thread): {value:.2f}x")
     memory = report["memory"]
     if "process_max_rss_bytes" in memory:
         lines.append(
             f"memory: {memory['process_max_rss_bytes'] / 2**20:.0f} MiB max RSS "
             "(process-wide, all workloads together)"
         )
+    probes = {n: e["memory"] for n, e in report["workloads"].items() if "memory" in e}
+    if probes:
+        lines += _memory_table(probes)
     lines.append(f"note: {report['note']}")
     return "\n".join(lines)
+
+
+def _memory_table(probes: dict[str, dict[str, Any]]) -> list[str]:
+    header = (
+        f"{'workload':<18} {'peak MiB':>9} {'saved KiB/step':>15} {'student MiB':>12} "
+        f"{'teachers MiB':>13}"
+    )
+    lines = [
+        "memory, each workload alone for one epoch in a fresh process: peak growth over the "
+        "built models (RSS, or CUDA allocated), autograd's saved tensors per step, weights",
+        header,
+        "-" * len(header),
+    ]
+    for name, probe in probes.items():
+        peak = probe["peak_cuda_growth_bytes"] or probe["peak_rss_growth_bytes"]
+        peak_text = "n/a" if peak is None else f"{peak / 2**20:.1f}"
+        lines.append(
+            f"{name:<18} {peak_text:>9} {probe['autograd_saved_bytes_per_step'] / 2**10:>15.1f} "
+            f"{probe['student_weight_bytes'] / 2**20:>12.2f} "
+            f"{probe['teacher_weight_bytes'] / 2**20:>13.2f}"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -449,6 +538,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=5000, help=argparse.SUPPRESS)
     parser.add_argument("--limit-batches", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="write the results there")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure each workload's memory alone, in a fresh process (a few s each)",
+    )
     args = parser.parse_args(argv)
     # Lightning's start-up banners say nothing about cost; keep the report readable.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -462,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         threads=args.threads,
         num_samples=args.num_samples,
         limit_batches=args.limit_batches,
+        memory_probe=args.memory,
     )
     print(format_report(report))
     if args.json is not None:

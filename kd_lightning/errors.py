@@ -13,3 +13,19 @@ class TeacherOutputError(ValueError):
 
 class BatchFormatError(ValueError):
     """A batch could not be unpacked into inputs and targets."""
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; lists every problem found, each with its config key.
+
+    Example:
+        >>> print(ConfigError(["trainer.devices=0: must be a positive count"]))
+        the config has 1 problem, found before any work:
+          - trainer.devices=0: must be a positive count
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"the config has {count}, found before any work:\n{lines}")

@@ -25,11 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.app.config import CONFIG_DIR
 from kd_lightning.app.methods import MethodContext, build_method, method_for
+from kd_lightning.app.output_cache import cached_teachers, check_cacheable
 from kd_lightning.app.summary import build_summary, format_summary, write_json
 from kd_lightning.app.teacher_cache import build_teachers
+from kd_lightning.app.validation import validate_config
 from kd_lightning.callbacks import TeacherAgreementCallback
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.modules import ClassifierModule
+from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.teachers.cached import CachedTeachers
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
@@ -47,13 +51,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     started = time.perf_counter()
     refuse_ddp_in_multirun(cfg)
+    validate_config(cfg)  # every problem at once, before anything is trained or written
+    if cfg.get("cache"):
+        check_cacheable(cfg)  # before any teacher is trained
     datamodule: LightningDataModule = instantiate(cfg.data)
-    teachers = build_teachers(cfg, datamodule) if method_for(cfg).needs_teachers else None
+    teachers: TeacherEnsemble | CachedTeachers | None = (
+        build_teachers(cfg, datamodule) if method_for(cfg).needs_teachers else None
+    )
+    distill_data: LightningDataModule = datamodule
+    if cfg.get("cache") and isinstance(teachers, TeacherEnsemble):  # read by index, teachers idle
+        teachers, distill_data = cached_teachers(cfg, teachers, datamodule)
 
     L.seed_everything(cfg.seed, workers=True)
     student = instantiate(cfg.student)
     stage_dir = Path(cfg.paths.output_dir) / "stages"
-    module = build_method(MethodContext(cfg, student, teachers, datamodule, stage_dir))
+    module = build_method(MethodContext(cfg, student, teachers, distill_data, stage_dir))
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))
     if not loggers:  # nothing to monitor the learning rate into
@@ -67,8 +79,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last_checkpoint(trainer))
-    trainer.test(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=distill_data, ckpt_path=last_checkpoint(trainer))
+    trainer.test(module, datamodule=distill_data)
     test_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
 
     finish_wandb_runs(loggers)

@@ -15,11 +15,13 @@ from omegaconf import DictConfig
 
 from kd_lightning.app.config import CONFIG_DIR
 from kd_lightning.app.teacher_cache import build_teachers, teacher_checkpoint
+from kd_lightning.app.validation import validate_config
 from kd_lightning.modules import ClassifierModule
 
 
 def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
     """Make sure every teacher of ``cfg`` has weights; return ``{name: {checkpoint, test_acc}}``."""
+    validate_config(cfg, needs_teachers=True)
     datamodule: LightningDataModule = instantiate(cfg.data)
     teachers = build_teachers(cfg, datamodule)
     report: dict[str, dict[str, float | str]] = {}

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningDataModule
 
 from kd_lightning.app import teacher_cache
 from kd_lightning.app.config import CONFIG_DIR
+from kd_lightning.errors import ConfigError
 from kd_lightning.fusion import FusionRule
 from kd_lightning.train import train
 from kd_lightning.train_teachers import train_teachers
@@ -126,14 +127,14 @@ def test_user_checkpoint_is_used_and_a_missing_one_is_named(tmp_path):
         tmp_path, [*FAST, "teachers=[cnn]", f"teachers.cnn.checkpoint={tmp_path}/gone.ckpt"]
     )
     with pytest.raises(
-        FileNotFoundError, match=rf"teachers.cnn.checkpoint: no such file: {tmp_path}/gone.ckpt"
+        ConfigError, match=rf"teachers.cnn.checkpoint: no such file: {tmp_path}/gone.ckpt"
     ):
         train(cfg)
 
 
 def test_missing_teacher_without_training_is_a_clear_error(tmp_path):
     cfg = compose_config(tmp_path, [*FAST, "teachers=[cnn,gru]", "train_if_missing=false"])
-    with pytest.raises(FileNotFoundError, match=r"kd-teachers teachers=\[cnn,gru\]") as error:
+    with pytest.raises(ConfigError, match=r"kd-teachers teachers=\[cnn,gru\]") as error:
         train(cfg)
     assert "teachers.cnn: " in str(error.value) and str(tmp_path / "cache" / "teachers") in str(
         error.value

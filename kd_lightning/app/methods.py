@@ -27,26 +27,30 @@ from kd_lightning.app.online_methods import (
 from kd_lightning.app.staged_methods import build_prokd, build_prokt, build_takd, build_tfkd
 from kd_lightning.modules import DistillationModule
 from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.teachers.cached import CachedTeachers
 
 
 @dataclass
 class MethodContext:
     """What a method builder gets: the config, the freshly built student, the teachers (``None``
-    when the method does not need them), the datamodule and a directory for stage checkpoints."""
+    when the method does not need them; :class:`CachedTeachers` with ``cache=true``), the
+    datamodule and a directory for stage checkpoints."""
 
     cfg: DictConfig
     student: nn.Module
-    teachers: TeacherEnsemble | None
+    teachers: TeacherEnsemble | CachedTeachers | None
     datamodule: LightningDataModule
     stage_dir: Path
 
 
 @dataclass(frozen=True)
 class Method:
-    """One value of the ``method`` config group."""
+    """One value of the ``method`` config group; ``reads_cache``: with ``cache=true`` its builder
+    takes :class:`CachedTeachers` (teacher logits read by sample index) instead of live teachers."""
 
     build: Callable[[MethodContext], LightningModule]
     needs_teachers: bool = True
+    reads_cache: bool = False
 
 
 def build_ensemble(context: MethodContext) -> LightningModule:
@@ -67,7 +71,7 @@ def build_ensemble(context: MethodContext) -> LightningModule:
 
 
 METHODS: dict[str, Method] = {
-    "ensemble": Method(build_ensemble),
+    "ensemble": Method(build_ensemble, reads_cache=True),
     "ensemble_hints": Method(build_ensemble),  # the same builder; its config sets method.hints
     "takd": Method(build_takd),
     "prokt": Method(build_prokt, needs_teachers=False),  # builds its own first teacher

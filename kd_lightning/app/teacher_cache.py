@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,14 @@ from kd_lightning.batch import BatchAdapter
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.teachers import TeacherEnsemble, load_teacher
+from kd_lightning.teachers.runtime import RUNTIME_OPTIONS
 
 # Data settings that do not change the data itself, left out of a teacher's key.
 IRRELEVANT_DATA_KEYS = ("data_dir", "num_workers")
 # Label of samples a teacher with a class map does not cover: cross-entropy's default ignore_index.
 IGNORE_INDEX = -100
+# Teacher names become cache file names and module keys: no path separator, no dot.
+TEACHER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def teacher_key(name: str, cfg: DictConfig) -> str:
@@ -49,8 +53,26 @@ def teacher_key(name: str, cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_teacher_name(name: str) -> None:
+    """Refuse a teacher name that could not be a plain file name inside the cache.
+
+    Example:
+        >>> check_teacher_name("cnn_wide-2")
+        >>> check_teacher_name("../../evil")
+        Traceback (most recent call last):
+        ...
+        ValueError: teachers.../../evil: a teacher name may hold only letters, digits, '_' and '-', since it names the teacher's cache file
+    """
+    if not TEACHER_NAME.fullmatch(str(name)):
+        raise ValueError(
+            f"teachers.{name}: a teacher name may hold only letters, digits, '_' and '-', since it "
+            "names the teacher's cache file"
+        )
+
+
 def cached_teacher_path(name: str, cfg: DictConfig) -> Path:
-    """``<cache_dir>/teachers/<name>-<key>.safetensors``."""
+    """``<cache_dir>/teachers/<name>-<key>.safetensors``, refusing names that would leave it."""
+    check_teacher_name(name)
     return Path(cfg.paths.cache_dir) / "teachers" / f"{name}-{teacher_key(name, cfg)}.safetensors"
 
 
@@ -180,7 +202,11 @@ def build_teachers(cfg: DictConfig, datamodule: LightningDataModule) -> TeacherE
                 )
             class_maps[name] = class_map
     num_classes = cfg.get("num_classes") if class_maps else None
-    ensemble = TeacherEnsemble(models, adapters, transforms, class_maps, num_classes)
+    runtime: dict[str, Any] = OmegaConf.to_container(cfg.get("teacher_runtime") or {})  # type: ignore[assignment]
+    unknown = sorted(set(runtime) - set(RUNTIME_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown teacher_runtime keys {unknown}; choose from {RUNTIME_OPTIONS}")
+    ensemble = TeacherEnsemble(models, adapters, transforms, class_maps, num_classes, **runtime)
     for name in missing:
         train_teacher(name, cfg, datamodule)
     for name, model in models.items():

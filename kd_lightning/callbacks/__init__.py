@@ -3,12 +3,14 @@
 from kd_lightning.callbacks.agreement import TeacherAgreementCallback, agreement_log_dict
 from kd_lightning.callbacks.heatmap import AgreementHeatmapCallback
 from kd_lightning.callbacks.progress import LabelledProgressBar
+from kd_lightning.callbacks.random_state import RandomStateCheckpoint
 from kd_lightning.callbacks.schedule import LossSchedule
 
 __all__ = [
     "AgreementHeatmapCallback",
     "LabelledProgressBar",
     "LossSchedule",
+    "RandomStateCheckpoint",
     "TeacherAgreementCallback",
     "agreement_log_dict",
 ]

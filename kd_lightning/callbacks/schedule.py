@@ -13,7 +13,9 @@ class LossSchedule(Callback):
     """Set ``pl_module.loss.<attribute>`` from a schedule before every training step or epoch.
 
     The value depends only on the trainer's progress (global step or epoch), so a resumed run
-    continues the schedule where it stopped. The current value is logged as
+    continues the schedule where it stopped. The last value set is also kept in checkpoints and
+    set back when fitting resumes, so a run resumed after its last training step (only testing
+    left) evaluates with the scheduled value, not the config's. The current value is logged as
     ``train/schedule/<attribute>``. Works with any module whose ``loss`` has the attribute, as
     :class:`~kd_lightning.DistillationLoss` has ``temperature`` and ``alpha``.
 
@@ -46,6 +48,18 @@ class LossSchedule(Callback):
             raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
         self.attribute = attribute
         self.start, self.end, self.kind, self.interval = start, end, kind, interval
+        self.current: float | None = None
+        self._restored: float | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(attribute=self.attribute)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current": self.current}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict.get("current")
 
     def value(self, progress: float) -> float:
         """The scheduled value at ``progress`` in [0, 1]."""
@@ -59,6 +73,12 @@ class LossSchedule(Callback):
                 f"'{self.attribute}'"
             )
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._set_restored(pl_module)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._set_restored(pl_module)  # strategies that restore checkpoints after on_fit_start
+
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -71,8 +91,14 @@ class LossSchedule(Callback):
         if self.interval == "epoch":
             self._apply(pl_module, trainer.current_epoch / max(1, (trainer.max_epochs or 1) - 1))
 
+    def _set_restored(self, pl_module: LightningModule) -> None:
+        if self._restored is not None:
+            self.current, self._restored = self._restored, None
+            setattr(pl_module.loss, self.attribute, self.current)
+
     def _apply(self, pl_module: LightningModule, progress: float) -> None:
         value = self.value(progress)
+        self.current = value
         setattr(pl_module.loss, self.attribute, value)
         per_step = self.interval == "step"
         pl_module.log(

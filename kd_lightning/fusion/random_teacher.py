@@ -21,6 +21,16 @@ class RandomTeacher(FusionRule):
     :class:`~kd_lightning.fusion.averages.MeanProbabilities` target (identity E3): an unbiased,
     cheaper but noisier estimate.
 
+    The paper's point is cost: only one teacher need run per batch. With ``run_drawn_only=True``
+    a :class:`~kd_lightning.DistillationModule` asks :meth:`draw` for the teacher before any
+    teacher runs, runs that one alone in training steps, and this rule then sees its logits as the
+    only row. Validation and test steps still run (and measure) every teacher. The early draw comes
+    from the global CPU generator (no device sync), so with the same seed it draws the same teachers
+    as the default on CPU.
+
+    Args:
+        run_drawn_only: let the module run only the drawn teacher in training steps.
+
     Example:
         >>> _ = torch.manual_seed(0)
         >>> z = torch.randn(3, 2, 4)  # K = 3 teachers, B = 2, C = 4
@@ -30,9 +40,35 @@ class RandomTeacher(FusionRule):
         True
     """
 
+    def __init__(self, run_drawn_only: bool = False) -> None:
+        super().__init__()
+        self.run_drawn_only = run_drawn_only
+        self._predrawn = False
+
+    def draw(self, num_teachers: int) -> int:
+        """Draw the teacher of the next call now, before any teacher runs; that call then gets
+        the drawn teacher's logits alone, ``(1, *batch, C)``.
+
+        Example:
+            >>> rule = RandomTeacher(run_drawn_only=True)
+            >>> k = rule.draw(3)
+            >>> rule(torch.randn(1, 2, 4)).weights.tolist()  # the drawn teacher is the only row
+            [[1.0], [1.0]]
+        """
+        self._predrawn = True
+        return int(torch.randint(num_teachers, ()))
+
     def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
         """One-hot weights on the drawn teacher, ``(*batch, K)``."""
         num_teachers, *batch_shape, _ = teacher_logits.shape
+        if self._predrawn:
+            self._predrawn = False
+            if num_teachers != 1:
+                raise ValueError(
+                    f"RandomTeacher drew a teacher in advance (draw()) but got {num_teachers} "
+                    f"teachers' logits: pass the drawn teacher's alone"
+                )
+            return teacher_logits.new_ones(*batch_shape, 1)
         drawn = torch.randint(num_teachers, (), device=teacher_logits.device)
         one_hot = F.one_hot(drawn, num_teachers).float()
         return one_hot.expand(*batch_shape, num_teachers)

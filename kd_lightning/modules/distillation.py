@@ -10,14 +10,17 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from kd_lightning.batch import BatchAdapter
+from kd_lightning.data.indexed import sample_indices
 from kd_lightning.features import FeatureTaps
+from kd_lightning.fusion import RandomTeacher
 from kd_lightning.hints import FeatureHintLoss
 from kd_lightning.loss import DistillationLoss
+from kd_lightning.metrics.running_means import RunningMeans
 from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.teachers.cached import CachedTeachers
 
 Stage = Literal["train", "val", "test"]
 
@@ -40,7 +43,10 @@ class DistillationModule(LightningModule):
 
     Args:
         student: the network being trained.
-        teachers: a :class:`~kd_lightning.teachers.TeacherEnsemble` or a ``name → model`` mapping.
+        teachers: a :class:`~kd_lightning.teachers.TeacherEnsemble` or a ``name → model`` mapping;
+            or :class:`~kd_lightning.teachers.CachedTeachers`, whose logits are read
+            by sample index (batches from :class:`~kd_lightning.data.indexed.IndexedDataModule`;
+            the stage names the split) instead of running teachers.
         loss: the objective; defaults to ``DistillationLoss()`` (mean of probabilities, α = 0.9, T = 4).
         optimizer: called with the trainable parameters, e.g. ``functools.partial(torch.optim.Adam, lr=1e-2)``.
         scheduler: called with the optimizer (and ``total_steps=trainer.estimated_stepping_batches``
@@ -65,7 +71,7 @@ class DistillationModule(LightningModule):
     def __init__(
         self,
         student: nn.Module,
-        teachers: TeacherEnsemble | Mapping[str, nn.Module],
+        teachers: TeacherEnsemble | CachedTeachers | Mapping[str, nn.Module],
         loss: DistillationLoss | None = None,
         optimizer: OptimizerFactory = torch.optim.Adam,
         scheduler: SchedulerFactory | None = None,
@@ -88,17 +94,22 @@ class DistillationModule(LightningModule):
         )
         self.student = student
         self.teachers = (
-            teachers if isinstance(teachers, TeacherEnsemble) else TeacherEnsemble(teachers)
+            teachers
+            if isinstance(teachers, TeacherEnsemble | CachedTeachers)
+            else TeacherEnsemble(teachers)
         )
         self.loss = loss if loss is not None else DistillationLoss()
         self.loss.fusion.bind_student(self.student)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
-        self.accuracy = {stage: MeanMetric() for stage in ("train", "val", "test")}
-        self.train_accuracy, self.val_accuracy, self.test_accuracy = self.accuracy.values()
+        names = ("loss", "ce", "kd", "acc") + (("hint",) if hints is not None else ())
+        self._epoch_means = {stage: RunningMeans(names) for stage in ("train", "val", "test")}
         self.hints = hints
         if hints is not None:
+            if not isinstance(self.teachers, TeacherEnsemble):
+                raise ValueError("feature hints tap the teachers' layers: they need live teachers")
+            self._check_hints_runtime()
             self._teacher_layers = hints.layers_for(self.teachers.names)
             FeatureTaps(self.student, [hints.student_layer]).remove()  # names checked early
             for name, layer in self._teacher_layers.items():
@@ -122,6 +133,24 @@ class DistillationModule(LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         return self._step(batch, "test")
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_means["train"].reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_means["val"].reset()
+
+    def on_test_epoch_start(self) -> None:
+        self._epoch_means["test"].reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_means("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_means("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_means("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, _ = self.batch_adapter(batch)
@@ -151,7 +180,7 @@ class DistillationModule(LightningModule):
         inputs, labels = self.batch_adapter(move_data_to_device(batch, device))
         with torch.no_grad(), self._taps() as taps:
             student_logits = self.student(inputs)
-            teacher_logits = self.teachers(inputs)
+            teacher_logits = self._teacher_logits(inputs, batch, "train")
             self.loss(student_logits, teacher_logits, labels)
             if taps is not None and self.hints is not None:
                 student_taps, teacher_taps = taps
@@ -184,7 +213,11 @@ class DistillationModule(LightningModule):
                 taps.remove()
 
     def _teacher_features(self, teacher_taps: dict[str, FeatureTaps]) -> dict[str, Tensor]:
-        return {name: teacher_taps[name][layer] for name, layer in self._teacher_layers.items()}
+        features = {name: teacher_taps[name][layer] for name, layer in self._teacher_layers.items()}
+        if isinstance(self.teachers, TeacherEnsemble) and self.teachers.inference_mode:
+            # Read in inference mode: a clone is an ordinary tensor that backward may save.
+            return {name: feature.clone() for name, feature in features.items()}
+        return features
 
     def configure_optimizers(self) -> Any:
         hints = () if self.hints is None else tuple(self.hints.parameters())
@@ -206,10 +239,11 @@ class DistillationModule(LightningModule):
         inputs, labels = self.batch_adapter(batch)
         with self._taps() as taps:
             student_logits = self.student(inputs)
-            teacher_logits = self.teachers(inputs)
+            teacher_logits = self._teacher_logits(inputs, batch, stage)
         self._check_classes(student_logits, teacher_logits)
         out = self.loss(student_logits, teacher_logits, labels)
         total = out.loss
+        hint: Tensor | None = None
         if taps is not None and self.hints is not None:
             student_taps, teacher_taps = taps
             hint = self.hints(
@@ -220,22 +254,18 @@ class DistillationModule(LightningModule):
                 heads=self._hint_heads,
             )
             total = total + self.hints.weight * hint
-            self.log(f"{stage}/hint", hint, on_step=False, on_epoch=True, sync_dist=True)
         real = labels != self.loss.ignore_index  # padded tokens count for nothing
-        accuracy = self.accuracy[stage]
-        accuracy.update((student_logits.argmax(-1) == labels).float(), weight=real.float())
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            total,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
-        )
-        self.log(f"{stage}/ce", out.hard, on_step=False, on_epoch=True, sync_dist=True)
-        self.log(f"{stage}/kd", out.soft, on_step=False, on_epoch=True, sync_dist=True)
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        tokens = real.sum()
+        correct = ((student_logits.argmax(-1) == labels) & real).sum()
+        size = float(labels.shape[0])  # epoch means weigh batches by size, as Lightning's do
+        values = [total, out.hard, out.soft, correct / tokens.clamp_min(1)]
+        weights: list[Tensor | float] = [size, size, size, tokens]
+        if hint is not None:
+            values.append(hint)
+            weights.append(size)
+        self._epoch_means[stage].update(values, weights)
+        if stage == "train" and self._step_loss_is_read():
+            self.log("train/loss_step", total, on_step=True, on_epoch=False, prog_bar=True)
         outputs = {
             "loss": total,
             "student_logits": student_logits.detach(),
@@ -245,7 +275,71 @@ class DistillationModule(LightningModule):
         }
         if labels.ndim > 1:  # sequence batches: which positions are real tokens
             outputs["mask"] = real
+        if teacher_logits.shape[0] != len(self.teacher_names):  # one drawn teacher ran alone
+            del outputs["teacher_logits"], outputs["fusion_weights"]
         return outputs
+
+    def _teacher_logits(self, inputs: Any, batch: Any, stage: Stage) -> Tensor:
+        """Run the teachers on ``inputs``, or read the cache at the batch's sample indices."""
+        if isinstance(self.teachers, CachedTeachers):
+            return self.teachers.logits(stage, sample_indices(batch)).to(self.device)
+        fusion = self.loss.fusion
+        if stage == "train" and isinstance(fusion, RandomTeacher) and fusion.run_drawn_only:
+            return self.teachers(inputs, only=[fusion.draw(len(self.teachers))])
+        return self.teachers(inputs)
+
+    def _log_epoch_means(self, stage: Stage) -> None:
+        """Log the stage's epoch means, summed over processes before dividing (exact under DDP).
+
+        The steps only accumulate them: one ``self.log`` per value and step would cost more than
+        the student's own step on a small model. The training loss keeps the keys Lightning gives
+        a loss logged on step and epoch: ``train/loss_epoch`` (and ``train/loss`` for callbacks
+        such as checkpointing, not sent to loggers).
+        """
+        means = self._epoch_means[stage]
+        values = means.compute(reduce=self._sum_over_processes, device=self.device)
+        means.reset()
+        for name, value in values.items():
+            # Identical on every process already; sync_dist only tells Lightning so.
+            bar = name in ("loss", "acc")
+            if stage == "train" and name == "loss":
+                self.log("train/loss_epoch", value, prog_bar=True, sync_dist=True)
+                self.log("train/loss", value, logger=False, sync_dist=True)
+            else:
+                self.log(f"{stage}/{name}", value, prog_bar=bar, sync_dist=True)
+
+    def _step_loss_is_read(self) -> bool:
+        """Whether this step's ``train/loss_step`` reaches anyone: a progress bar shows it, or
+        the loggers record this step (every ``log_every_n_steps``). A ``self.log`` call costs
+        about a millisecond of Python on a CPU, as much as a small student's step."""
+        trainer = self._trainer
+        if trainer is None:  # a step called by hand: nothing is logged
+            return False
+        if trainer.progress_bar_callback is not None:
+            return True
+        if not trainer.loggers:
+            return False
+        return bool(getattr(trainer._logger_connector, "should_update_logs", True))
+
+    def _sum_over_processes(self, tensor: Tensor) -> Tensor:
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def _check_hints_runtime(self) -> None:
+        """Feature hints read every teacher's layers: refuse the fast paths that skip them."""
+        assert isinstance(self.teachers, TeacherEnsemble)
+        if self.teachers.stacked:
+            raise ValueError(
+                "feature hints read each teacher's layers, which a stacked (vmap) forward does not "
+                "run: build the TeacherEnsemble with stacked=False"
+            )
+        fusion = self.loss.fusion
+        if isinstance(fusion, RandomTeacher) and fusion.run_drawn_only:
+            raise ValueError(
+                "feature hints need every teacher's features: RandomTeacher(run_drawn_only=True) "
+                "runs one teacher per step"
+            )
 
     def _check_classes(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
         student_classes, teacher_classes = student_logits.shape[-1], teacher_logits.shape[-1]

@@ -1,4 +1,5 @@
-"""Frozen teachers: the ensemble, input transforms and safe loading of their weights."""
+"""Frozen teachers: the ensemble, input transforms, safe loading of their weights, and the
+teacher-output cache."""
 
 from kd_lightning.teachers.ensemble import (
     MISSING_CLASS_LOGIT_GAP,
@@ -8,16 +9,19 @@ from kd_lightning.teachers.ensemble import (
     attribute_adapter,
 )
 from kd_lightning.teachers.loading import load_teacher, read_state_dict
+from kd_lightning.teachers.output_cache import CachedTeachers, build_output_cache
 from kd_lightning.teachers.transforms import ReverseSequence, Standardize
 
 __all__ = [
     "MISSING_CLASS_LOGIT_GAP",
+    "CachedTeachers",
     "InputTransform",
     "OutputAdapter",
     "ReverseSequence",
     "Standardize",
     "TeacherEnsemble",
     "attribute_adapter",
+    "build_output_cache",
     "load_teacher",
     "read_state_dict",
 ]

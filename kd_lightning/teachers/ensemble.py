@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from kd_lightning.errors import TeacherOutputError
 from kd_lightning.teachers.loading import load_teacher
+from kd_lightning.teachers.runtime import StackedForward, teacher_context
+from kd_lightning.teachers.runtime import autocast_dtype as _autocast_dtype
 
 OutputAdapter = Callable[[Any], Tensor]
 InputTransform = Callable[[Any], Any]
@@ -68,6 +70,17 @@ class TeacherEnsemble(nn.Module):
             class of the teacher's class ``j``. Distinct integers in ``[0, num_classes)``.
         num_classes: the student's class count. Needed when a class map covers a subset of the
             classes; when given, every teacher's output is checked against it.
+        autocast_dtype: run the teachers under ``torch.autocast`` to ``bfloat16`` or ``float16``
+            (on the teachers' device; CPU autocast supports both); logits still come back float32.
+        inference_mode: run the teachers under ``torch.inference_mode`` rather than ``no_grad``
+            (no version counters or view tracking). The stacked logits are cloned out of it, so
+            they work anywhere; teacher features read by hooks (feature hints) would not, and a
+            :class:`~kd_lightning.DistillationModule` with hints refuses it.
+        compile_teachers: wrap each teacher in ``torch.compile`` (compiled at the first call;
+            the weights and the state dict keys stay those of the plain teacher).
+        stacked: run same-architecture teachers as one ``torch.func`` ``vmap`` over their stacked
+            weights (:class:`~kd_lightning.teachers.runtime.StackedForward`) instead of a loop.
+            Needs teachers of one class and shape without input transforms or output adapters.
 
     Example:
         >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
@@ -96,6 +109,10 @@ class TeacherEnsemble(nn.Module):
         input_transforms: Mapping[str, InputTransform | None] | None = None,
         class_maps: Mapping[str, Iterable[int] | None] | None = None,
         num_classes: int | None = None,
+        autocast_dtype: torch.dtype | str | None = None,
+        inference_mode: bool = False,
+        compile_teachers: bool = False,
+        stacked: bool = False,
     ) -> None:
         super().__init__()
         if not teachers:
@@ -157,6 +174,22 @@ class TeacherEnsemble(nn.Module):
             self.register_buffer(
                 _index_buffer(name), torch.tensor(class_map, dtype=torch.long), persistent=False
             )
+        self.autocast_dtype = _autocast_dtype(autocast_dtype)
+        self.inference_mode = bool(inference_mode)
+        self._compiled: dict[str, Callable[..., Any]] = (
+            {name: torch.compile(model) for name, model in teachers.items()}
+            if compile_teachers
+            else {}
+        )
+        self.stacked = bool(stacked)
+        self._stacked: StackedForward | None = None
+        if stacked:
+            if transforms or self.output_adapters:
+                raise ValueError(
+                    "stacked=True runs the teachers as one vectorised call on the same inputs: it "
+                    "cannot take input_transforms or output_adapters"
+                )
+            self._stacked = StackedForward(teachers)
         self.requires_grad_(False)
         self.train(False)
         self._register_load_state_dict_pre_hook(
@@ -214,25 +247,58 @@ class TeacherEnsemble(nn.Module):
             raise KeyError(f"no teacher {name!r}; teachers are {self.names}")
         return _TeacherView(self, name)
 
-    @torch.no_grad()
-    def forward(self, inputs: Any) -> Tensor:
-        """Run every teacher on ``inputs`` and return float32 logits of shape ``(K, B, C)``."""
-        logits = [self._teacher_logits(name, inputs) for name in self.names]
-        first_name, first = self.names[0], logits[0]
-        for name, output in zip(self.names, logits, strict=True):
+    def forward(self, inputs: Any, only: Sequence[int] | None = None) -> Tensor:
+        """Run the teachers on ``inputs`` and return float32 logits of shape ``(K, B, C)``.
+
+        Args:
+            inputs: the batch inputs.
+            only: indices of the teachers to run (e.g. the one drawn by
+                :class:`~kd_lightning.fusion.RandomTeacher`); the others do not run and the result
+                has ``len(only)`` rows, in that order. ``None`` runs them all.
+        """
+        names = self.names if only is None else [self._name_at(index) for index in only]
+        with teacher_context(self._device(), self.autocast_dtype, self.inference_mode):
+            if self._stacked is not None and only is None:
+                stacked = self._stacked(inputs).float()
+                logits = [
+                    self._to_student_classes(n, z) for n, z in zip(names, stacked, strict=True)
+                ]
+            else:
+                logits = [self._teacher_logits(name, inputs, check=False) for name in names]
+            result = self._stack_checked(names, logits)
+        # Out of inference mode, so that the logits can be used anywhere (e.g. saved for backward).
+        return result.clone() if self.inference_mode else result
+
+    def _name_at(self, index: int) -> str:
+        if not 0 <= index < len(self.teachers):
+            raise IndexError(f"no teacher at index {index}: the ensemble has {len(self)} teachers")
+        return self.names[index]
+
+    def _device(self) -> torch.device:
+        tensor = next(iter((*self.parameters(), *self.buffers())), None)
+        return torch.device("cpu") if tensor is None else tensor.device
+
+    def _stack_checked(self, names: Sequence[str], logits: Sequence[Tensor]) -> Tensor:
+        """Stack per-teacher logits after checking their shapes, with one finiteness check in all."""
+        first_name, first = names[0], logits[0]
+        for name, output in zip(names, logits, strict=True):
             if output.shape != first.shape:
                 raise TeacherOutputError(
                     f"teachers disagree on output shape: '{first_name}' gives {tuple(first.shape)}, "
                     f"'{name}' gives {tuple(output.shape)} (the last dimension is the number of classes)"
                     + self._width_hint(first_name, name, first.shape[-1], output.shape[-1])
                 )
-        return torch.stack(logits)
+        stacked = torch.stack(list(logits))
+        if not torch.isfinite(stacked).all():  # one host sync for all teachers
+            culprit = next(n for n, z in zip(names, logits, strict=True) if not z.isfinite().all())
+            raise TeacherOutputError(f"teacher '{culprit}' produced NaN or inf logits")
+        return stacked
 
-    def _teacher_logits(self, name: str, inputs: Any) -> Tensor:
+    def _teacher_logits(self, name: str, inputs: Any, check: bool = True) -> Tensor:
         transform = self.input_transform(name)
         if transform is not None:
             inputs = transform(inputs)
-        output = self.teachers[name](inputs)
+        output = self._compiled.get(name, self.teachers[name])(inputs)
         adapter = self.output_adapters.get(name)
         if adapter is not None:
             output = adapter(output)
@@ -242,7 +308,7 @@ class TeacherEnsemble(nn.Module):
                 f"give it an output adapter, e.g. output_adapters={{'{name}': 'logits'}}"
             )
         output = output.float()
-        if not torch.isfinite(output).all():
+        if check and not torch.isfinite(output).all():
             raise TeacherOutputError(f"teacher '{name}' produced NaN or inf logits")
         return self._to_student_classes(name, output)
 
@@ -301,9 +367,11 @@ class _TeacherView(nn.Module):
         self.ensemble = ensemble
         self.name = name
 
-    @torch.no_grad()
     def forward(self, inputs: Any) -> Tensor:
-        return self.ensemble._teacher_logits(self.name, inputs)
+        ensemble = self.ensemble
+        with teacher_context(ensemble._device(), ensemble.autocast_dtype, ensemble.inference_mode):
+            logits = ensemble._teacher_logits(self.name, inputs)
+        return logits.clone() if ensemble.inference_mode else logits
 
 
 def _index_buffer(name: str) -> str:

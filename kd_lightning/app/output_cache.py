@@ -1,0 +1,131 @@
+"""The teacher-output cache of a config: ``cache=true`` of ``kd-train`` and the ``kd-cache`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from omegaconf import DictConfig
+from torch import Tensor
+
+from kd_lightning.app.methods import method_for
+from kd_lightning.data import augment_mnist1d
+from kd_lightning.data.augmented_views import AugmentedViewsDataModule
+from kd_lightning.data.indexed import IndexedDataModule
+from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.teachers.fingerprint import NondeterministicDataError
+from kd_lightning.teachers.output_cache import (
+    CachedTeachers,
+    build_output_cache,
+    remove_partial_builds,
+)
+
+
+def output_cache_root(cfg: DictConfig) -> Path:
+    """``${paths.cache_dir}/outputs``: every teacher-output cache of the config lives below it."""
+    return Path(cfg.paths.cache_dir) / "outputs"
+
+
+def check_cacheable(cfg: DictConfig) -> None:
+    """Refuse a cache the method cannot use, or of randomly augmented data, before any work."""
+    method = method_for(cfg)
+    if not method.reads_cache:
+        reason = "trains no pretrained teachers" if not method.needs_teachers else "runs them live"
+        raise ValueError(
+            f"cache=true with method={cfg.method.name}: this method {reason} and cannot read a "
+            "teacher-output cache; set cache=false (method=ensemble reads one)"
+        )
+    views = cfg.get("cache_augmented_views")
+    if cfg.data.get("augment") and views is None:
+        raise ValueError(
+            "cache=true with data.augment=true: random augmentation gives the teachers new "
+            "inputs every epoch, so their outputs cannot be cached; set data.augment=false, "
+            "cache_augmented_views=<N> to cache N seeded augmented views of each training sample, "
+            "or cache=false to run the teachers live"
+        )
+    if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
+        raise ValueError(f"cache_augmented_views must be a positive integer or null, got {views!r}")
+    top_k = cfg.get("cache_top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"cache_top_k must be a positive integer or null, got {top_k!r}")
+
+
+def mnist1d_view(inputs: Tensor, generator: torch.Generator) -> Tensor:
+    """One seeded MNIST-1D augmentation (:func:`~kd_lightning.data.augment_mnist1d`) of one sample."""
+    return augment_mnist1d(inputs[None], generator=generator)[0]
+
+
+def cache_datamodule(cfg: DictConfig, datamodule: LightningDataModule) -> LightningDataModule:
+    """The data the cache covers: ``datamodule``, or with ``data.augment=true`` and
+    ``cache_augmented_views=N``, N seeded augmented views of each training sample."""
+    if cfg.data.get("augment") and cfg.get("cache_augmented_views") is not None:
+        return AugmentedViewsDataModule(
+            datamodule, mnist1d_view, int(cfg.cache_augmented_views), seed=int(cfg.seed)
+        )
+    return datamodule
+
+
+def open_output_cache(
+    cfg: DictConfig, teachers: TeacherEnsemble, datamodule: LightningDataModule
+) -> CachedTeachers:
+    """The cache of ``teachers`` over the train/val/test splits of ``datamodule``.
+
+    Built when missing (a changed teacher or dataset has a new fingerprint, hence no cache yet)
+    unless ``cache_build=false``, which makes that an error naming what changed. Teachers run on
+    the GPU when ``trainer.accelerator`` asks for one and one is present.
+    """
+    check_cacheable(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loaders = {
+        "train": datamodule.train_dataloader(),
+        "val": datamodule.val_dataloader(),
+        "test": datamodule.test_dataloader(),
+    }
+    root = output_cache_root(cfg)
+    remove_partial_builds(root)
+    wants_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
+    train_loader = loaders["train"]
+    try:
+        cache = build_output_cache(
+            teachers,
+            {split: loader.dataset for split, loader in loaders.items()},
+            root,
+            top_k=cfg.get("cache_top_k"),
+            batch_size=train_loader.batch_size or 1,
+            collate_fn=train_loader.collate_fn,
+            device="cuda" if wants_gpu and torch.cuda.is_available() else "cpu",
+            missing="build" if cfg.get("cache_build", True) else "error",
+        )
+    except NondeterministicDataError as error:
+        raise ValueError(f"cache=true: data={cfg.data._target_}: {error}") from error
+    if cache.path.resolve().parent != root.resolve():
+        raise RuntimeError(f"teacher-output cache {cache.path} lies outside {root}")
+    return cache
+
+
+def cached_teachers(
+    cfg: DictConfig, teachers: TeacherEnsemble, datamodule: LightningDataModule
+) -> tuple[CachedTeachers, IndexedDataModule]:
+    """For ``cache=true``: the cached teachers, and the datamodule whose batches carry indices.
+
+    The live teachers are moved back to the CPU: training never runs them.
+    """
+    data = cache_datamodule(cfg, datamodule)
+    cache = open_output_cache(cfg, teachers, data)
+    teachers.to("cpu")
+    return cache, IndexedDataModule(data)
+
+
+def describe(cache: CachedTeachers) -> str:
+    """Where the cache is, what it holds and how big it is."""
+    splits = ", ".join(
+        f"{split} {cache.manifest['splits'][split]['num_samples']}" for split in cache.splits
+    )
+    stored = "all logits" if cache.top_k is None else f"top {cache.top_k} logits + tail mass"
+    return (
+        f"teacher-output cache: {cache.path}\n"
+        f"  teachers {', '.join(cache.names)}; samples {splits}; {stored}; "
+        f"{cache.nbytes / 2**20:.2f} MiB"
+    )

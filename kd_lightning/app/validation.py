@@ -1,0 +1,340 @@
+"""Check a composed config before any work, reporting every problem at once with its config key.
+
+``kd-train`` and ``kd-teachers`` call :func:`validate_config` first: nothing is trained, cached or
+written before it passes. It builds what is cheap to build (the datamodule, the student, the
+teachers' architectures, the fusion rule and the loss), loads the teacher files that exist, and runs
+one real batch through the student, every teacher and the loss, so that a teacher and a student
+that disagree on the classes, a missing or unsafe checkpoint, an unavailable accelerator or an
+out-of-range hyper-parameter all surface together in one :class:`~kd_lightning.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+
+from kd_lightning.app.methods import METHODS
+from kd_lightning.app.teacher_cache import (
+    cached_teacher_path,
+    check_teacher_name,
+    input_transform,
+    teacher_class_map,
+)
+from kd_lightning.batch import BatchAdapter
+from kd_lightning.errors import ConfigError, TeacherLoadError
+from kd_lightning.teachers import TeacherEnsemble, load_teacher
+
+T = TypeVar("T")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+class _Problems(list[str]):
+    """The problems found so far; :meth:`guard` turns an exception into one, keyed."""
+
+    def guard(self, key: str, action: Callable[[], T], context: str = "") -> T | None:
+        try:
+            return action()
+        except Exception as error:  # every failure becomes a reported problem
+            self.append(f"{key}: {context}{describe(error)}")
+            return None
+
+
+def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``cfg``; return quietly when none.
+
+    Args:
+        cfg: the composed ``kd-train`` config.
+        needs_teachers: check the teachers; by default when the configured method needs them
+            (``kd-teachers`` passes ``True``).
+
+    Example:
+        >>> cfg = OmegaConf.create(
+        ...     {"method": {"name": "ensemble", "loss": {"alpha": 2}}, "trainer": {"devices": 0}}
+        ... )
+        >>> try:
+        ...     validate_config(cfg)
+        ... except ConfigError as error:
+        ...     print(*error.problems, sep="\\n")
+        method.loss.alpha=2: the weight of the KD term must lie in [0, 1]
+        trainer.devices=0: must be a positive count, -1 (all) or 'auto'
+    """
+    problems = _Problems()
+    problems += [
+        f"{key}: is required and has no value (??? in the config)"
+        for key in OmegaConf.missing_keys(cfg)
+        if not key.startswith("hydra.")
+    ]
+    name = cfg.method.get("name")
+    if name not in METHODS:
+        problems.append(
+            f"method.name={name!r}: not a known method; choose one of {sorted(METHODS)}"
+        )
+    elif needs_teachers is None:
+        needs_teachers = METHODS[name].needs_teachers
+    problems += hyperparameter_problems(cfg)
+    problems += hardware_problems(cfg.get("trainer") or OmegaConf.create({}))
+    if "data" not in cfg or "student" not in cfg:
+        _raise_if_any(problems)
+        return
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        batch = problems.guard("data", lambda: first_batch(instantiate(cfg.data)))
+        unpacked = None if batch is None else problems.guard("data", partial(BatchAdapter(), batch))
+        inputs, labels = (None, None) if unpacked is None else unpacked
+        student = problems.guard("student", lambda: instantiate(cfg.student))
+        student_logits = _student_logits(cfg, student, inputs, labels, problems)
+        if needs_teachers:
+            models: dict[str, nn.Module] = {}
+            teacher_logits = _teacher_logits(cfg, inputs, student_logits, problems, models)
+            if teacher_logits is not None and student is not None and student_logits is not None:
+                _check_loss(cfg, student, inputs, teacher_logits, labels, problems)
+            if cfg.method.get("hints") and student is not None:
+                _check_hints(cfg.method.hints, student, models, problems)
+    _raise_if_any(problems)
+
+
+def _raise_if_any(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def hyperparameter_problems(cfg: DictConfig) -> list[str]:
+    """Temperatures of the method that are not positive, a loss weight α outside [0, 1]."""
+    problems = []
+    for key, value in leaves(cfg.get("method"), "method"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if key.endswith("temperature") and value <= 0:
+            problems.append(f"{key}={value}: a temperature must be > 0")
+        if key.endswith("loss.alpha") and not 0 <= value <= 1:
+            problems.append(f"{key}={value}: the weight of the KD term must lie in [0, 1]")
+    return problems
+
+
+def hardware_problems(trainer: DictConfig) -> list[str]:
+    """An accelerator this machine lacks, or a device count it cannot give."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    devices = trainer.get("devices", "auto")
+    if accelerator not in ACCELERATORS:
+        return [f"trainer.accelerator={accelerator}: unknown; choose one of {list(ACCELERATORS)}"]
+    available = {
+        "gpu": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "mps": 1 if torch.backends.mps.is_available() else 0,
+        "tpu": 1 if importlib.util.find_spec("torch_xla") else 0,
+    }
+    available["cuda"] = available["gpu"]
+    problems = []
+    if available.get(accelerator) == 0:
+        problems.append(
+            f"trainer.accelerator={accelerator}: no {accelerator.upper()} device is available on "
+            f"this machine; use accelerator=cpu (or accelerator=ddp_cpu for two processes)"
+        )
+    if isinstance(devices, bool) or (isinstance(devices, int) and devices < 1 and devices != -1):
+        problems.append(f"trainer.devices={devices}: must be a positive count, -1 (all) or 'auto'")
+    elif isinstance(devices, int) and 0 < available.get(accelerator, 0) < devices:
+        problems.append(
+            f"trainer.devices={devices}: only {available[accelerator]} {accelerator.upper()} "
+            f"device(s) on this machine"
+        )
+    return problems
+
+
+def first_batch(datamodule: Any) -> Any:
+    """One training batch of ``datamodule``, through its own ``prepare_data`` and ``setup``."""
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return next(iter(datamodule.train_dataloader()))
+
+
+def _student_logits(
+    cfg: DictConfig,
+    student: nn.Module | None,
+    inputs: Any,
+    labels: Tensor | None,
+    problems: _Problems,
+) -> Tensor | None:
+    """The student's logits on ``inputs``, after checking it has a class for every label."""
+    if student is None or inputs is None or labels is None:
+        return None
+    logits = problems.guard("student", lambda: student.eval()(inputs), "fails on a data batch: ")
+    if not isinstance(logits, Tensor):
+        return None
+    key = "student.num_classes" if "num_classes" in cfg.student else "student"
+    real = labels[labels >= 0]
+    if real.numel() and int(real.max()) >= logits.shape[-1]:
+        problems.append(
+            f"{key}: the student outputs {logits.shape[-1]} classes but the data has label "
+            f"{int(real.max())}"
+        )
+        return None
+    return logits
+
+
+def _teacher_logits(
+    cfg: DictConfig,
+    inputs: Any,
+    student_logits: Tensor | None,
+    problems: _Problems,
+    models: dict[str, nn.Module],
+) -> Tensor | None:
+    """Build and load each teacher into ``models``; return their stacked logits on ``inputs``."""
+    teachers = cfg.get("teachers") or {}
+    if not teachers:
+        problems.append(f"teachers: method {cfg.method.name} needs teachers and none are set")
+        return None
+    count = len(problems)
+    adapters, transforms, class_maps = {}, {}, {}
+    untrained: list[str] = []
+    for name, teacher in teachers.items():
+        try:
+            check_teacher_name(name)
+        except ValueError as error:
+            problems.append(str(error))
+            continue
+        model = problems.guard(f"teachers.{name}.model", partial(instantiate, teacher.model))
+        transform = problems.guard(
+            f"teachers.{name}.input_transform", partial(input_transform, teacher)
+        )
+        class_map = problems.guard(
+            f"teachers.{name}.class_map", partial(teacher_class_map, teacher)
+        )
+        if model is None:
+            continue
+        if not _load_weights(cfg, name, model, problems):
+            untrained.append(name)
+        models[name] = model
+        if teacher.get("output_adapter"):
+            adapters[name] = teacher.output_adapter
+        if transform is not None:
+            transforms[name] = transform
+        if class_map is not None:
+            class_maps[name] = class_map
+    problems += _untrained_problems(cfg, untrained)
+    if len(problems) > count or inputs is None or student_logits is None:
+        return None
+    ensemble = problems.guard(
+        "teachers",
+        lambda: TeacherEnsemble(models, adapters, transforms, class_maps, student_logits.shape[-1]),
+    )
+    if ensemble is None:
+        return None
+    logits = [
+        problems.guard(f"teachers.{name}", partial(ensemble.view(name), inputs))
+        for name in ensemble.names
+    ]
+    if len(problems) > count:
+        return None
+    return torch.stack([output for output in logits if output is not None])
+
+
+def _load_weights(cfg: DictConfig, name: str, model: nn.Module, problems: _Problems) -> bool:
+    """Load teacher ``name``'s file into ``model``; ``False`` when it has none yet."""
+    checkpoint = cfg.teachers[name].get("checkpoint")
+    if checkpoint:
+        key = f"teachers.{name}.checkpoint"
+        if not Path(checkpoint).is_file():
+            problems.append(f"{key}: no such file: {checkpoint}")
+        else:
+            problems.guard(key, lambda: load_teacher(model, checkpoint, name=name))
+        return True
+    cached = cached_teacher_path(name, cfg)
+    if cached.is_file():
+        problems.guard(f"teachers.{name}", lambda: load_teacher(model, cached, name=name))
+    return cached.is_file()
+
+
+def _untrained_problems(cfg: DictConfig, names: list[str]) -> list[str]:
+    """With ``train_if_missing=false``, one problem per teacher that has no weights yet."""
+    if not names or cfg.get("train_if_missing", True):
+        return []
+    command = f"kd-teachers teachers=[{','.join(names)}]"
+    return [
+        f"teachers.{name}: no checkpoint, no cached weights at {cached_teacher_path(name, cfg)} "
+        f"and train_if_missing=false; train the missing teachers with `{command}` (same overrides "
+        f"as this run), or point teachers.{name}.checkpoint at your own file"
+        for name in names
+    ]
+
+
+def _check_loss(
+    cfg: DictConfig,
+    student: nn.Module,
+    inputs: Any,
+    teacher_logits: Tensor,
+    labels: Tensor | None,
+    problems: _Problems,
+) -> None:
+    """Build the fusion rule (bound to the student, as the module binds it) and the method's loss,
+    and run them on the batch's outputs."""
+    if "loss" not in cfg.method or any(p.startswith("method.loss.") for p in problems):
+        return
+    count = len(problems)
+    fusion = problems.guard("fusion", lambda: instantiate(cfg.fusion))
+    if fusion is not None:
+        problems.guard("fusion", partial(fusion.bind_student, student))
+    if len(problems) > count:
+        return
+    loss = problems.guard("method.loss", lambda: instantiate(cfg.method.loss, fusion=fusion))
+    if loss is not None and labels is not None:
+        problems.guard(
+            "fusion",
+            lambda: loss(student(inputs), teacher_logits, labels),
+            "fails on the teachers' outputs: ",
+        )
+
+
+def _check_hints(
+    hints: DictConfig, student: nn.Module, models: dict[str, nn.Module], problems: _Problems
+) -> None:
+    """The feature-hint layers named in ``method.hints`` exist in the student and teachers."""
+    student_layers = dict(student.named_modules())
+    if hints.get("student_layer") not in student_layers:
+        problems.append(
+            f"method.hints.student_layer={hints.get('student_layer')}: the student has no such "
+            f"layer; it has {sorted(name for name in student_layers if name)}"
+        )
+    for name, layer in (hints.get("teacher_layers") or {}).items():
+        if name in models and layer not in dict(models[name].named_modules()):
+            problems.append(
+                f"method.hints.teacher_layers.{name}={layer}: teacher {name} has no such layer; "
+                f"it has {sorted(n for n, _ in models[name].named_modules() if n)}"
+            )
+
+
+def leaves(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf under ``node``, interpolations resolved.
+
+    Example:
+        >>> list(leaves(OmegaConf.create({"loss": {"alpha": 0.5}, "tau": "${loss.alpha}"}), "method"))
+        [('method.loss.alpha', 0.5), ('method.tau', 0.5)]
+    """
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaves(value, f"{prefix}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from leaves(value, f"{prefix}.{index}")
+    else:
+        yield prefix, node
+
+
+def describe(error: BaseException) -> str:
+    """One line for ``error``: the message of what Hydra's instantiation wrapped, with its type
+    unless it is a value, type, missing-file or teacher-loading error."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    if isinstance(error, (ValueError, TypeError, FileNotFoundError, TeacherLoadError)) and text:
+        return text
+    return f"{type(error).__name__}: {text}"

@@ -1,0 +1,84 @@
+"""Top-k compression of teacher logits, and the logits rebuilt from it with the tail mass spread."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TopKLogits:
+    """The ``k`` largest logits of each row, their class indices, and the log-mass of the rest.
+
+    Attributes:
+        values: ``(..., k)`` float32, the largest logits, in decreasing order.
+        indices: ``(..., k)`` integer classes of ``values`` (int16 when the classes fit, else int32).
+        tail_logsumexp: ``(...)`` float32, ``logsumexp`` of the logits outside the top k
+            (``-inf`` when ``k`` is the number of classes).
+        num_classes: ``C``, the width of the rows.
+    """
+
+    values: Tensor
+    indices: Tensor
+    tail_logsumexp: Tensor
+    num_classes: int
+
+
+def index_dtype(num_classes: int) -> torch.dtype:
+    """The narrowest signed integer type holding class indices below ``num_classes``."""
+    return torch.int16 if num_classes <= torch.iinfo(torch.int16).max + 1 else torch.int32
+
+
+def compress_topk(logits: Tensor, k: int) -> TopKLogits:
+    """Keep the ``k`` largest logits of each row (last dimension) and the tail's ``logsumexp``.
+
+    The tail's ``logsumexp`` is computed in float64 from the logits themselves, not as
+    ``log(1 − Σ top-k probabilities)``, so a tail of tiny mass keeps its relative precision.
+
+    Example:
+        >>> packed = compress_topk(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), k=2)
+        >>> packed.values, packed.indices
+        (tensor([[3., 2.]]), tensor([[1, 2]], dtype=torch.int16))
+        >>> round(packed.tail_logsumexp.item(), 4)  # log(e^1 + e^0)
+        1.3133
+    """
+    num_classes = logits.shape[-1]
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"top_k must lie in [1, {num_classes}] (the number of classes), got {k}")
+    values, indices = logits.float().topk(k, dim=-1)
+    tail = logits.double().scatter(-1, indices, -math.inf)
+    return TopKLogits(
+        values=values,
+        indices=indices.to(index_dtype(num_classes)),
+        tail_logsumexp=tail.logsumexp(-1).float(),
+        num_classes=num_classes,
+    )
+
+
+def expand_topk(packed: TopKLogits) -> Tensor:
+    """Rebuild float32 logits of width ``C`` from :func:`compress_topk`'s output.
+
+    The top-k classes get their stored logits ``v_i``; each of the ``C − k`` other classes gets
+    ``tail_logsumexp − log(C − k)``. The softmax of the result therefore gives every top-k class
+    exactly its original probability ``exp(v_i) / Σ_c exp(z_c)`` and spreads the remaining mass
+    evenly over the other classes. At ``k = C`` the logits come back unchanged. Temperature
+    ``T ≠ 1`` keeps the top-k classes' ratios exact; the tail then stands for the T = 1 mass.
+
+    Example:
+        >>> logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+        >>> rebuilt = expand_topk(compress_topk(logits, k=2))
+        >>> torch.allclose(rebuilt.softmax(-1)[0, 1:3], logits.softmax(-1)[0, 1:3])
+        True
+        >>> torch.equal(expand_topk(compress_topk(logits, k=4)), logits)
+        True
+    """
+    k, num_classes = packed.values.shape[-1], packed.num_classes
+    if k == num_classes:
+        fill = torch.zeros_like(packed.tail_logsumexp)
+    else:
+        fill = packed.tail_logsumexp - math.log(num_classes - k)
+    rows = fill.unsqueeze(-1).expand(*fill.shape, num_classes).clone()
+    return rows.scatter(-1, packed.indices.long(), packed.values.float())

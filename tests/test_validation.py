@@ -1,0 +1,119 @@
+"""Every refused input is reported before any work, naming its config key, all problems at once."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from kd_lightning.app import teacher_cache
+from kd_lightning.app.methods import METHODS
+from kd_lightning.app.validation import validate_config
+from kd_lightning.errors import ConfigError
+from kd_lightning.train import train
+from kd_lightning.train_teachers import train_teachers
+
+from .app_helpers import FAST, compose_config
+
+ONE_TEACHER = [*FAST, "teachers=[mlp]", "baseline=false"]
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+
+# (overrides, the config key the message must name). README's table of refused inputs lists these.
+REFUSED = [
+    pytest.param(
+        ["accelerator=gpu"], "trainer.accelerator=gpu", marks=NO_GPU, id="gpu-without-cuda"
+    ),
+    pytest.param(["trainer.accelerator=quantum"], "trainer.accelerator=quantum", id="accelerator"),
+    pytest.param(["trainer.devices=0"], "trainer.devices=0", id="devices"),
+    pytest.param(["method.name=nope"], "method.name='nope'", id="method"),
+    pytest.param(["method.loss.alpha=1.5"], "method.loss.alpha=1.5", id="alpha"),
+    pytest.param(["method.loss.temperature=0"], "method.loss.temperature=0", id="temperature"),
+    pytest.param(["method=dml", "method.temperature=-1"], "method.temperature=-1", id="dml-temp"),
+    pytest.param(["method.loss.divergence=kll"], "method.loss:", id="divergence"),
+    pytest.param(["fusion._target_=kd_lightning.fusion.Nope"], "fusion:", id="fusion-target"),
+    pytest.param(["fusion=static", "fusion.weights=[1,2]"], "fusion:", id="fusion-weights"),
+    pytest.param(["fusion=learned_gate", "fusion.student_layer=nope"], "fusion:", id="gate-layer"),
+    pytest.param(["data.batch_size=0"], "data:", id="batch-size"),
+    pytest.param(["student.num_classes=5"], "student.num_classes:", id="student-classes"),
+    pytest.param(["teachers.mlp.model.num_classes=5"], "teachers.mlp:", id="teacher-classes"),
+    pytest.param(["teachers.mlp.model.in_features=30"], "teachers.mlp:", id="teacher-input"),
+    pytest.param(
+        ["teachers.mlp.checkpoint=/no/such/teacher.ckpt"],
+        "teachers.mlp.checkpoint:",
+        id="missing-checkpoint",
+    ),
+    pytest.param(["train_if_missing=false"], "teachers.mlp:", id="not-trained"),
+    pytest.param(["+teachers={../../evil:${teachers.mlp}}"], "teachers.../../evil:", id="path"),
+    pytest.param(["+teachers={a.b:${teachers.mlp}}"], "teachers.a.b:", id="dotted-name"),
+    pytest.param(
+        ["method=ensemble_hints", "method.hints.student_layer=nope"],
+        "method.hints.student_layer=nope",
+        id="hint-layer",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,key", REFUSED)
+def test_refused_before_any_work_naming_the_key(tmp_path, overrides, key):
+    cfg = compose_config(tmp_path, [*ONE_TEACHER, *overrides])
+    with pytest.raises(ConfigError) as caught:
+        train(cfg)
+    assert key in str(caught.value)
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert not (tmp_path / "cache" / "teachers").exists()  # no teacher trained or cached
+    assert not any((tmp_path / "output").iterdir())  # no checkpoint, log or summary
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    overrides = ["trainer.devices=0", "method.loss.alpha=2", "student.num_classes=3"]
+    cfg = compose_config(tmp_path, [*ONE_TEACHER, *overrides, "train_if_missing=false"])
+    with pytest.raises(ConfigError) as caught:
+        validate_config(cfg)
+    keys = [problem.split(":")[0].split("=")[0] for problem in caught.value.problems]
+    assert keys == [
+        "method.loss.alpha",
+        "trainer.devices",
+        "student.num_classes",
+        "teachers.mlp",
+    ]
+    assert str(caught.value).startswith("the config has 4 problems, found before any work:")
+
+
+def test_a_crafted_teacher_file_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    crafted = tmp_path / "teacher.ckpt"
+    crafted.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    cfg = compose_config(tmp_path, [*ONE_TEACHER, f"teachers.mlp.checkpoint={crafted}"])
+    with pytest.raises(ConfigError, match=r"teachers\.mlp\.checkpoint: teacher 'mlp'"):
+        train(cfg)
+    assert not marker.exists()
+
+
+def test_kd_teachers_validates_first(tmp_path):
+    cfg = compose_config(tmp_path, [*ONE_TEACHER, "teachers.mlp.model.num_classes=4"])
+    with pytest.raises(ConfigError, match=r"teachers\.mlp: teacher 'mlp' outputs 4 classes"):
+        train_teachers(cfg)
+    assert not (tmp_path / "cache" / "teachers").exists()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_default_config_passes(tmp_path, method):
+    validate_config(compose_config(tmp_path, [*ONE_TEACHER, f"method={method}"]))
+
+
+@pytest.mark.parametrize("name", ["../../evil", "sub/teacher", "..", "/abs"])
+def test_the_teacher_cache_never_leaves_its_directory(tmp_path, name):
+    cfg = compose_config(tmp_path / "run", ONE_TEACHER)
+    with open_dict(cfg):
+        cfg.teachers[name] = cfg.teachers.mlp
+    with pytest.raises(ValueError, match="a teacher name may hold only"):
+        teacher_cache.build_teachers(cfg, instantiate(cfg.data))  # validation bypassed
+    assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == []
