@@ -152,10 +152,15 @@ def instantiate_dict(node: DictConfig | None) -> list[Any]:
 
 
 def choices(cfg: DictConfig) -> dict[str, str]:
-    """The options picked in each config group (``fusion=entropy`` → ``{"fusion": "entropy"}``)."""
+    """The options picked in each config group (``fusion=entropy`` → ``{"fusion": "entropy"}``);
+    no fusion for methods without configured teachers, which never use it."""
     if HydraConfig.initialized():
-        return {key: str(value) for key, value in HydraConfig.get().runtime.choices.items()}
-    return {"method": cfg.method.name, "fusion": cfg.fusion._target_.rsplit(".", 1)[-1]}
+        picked = {key: str(value) for key, value in HydraConfig.get().runtime.choices.items()}
+    else:
+        picked = {"method": cfg.method.name, "fusion": cfg.fusion._target_.rsplit(".", 1)[-1]}
+    if not method_for(cfg).needs_teachers:
+        picked.pop("fusion", None)
+    return picked
 
 
 def refuse_ddp_in_multirun(cfg: DictConfig) -> None:

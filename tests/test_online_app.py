@@ -34,6 +34,7 @@ def test_online_method_trains_and_writes_summary(tmp_path, method):
     summary, objects = train(cfg)
     written = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
     assert written == summary and summary["method"] == method
+    assert summary["fusion"] is None  # peers, no fusion rule
     assert summary["teachers"] == EXPECTED_TEACHERS[method]
     assert objects["teachers"] is None  # no pretrained teacher was built
     metrics = objects["trainer"].callback_metrics

@@ -70,8 +70,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     ]
     rows.append(("teacher ensemble (mean p)", accuracy["ensemble"], None))
     width = max(len(row[0]) for row in rows)
+    fusion = "" if summary["fusion"] is None else f"  fusion={summary['fusion']}"
     header = (
-        f"method={summary['method']}  fusion={summary['fusion']}  student={summary['student']}  "
+        f"method={summary['method']}{fusion}  student={summary['student']}  "
         f"wall time {summary['wall_time_s']:.0f} s"
     )
     lines = [header, f"{'model':<{width}}  test acc  agrees with student", "-" * (width + 31)]
