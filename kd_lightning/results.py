@@ -15,7 +15,8 @@ over scratch, wall time, the commit and the machine) and ``<out>/*.png`` the plo
 Presets: ``full`` (the reference recipe: augmentation, students 300 epochs, teachers 150,
 5 seeds), ``quick`` (the ``kd-train`` defaults, 5 seeds) and ``smoke`` (seconds per run, for CI).
 Example: ``kd-results --preset full --jobs 2``; ``--only fusion=mean_probs`` runs one entry
-(the scratch baseline always comes with ``fusion=mean_probs``).
+(the scratch baseline always comes with ``fusion=mean_probs``); ``--report-only`` writes the table
+of the runs finished so far.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -285,6 +285,37 @@ def draw_plots(
     return written
 
 
+def run_protocol(
+    entries: Sequence[Entry], seeds: int, overrides: Sequence[str], args: argparse.Namespace
+) -> list[str]:
+    """Train the teachers, then every unfinished run, ``args.jobs`` at a time; returns failures."""
+    # Train (or find) the teachers once, before runs that would race to train them.
+    teachers = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kd_lightning.train_teachers",
+            *overrides,
+            f"hydra.run.dir={args.out / 'teachers'}",
+        ],
+        check=False,
+    )
+    if teachers.returncode != 0:
+        raise SystemExit("training the teachers failed; see the output above")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = [(entry, seed) for entry in entries for seed in range(seeds)]
+    failures = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [
+            pool.submit(run_one, entry, seed, args.out, overrides, threads) for entry, seed in jobs
+        ]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
+            if future.exception() is not None:
+                failures.append(str(future.exception()))
+                tqdm.write(failures[-1])
+    return failures
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``kd-results`` command."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -294,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the table of the runs finished so far"
+    )
     parser.add_argument("overrides", nargs="*", help="extra kd-train overrides for every run")
     args = parser.parse_args(argv)
 
@@ -310,46 +344,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         entries = [entry for entry in entries if entry.label in wanted]
     args.out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    started = time.perf_counter()
-
-    # Train (or find) the teachers once, before runs that would race to train them.
-    teachers = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kd_lightning.train_teachers",
-            *overrides,
-            f"hydra.run.dir={args.out / 'teachers'}",
-        ],
-        check=False,
-    )
-    if teachers.returncode != 0:
-        raise SystemExit("training the teachers failed; see the output above")
-    jobs = [(entry, seed) for entry in entries for seed in range(seeds)]
-    failures = []
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [
-            pool.submit(run_one, entry, seed, args.out, overrides, threads) for entry, seed in jobs
-        ]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
-            if future.exception() is not None:
-                failures.append(str(future.exception()))
-                tqdm.write(failures[-1])
-
+    failures = [] if args.report_only else run_protocol(entries, seeds, overrides, args)
     summaries = read_summaries(args.out, protocol(), seeds)
     if not summaries:
-        raise SystemExit("no run finished: " + "; ".join(failures))
+        raise SystemExit("no run has finished yet: " + "; ".join(failures))
     rows = table_rows(protocol(), summaries)
     any_summary = next(iter(summaries.values()))[0]
     teachers_acc = any_summary["test_accuracy"]["teachers"] | {
         "ensemble (mean p)": any_summary["test_accuracy"]["ensemble"]
     }
+    hours = sum(s["wall_time_s"] for runs in summaries.values() for s in runs) / 3600
     header = (
         f"# MNIST-1D results ({args.preset}: {' '.join(overrides) or 'kd-train defaults'})\n\n"
-        f"MLP student, teachers cnn/gru/mlp, {seeds} seeds per entry (`seed=0..{seeds - 1}`). "
-        f"{machine()}. Written by `kd-results --preset {args.preset}` in "
-        f"{(time.perf_counter() - started) / 60:.0f} min (runs already finished were not rerun)."
+        f"MLP student, teachers cnn/gru/mlp, up to {seeds} seeds per entry (`seed=0..{seeds - 1}`); "
+        f"the scratch baseline is trained in the `{HEADLINE}` runs. {machine()}. "
+        f"Written by `kd-results --preset {args.preset}`; the runs took {hours:.1f} h one after "
+        f"another (each run's wall time includes its scratch baseline where there is one)."
     )
     (args.out / "mnist1d.md").write_text(markdown(rows, teachers_acc, header))
     written = draw_plots(args.out, protocol(), rows, summaries)
