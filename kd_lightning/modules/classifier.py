@@ -7,16 +7,20 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from kd_lightning.batch import BatchAdapter
+from kd_lightning.modules.epoch_means import EpochMeans, Stage
 from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 
 
-class ClassifierModule(LightningModule):
+class ClassifierModule(EpochMeans):
     """Train ``model`` on labels alone; logs ``{stage}/loss`` and ``{stage}/acc``.
+
+    Both are epoch means weighted by batch size and summed over processes before dividing, as
+    :class:`~kd_lightning.DistillationModule` logs them (see
+    :class:`~kd_lightning.modules.epoch_means.EpochMeans`), so the two train at the same
+    logging cost.
 
     Args:
         model: the network.
@@ -39,14 +43,12 @@ class ClassifierModule(LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(("loss", "acc"))
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "batch_adapter"])
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
-        self.accuracy = {stage: MeanMetric() for stage in ("train", "val", "test")}
-        self.train_accuracy, self.val_accuracy, self.test_accuracy = self.accuracy.values()
 
     def forward(self, inputs: Any) -> Tensor:
         return self.model(inputs)
@@ -69,20 +71,11 @@ class ClassifierModule(LightningModule):
             interval=self.hparams["scheduler_interval"],
         )
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any, stage: Stage) -> Tensor:
         inputs, labels = self.batch_adapter(batch)
         logits = self.model(inputs)
         loss = F.cross_entropy(logits.float(), labels)
-        accuracy = self.accuracy[stage]
-        accuracy.update((logits.argmax(-1) == labels).float())
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
-        )
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        accuracy = (logits.argmax(-1) == labels).float().mean()
+        size = float(labels.shape[0])
+        self.update_epoch_means(stage, [loss, accuracy], [size, size])
         return loss

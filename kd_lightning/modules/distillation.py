@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from kd_lightning.batch import BatchAdapter
@@ -17,15 +16,13 @@ from kd_lightning.features import FeatureTaps
 from kd_lightning.fusion import RandomTeacher
 from kd_lightning.hints import FeatureHintLoss
 from kd_lightning.loss import DistillationLoss
-from kd_lightning.metrics.running_means import RunningMeans
+from kd_lightning.modules.epoch_means import EpochMeans, Stage
 from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 from kd_lightning.teachers import TeacherEnsemble
 from kd_lightning.teachers.cached import CachedTeachers
 
-Stage = Literal["train", "val", "test"]
 
-
-class DistillationModule(LightningModule):
+class DistillationModule(EpochMeans):
     """Train ``student`` against frozen ``teachers`` with a :class:`~kd_lightning.DistillationLoss`.
 
     Each train/val/test step runs the teachers once and returns the detached student logits,
@@ -80,7 +77,7 @@ class DistillationModule(LightningModule):
         save_teachers: bool = False,
         hints: FeatureHintLoss | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(("loss", "ce", "kd", "acc") + (("hint",) if hints is not None else ()))
         self.save_hyperparameters(
             ignore=[
                 "student",
@@ -103,8 +100,6 @@ class DistillationModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
-        names = ("loss", "ce", "kd", "acc") + (("hint",) if hints is not None else ())
-        self._epoch_means = {stage: RunningMeans(names) for stage in ("train", "val", "test")}
         self.hints = hints
         if hints is not None:
             if not isinstance(self.teachers, TeacherEnsemble):
@@ -133,24 +128,6 @@ class DistillationModule(LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         return self._step(batch, "test")
-
-    def on_train_epoch_start(self) -> None:
-        self._epoch_means["train"].reset()
-
-    def on_validation_epoch_start(self) -> None:
-        self._epoch_means["val"].reset()
-
-    def on_test_epoch_start(self) -> None:
-        self._epoch_means["test"].reset()
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch_means("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch_means("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch_means("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, _ = self.batch_adapter(batch)
@@ -263,9 +240,7 @@ class DistillationModule(LightningModule):
         if hint is not None:
             values.append(hint)
             weights.append(size)
-        self._epoch_means[stage].update(values, weights)
-        if stage == "train" and self._step_loss_is_read():
-            self.log("train/loss_step", total, on_step=True, on_epoch=False, prog_bar=True)
+        self.update_epoch_means(stage, values, weights)
         outputs = {
             "loss": total,
             "student_logits": student_logits.detach(),
@@ -287,44 +262,6 @@ class DistillationModule(LightningModule):
         if stage == "train" and isinstance(fusion, RandomTeacher) and fusion.run_drawn_only:
             return self.teachers(inputs, only=[fusion.draw(len(self.teachers))])
         return self.teachers(inputs)
-
-    def _log_epoch_means(self, stage: Stage) -> None:
-        """Log the stage's epoch means, summed over processes before dividing (exact under DDP).
-
-        The steps only accumulate them: one ``self.log`` per value and step would cost more than
-        the student's own step on a small model. The training loss keeps the keys Lightning gives
-        a loss logged on step and epoch: ``train/loss_epoch`` (and ``train/loss`` for callbacks
-        such as checkpointing, not sent to loggers).
-        """
-        means = self._epoch_means[stage]
-        values = means.compute(reduce=self._sum_over_processes, device=self.device)
-        means.reset()
-        for name, value in values.items():
-            # Identical on every process already; sync_dist only tells Lightning so.
-            bar = name in ("loss", "acc")
-            if stage == "train" and name == "loss":
-                self.log("train/loss_epoch", value, prog_bar=True, sync_dist=True)
-                self.log("train/loss", value, logger=False, sync_dist=True)
-            else:
-                self.log(f"{stage}/{name}", value, prog_bar=bar, sync_dist=True)
-
-    def _step_loss_is_read(self) -> bool:
-        """Whether this step's ``train/loss_step`` reaches anyone: a progress bar shows it, or
-        the loggers record this step (every ``log_every_n_steps``). A ``self.log`` call costs
-        about a millisecond of Python on a CPU, as much as a small student's step."""
-        trainer = self._trainer
-        if trainer is None:  # a step called by hand: nothing is logged
-            return False
-        if trainer.progress_bar_callback is not None:
-            return True
-        if not trainer.loggers:
-            return False
-        return bool(getattr(trainer._logger_connector, "should_update_logs", True))
-
-    def _sum_over_processes(self, tensor: Tensor) -> Tensor:
-        if self.trainer.world_size == 1:
-            return tensor
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     def _check_hints_runtime(self) -> None:
         """Feature hints read every teacher's layers: refuse the fast paths that skip them."""
