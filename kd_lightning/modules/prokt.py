@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.functional import prokt_student_loss, prokt_teacher_loss
+from kd_lightning.modules.epoch_means import EpochMeans, Stage
 from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 
-Stage = Literal["train", "val", "test"]
 
-
-class ProKTModule(LightningModule):
+class ProKTModule(EpochMeans):
     """ProKT (Shi et al., "Follow Your Path: a Progressive Method for Knowledge Distillation",
     ECML-PKDD 2021; arXiv:2107.09305; code ``wxsh1213/prokt_text``).
 
@@ -37,8 +34,9 @@ class ProKTModule(LightningModule):
 
     Steps return the detached ``student_logits``, the eval-mode ``teacher_logits`` ``(1, B, C)``
     and ``labels``, so :class:`~kd_lightning.callbacks.TeacherAgreementCallback` reports the
-    teacher under ``teacher_name``. Logged: ``{stage}/loss`` (the student's), ``{stage}/acc``,
-    ``{stage}/teacher_loss``. Both networks are trained, so both are in checkpoints.
+    teacher under ``teacher_name``. Logged as epoch means: ``{stage}/loss`` (the student's),
+    ``{stage}/acc`` and ``train/teacher_loss``. Both networks are trained, so both are in
+    checkpoints.
 
     Args:
         student: the network being distilled.
@@ -70,7 +68,7 @@ class ProKTModule(LightningModule):
         scheduler: SchedulerFactory | None = None,
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(("loss", "acc", "teacher_loss"))
         if not 0.0 <= constraint <= 1.0:
             raise ValueError(f"constraint (λ) must lie in [0, 1], got {constraint}")
         if temperature <= 0:
@@ -92,8 +90,6 @@ class ProKTModule(LightningModule):
         self.teacher_optimizer_factory = teacher_optimizer or optimizer
         self.scheduler_factory = scheduler
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
-        self.accuracy = {stage: MeanMetric() for stage in ("train", "val", "test")}
-        self.train_accuracy, self.val_accuracy, self.test_accuracy = self.accuracy.values()
 
     @property
     def teacher_names(self) -> list[str]:
@@ -128,8 +124,9 @@ class ProKTModule(LightningModule):
 
         for schedule in self._schedules():
             schedule.step()
-        self.log("train/teacher_loss", teacher_loss, on_step=False, on_epoch=True)
-        return self._report("train", student_loss.detach(), student_logits, teacher_logits, labels)
+        return self._report(
+            "train", student_loss.detach(), student_logits, teacher_logits, labels, teacher_loss
+        )
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate(batch, "val")
@@ -179,19 +176,16 @@ class ProKTModule(LightningModule):
         student_logits: Tensor,
         teacher_logits: Tensor,
         labels: Tensor,
+        teacher_loss: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        accuracy = self.accuracy[stage]
-        accuracy.update((student_logits.argmax(-1) == labels).float())
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
-        )
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        """Add the step to the epoch means (the teacher's loss only when it trained); the step's
+        outputs for callbacks."""
+        size = float(labels.shape[0])
+        accuracy = (student_logits.argmax(-1) == labels).float().mean()
+        teacher_weight = 0.0 if teacher_loss is None else size
+        if teacher_loss is None:
+            teacher_loss = loss.new_zeros(())
+        self.update_epoch_means(stage, [loss, accuracy, teacher_loss], [size, size, teacher_weight])
         return {
             "loss": loss,
             "student_logits": student_logits.detach(),

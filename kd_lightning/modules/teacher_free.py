@@ -7,19 +7,17 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.functional import tfkd_virtual_loss, virtual_teacher_logits
+from kd_lightning.modules.epoch_means import EpochMeans, Stage
 from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 
-Stage = Literal["train", "val", "test"]
 VIRTUAL_TEACHER = "virtual"
 
 
-class VirtualTeacherModule(LightningModule):
+class VirtualTeacherModule(EpochMeans):
     """Tf-KD with the virtual teacher (Yuan et al., "Revisiting Knowledge Distillation via Label
     Smoothing Regularization", CVPR 2020, "Tf-KD_reg").
 
@@ -32,6 +30,8 @@ class VirtualTeacherModule(LightningModule):
     For the agreement callback and the summary, the virtual teacher is reported as one teacher
     named ``"virtual"`` whose logits are ``log p_d`` (log-probabilities): it always predicts the
     label, so its accuracy is 1 and the student's agreement with it is the student's accuracy.
+    Logged as epoch means: ``{stage}/loss``, ``{stage}/ce`` (the hard-label cross-entropy) and
+    ``{stage}/acc``.
 
     Args:
         student: the network being trained.
@@ -60,7 +60,7 @@ class VirtualTeacherModule(LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(("loss", "ce", "acc"))
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if temperature <= 0:
@@ -71,8 +71,6 @@ class VirtualTeacherModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
-        self.accuracy = {stage: MeanMetric() for stage in ("train", "val", "test")}
-        self.train_accuracy, self.val_accuracy, self.test_accuracy = self.accuracy.values()
 
     @property
     def teacher_names(self) -> list[str]:
@@ -116,25 +114,16 @@ class VirtualTeacherModule(LightningModule):
             self.hparams["temperature"],
             correct_prob,
         )
-        accuracy = self.accuracy[stage]
-        accuracy.update((student_logits.argmax(-1) == labels).float())
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
+        size = float(labels.shape[0])
+        self.update_epoch_means(
+            stage,
+            [
+                loss,
+                F.cross_entropy(student_logits.detach().float(), labels),
+                (student_logits.argmax(-1) == labels).float().mean(),
+            ],
+            [size, size, size],
         )
-        self.log(
-            f"{stage}/ce",
-            F.cross_entropy(student_logits.detach().float(), labels),
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-        )
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         teacher_logits = virtual_teacher_logits(labels, num_classes, correct_prob)
         return {
             "loss": loss,

@@ -18,6 +18,8 @@ from kd_lightning.modules.online.parts import FeatureDiscriminator, feature_adap
 from kd_lightning.modules.online.peers import OnlinePeersModule, layers_per_peer
 from kd_lightning.optim import OptimizerFactory, SchedulerFactory
 
+ADVERSARIAL_D, ADVERSARIAL_G = "adversarial/discriminator", "adversarial/generator"
+
 
 class AFDModule(OnlinePeersModule):
     """Online Adversarial Feature-map Distillation (Chung, Park, Kim, Kwak, "Feature-map-level
@@ -78,7 +80,14 @@ class AFDModule(OnlinePeersModule):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if discriminator_hidden < 1:
             raise ValueError(f"discriminator_hidden must be ≥ 1, got {discriminator_hidden}")
-        super().__init__(peers, optimizer, scheduler, scheduler_interval, batch_adapter)
+        super().__init__(
+            peers,
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            batch_adapter,
+            extra_means=(ADVERSARIAL_D, ADVERSARIAL_G),
+        )
         self.save_hyperparameters(
             ignore=["peers", "optimizer", "discriminator_optimizer", "scheduler", "batch_adapter"]
         )
@@ -149,9 +158,8 @@ class AFDModule(OnlinePeersModule):
         logit_loss = self._update(network_opt, lambda: self.objective(inputs, labels))
         self.step_schedulers(end_of_epoch=False)
         loss, logits = logit_loss
-        self.log("train/adversarial/discriminator", d_loss, on_step=False, on_epoch=True)
-        self.log("train/adversarial/generator", g_loss, on_step=False, on_epoch=True)
-        return self.report("train", loss.detach(), logits, labels)
+        adversarial = {ADVERSARIAL_D: d_loss, ADVERSARIAL_G: g_loss}
+        return self.report("train", loss.detach(), logits, labels, extra=adversarial)
 
     def _update(self, optimizer: Any, closure: Callable[[], Any]) -> Any:
         """Zero every gradient, compute the loss with only ``optimizer``'s parameters trainable,
@@ -165,6 +173,7 @@ class AFDModule(OnlinePeersModule):
         return result if isinstance(result, tuple) else loss.detach()
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         self.step_schedulers(end_of_epoch=True)
 
     def configure_optimizers(self) -> Any:

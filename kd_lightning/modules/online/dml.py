@@ -108,6 +108,7 @@ class DMLModule(OnlinePeersModule):
         return self.report("train", total, logits, labels)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         if not self.automatic_optimization:
             self.step_schedulers(end_of_epoch=True)
 

@@ -7,18 +7,14 @@ from typing import Any, Literal, cast
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
-from torchmetrics import MeanMetric
 
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.features import FeatureTaps
+from kd_lightning.modules.epoch_means import EpochMeans, Stage
 from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
-
-Stage = Literal["train", "val", "test"]
-STAGES: tuple[Stage, ...] = ("train", "val", "test")
 
 
 def name_peers(peers: Sequence[nn.Module] | Mapping[str, nn.Module]) -> dict[str, nn.Module]:
@@ -73,7 +69,7 @@ def allow_partial_backward(strategy: Any) -> None:
         kwargs["find_unused_parameters"] = True
 
 
-class OnlinePeersModule(LightningModule):
+class OnlinePeersModule(EpochMeans):
     """Base of the online methods: peers (the first one reported as the student) trained together.
 
     Subclasses implement :meth:`objective` (loss and every network's logits for one batch) and,
@@ -84,8 +80,9 @@ class OnlinePeersModule(LightningModule):
     Each step returns ``student_logits`` (the first network, detached), ``teacher_logits``
     ``(K, B, C)`` of the other outputs named in :attr:`teacher_names` (detached) and ``labels``,
     so :class:`~kd_lightning.callbacks.TeacherAgreementCallback` logs every peer like a teacher.
-    Logged: ``{stage}/loss``, ``{stage}/acc`` (the first network) and ``{stage}/peer_acc/{name}``
-    for every output.
+    Logged as epoch means (:class:`~kd_lightning.modules.epoch_means.EpochMeans`):
+    ``{stage}/loss``, ``{stage}/acc`` (the first network), ``{stage}/peer_acc/{name}`` for every
+    output, and ``{stage}/{name}`` for each of ``extra_means`` a step passes to :meth:`report`.
 
     Example:
         >>> from kd_lightning.functional import dml_losses
@@ -105,21 +102,22 @@ class OnlinePeersModule(LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
         extra_outputs: Sequence[str] = (),
+        extra_means: Sequence[str] = (),
     ) -> None:
-        super().__init__()
         named = name_peers(peers)
         if len(named) < 2:
             raise ValueError(f"online distillation needs at least 2 peers, got {len(named)}")
+        output_names = [*named, *extra_outputs]
+        super().__init__(
+            ("loss", "acc", *(f"peer_acc/{name}" for name in output_names), *extra_means)
+        )
         self.peers = nn.ModuleDict(named)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
-        self.output_names = [*named, *extra_outputs]
-        self.accuracy = nn.ModuleDict({f"{stage}_acc": MeanMetric() for stage in STAGES})
-        self.peer_accuracy = nn.ModuleDict(
-            {f"{stage}_{name}": MeanMetric() for stage in STAGES for name in self.output_names}
-        )
+        self.output_names = output_names
+        self.extra_means = list(extra_means)
 
     @property
     def names(self) -> list[str]:
@@ -210,26 +208,31 @@ class OnlinePeersModule(LightningModule):
         return logits, features
 
     def report(
-        self, stage: Stage, loss: Tensor, logits: Mapping[str, Tensor], labels: Tensor
+        self,
+        stage: Stage,
+        loss: Tensor,
+        logits: Mapping[str, Tensor],
+        labels: Tensor,
+        extra: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Log loss and accuracies; the step's outputs for callbacks."""
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
-        )
+        """Add loss, accuracies and the ``extra`` means (those of ``extra_means`` this step has;
+        the others count for nothing) to the epoch means; the step's outputs for callbacks."""
+        extra = extra or {}
+        size = float(labels.shape[0])
         reported = logits[self.output_names[0]]
-        accuracy = cast(MeanMetric, self.accuracy[f"{stage}_acc"])
-        accuracy.update((reported.argmax(-1) == labels).float())
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        for name in self.output_names:
-            metric = cast(MeanMetric, self.peer_accuracy[f"{stage}_{name}"])
-            metric.update((logits[name].argmax(-1) == labels).float())
-            self.log(f"{stage}/peer_acc/{name}", metric, on_step=False, on_epoch=True)
+        accuracies = [
+            (logits[name].argmax(-1) == labels).float().mean() for name in self.output_names
+        ]
+        values = [
+            loss,
+            accuracies[0],
+            *accuracies,
+            *(extra.get(n, loss.new_zeros(())) for n in self.extra_means),
+        ]
+        weights = [size] * (2 + len(accuracies)) + [
+            size if name in extra else 0.0 for name in self.extra_means
+        ]
+        self.update_epoch_means(stage, values, weights)
         return {
             "loss": loss,
             "student_logits": reported.detach(),
