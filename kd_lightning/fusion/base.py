@@ -149,6 +149,26 @@ class FusionRule(nn.Module, ABC):
             return self.weights(teacher_logits, labels, student_logits=student_logits)
         return self.weights(teacher_logits, labels)
 
+    @property
+    def selects_teachers(self) -> bool:
+        """Whether :meth:`teachers_to_run` may name a subset: such a rule cannot serve feature
+        hints, which read every teacher's layers."""
+        return False
+
+    def teachers_to_run(self, num_teachers: int) -> list[int] | None:
+        """The teachers the next training step needs, asked before any teacher runs.
+
+        A :class:`~kd_lightning.DistillationModule` asks once per training step and runs only the
+        teachers named; this rule then receives their logits alone, in that order. ``None`` (the
+        default) runs every teacher. Validation and test steps always run every teacher.
+
+        Example:
+            >>> from kd_lightning.fusion import MeanProbabilities
+            >>> MeanProbabilities().teachers_to_run(3) is None
+            True
+        """
+        return None
+
     def bind_student(self, student: nn.Module) -> None:
         """Attach to the student network, for rules that read its inner layers.
 

@@ -22,14 +22,14 @@ class RandomTeacher(FusionRule):
     cheaper but noisier estimate.
 
     The paper's point is cost: only one teacher need run per batch. With ``run_drawn_only=True``
-    a :class:`~kd_lightning.DistillationModule` asks :meth:`draw` for the teacher before any
-    teacher runs, runs that one alone in training steps, and this rule then sees its logits as the
-    only row. Validation and test steps still run (and measure) every teacher. The early draw comes
-    from the global CPU generator (no device sync), so with the same seed it draws the same teachers
-    as the default on CPU.
+    the teacher is drawn in :meth:`teachers_to_run`, before any teacher runs, so a
+    :class:`~kd_lightning.DistillationModule` runs that one alone in training steps and this rule
+    sees its logits as the only row (weight one). Validation and test steps still run (and
+    measure) every teacher. The early draw comes from the global CPU generator (no device sync), so
+    with the same seed it draws the same teachers as the default on CPU.
 
     Args:
-        run_drawn_only: let the module run only the drawn teacher in training steps.
+        run_drawn_only: draw the teacher in :meth:`teachers_to_run`, so only it runs in training.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -43,32 +43,29 @@ class RandomTeacher(FusionRule):
     def __init__(self, run_drawn_only: bool = False) -> None:
         super().__init__()
         self.run_drawn_only = run_drawn_only
-        self._predrawn = False
 
-    def draw(self, num_teachers: int) -> int:
-        """Draw the teacher of the next call now, before any teacher runs; that call then gets
-        the drawn teacher's logits alone, ``(1, *batch, C)``.
+    @property
+    def selects_teachers(self) -> bool:
+        return self.run_drawn_only
+
+    def teachers_to_run(self, num_teachers: int) -> list[int] | None:
+        """With ``run_drawn_only``, the drawn teacher of the next training step; else ``None``.
 
         Example:
             >>> rule = RandomTeacher(run_drawn_only=True)
-            >>> k = rule.draw(3)
+            >>> [k] = rule.teachers_to_run(3)
             >>> rule(torch.randn(1, 2, 4)).weights.tolist()  # the drawn teacher is the only row
             [[1.0], [1.0]]
         """
-        self._predrawn = True
-        return int(torch.randint(num_teachers, ()))
+        if not self.run_drawn_only:
+            return None
+        return [int(torch.randint(num_teachers, ()))]
 
     def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
-        """One-hot weights on the drawn teacher, ``(*batch, K)``."""
+        """One-hot weights on a teacher drawn now, ``(*batch, K)``; all ones for one teacher."""
         num_teachers, *batch_shape, _ = teacher_logits.shape
-        if self._predrawn:
-            self._predrawn = False
-            if num_teachers != 1:
-                raise ValueError(
-                    f"RandomTeacher drew a teacher in advance (draw()) but got {num_teachers} "
-                    f"teachers' logits: pass the drawn teacher's alone"
-                )
-            return teacher_logits.new_ones(*batch_shape, 1)
+        if num_teachers == 1:
+            return teacher_logits.new_ones(*batch_shape, 1, dtype=torch.float32)
         drawn = torch.randint(num_teachers, (), device=teacher_logits.device)
         one_hot = F.one_hot(drawn, num_teachers).float()
         return one_hot.expand(*batch_shape, num_teachers)

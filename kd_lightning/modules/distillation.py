@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.data.indexed import sample_indices
 from kd_lightning.features import FeatureTaps
-from kd_lightning.fusion import RandomTeacher
 from kd_lightning.hints import FeatureHintLoss
 from kd_lightning.loss import DistillationLoss
 from kd_lightning.modules.epoch_means import EpochMeans, Stage
@@ -258,10 +257,8 @@ class DistillationModule(EpochMeans):
         """Run the teachers on ``inputs``, or read the cache at the batch's sample indices."""
         if isinstance(self.teachers, CachedTeachers):
             return self.teachers.logits(stage, sample_indices(batch)).to(self.device)
-        fusion = self.loss.fusion
-        if stage == "train" and isinstance(fusion, RandomTeacher) and fusion.run_drawn_only:
-            return self.teachers(inputs, only=[fusion.draw(len(self.teachers))])
-        return self.teachers(inputs)
+        only = self.loss.fusion.teachers_to_run(len(self.teachers)) if stage == "train" else None
+        return self.teachers(inputs, only=only)
 
     def _check_hints_runtime(self) -> None:
         """Feature hints read every teacher's layers: refuse the fast paths that skip them."""
@@ -272,10 +269,10 @@ class DistillationModule(EpochMeans):
                 "run: build the TeacherEnsemble with stacked=False"
             )
         fusion = self.loss.fusion
-        if isinstance(fusion, RandomTeacher) and fusion.run_drawn_only:
+        if fusion.selects_teachers:
             raise ValueError(
-                "feature hints need every teacher's features: RandomTeacher(run_drawn_only=True) "
-                "runs one teacher per step"
+                f"feature hints need every teacher's features, but {type(fusion).__name__} runs "
+                "a subset of the teachers per step (e.g. RandomTeacher(run_drawn_only=True))"
             )
 
     def _check_classes(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
