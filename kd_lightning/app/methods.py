@@ -67,6 +67,7 @@ def build_ensemble(context: MethodContext) -> LightningModule:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         hints=instantiate(hints_cfg, _convert_="all") if hints_cfg else None,
+        shard_teachers=bool(cfg.get("teacher_runtime", {}).get("shard_across_ranks", False)),
     )
 
 

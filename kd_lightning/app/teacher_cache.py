@@ -203,9 +203,13 @@ def build_teachers(cfg: DictConfig, datamodule: LightningDataModule) -> TeacherE
             class_maps[name] = class_map
     num_classes = cfg.get("num_classes") if class_maps else None
     runtime: dict[str, Any] = OmegaConf.to_container(cfg.get("teacher_runtime") or {})  # type: ignore[assignment]
+    runtime.pop("shard_across_ranks", None)  # the module's option (DistillationModule.shard_teachers)
     unknown = sorted(set(runtime) - set(RUNTIME_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown teacher_runtime keys {unknown}; choose from {RUNTIME_OPTIONS}")
+        raise ValueError(
+            f"unknown teacher_runtime keys {unknown}; choose from "
+            f"{[*RUNTIME_OPTIONS, 'shard_across_ranks']}"
+        )
     ensemble = TeacherEnsemble(models, adapters, transforms, class_maps, num_classes, **runtime)
     for name in missing:
         train_teacher(name, cfg, datamodule)

@@ -82,6 +82,7 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
         needs_teachers = METHODS[name].needs_teachers
     problems += hyperparameter_problems(cfg)
     problems += hardware_problems(cfg.get("trainer") or OmegaConf.create({}))
+    problems += sharding_problems(cfg)
     if "data" not in cfg or "student" not in cfg:
         _raise_if_any(problems)
         return
@@ -144,6 +145,31 @@ def hardware_problems(trainer: DictConfig) -> list[str]:
         problems.append(
             f"trainer.devices={devices}: only {available[accelerator]} {accelerator.upper()} "
             f"device(s) on this machine"
+        )
+    return problems
+
+
+def sharding_problems(cfg: DictConfig) -> list[str]:
+    """``teacher_runtime.shard_across_ranks`` with what cannot shard: another method, the cache,
+    one teacher drawn per step, or more ranks than teachers."""
+    if not (cfg.get("teacher_runtime") or {}).get("shard_across_ranks"):
+        return []
+    key = "teacher_runtime.shard_across_ranks=true"
+    problems = []
+    method = cfg.method.get("name")
+    if method != "ensemble":
+        problems.append(f"{key}: method={method} does not shard teachers; only method=ensemble does")
+    if cfg.get("cache"):
+        problems.append(f"{key}: cache=true reads the teachers' outputs, no teacher runs to shard")
+    if (cfg.get("fusion") or {}).get("run_drawn_only"):
+        problems.append(f"{key}: fusion.run_drawn_only=true runs one teacher per step; pick one")
+    trainer = cfg.get("trainer") or {}
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+    teachers = cfg.get("teachers") or {}
+    if isinstance(devices, int) and devices > 0 and devices * nodes > len(teachers):
+        problems.append(
+            f"{key}: {devices * nodes} ranks (trainer.devices × trainer.num_nodes) but "
+            f"{len(teachers)} teachers: every rank must hold one; use fewer ranks"
         )
     return problems
 

@@ -19,6 +19,7 @@ from kd_lightning.modules.epoch_means import EpochMeans, Stage
 from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 from kd_lightning.teachers import TeacherEnsemble
 from kd_lightning.teachers.cached import CachedTeachers
+from kd_lightning.teachers.sharded import ShardedTeachers
 
 
 class DistillationModule(EpochMeans):
@@ -57,6 +58,13 @@ class DistillationModule(EpochMeans):
             confidence through each teacher's head); logged as ``{stage}/hint``. Its adapters are
             created in ``setup("fit")`` from one batch of ``trainer.datamodule`` (or earlier by
             :meth:`materialize_hints`), so they are optimised and checkpointed (under ``hints.``).
+        shard_teachers: under data-parallel training with ``W`` ranks, each rank keeps only every
+            ``W``-th teacher and runs it on the global batch; the ranks exchange logits
+            (:class:`~kd_lightning.teachers.sharded.ShardedTeachers`), so teacher memory per rank
+            falls by about ``W``. Applied in ``setup``, before the teachers move to the device;
+            a no-op on one process. Needs live teachers, at least ``W`` of them, and every
+            teacher each step (no hints, no per-step teacher selection, no ``save_teachers``).
+            The sharded module then runs only in a group of the same size.
 
     Example:
         >>> module = DistillationModule(nn.Linear(4, 3), {"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
@@ -75,6 +83,7 @@ class DistillationModule(EpochMeans):
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
         save_teachers: bool = False,
         hints: FeatureHintLoss | None = None,
+        shard_teachers: bool = False,
     ) -> None:
         super().__init__(("loss", "ce", "kd", "acc") + (("hint",) if hints is not None else ()))
         self.save_hyperparameters(
@@ -89,7 +98,7 @@ class DistillationModule(EpochMeans):
             ]
         )
         self.student = student
-        self.teachers = (
+        self.teachers: TeacherEnsemble | CachedTeachers | ShardedTeachers = (
             teachers
             if isinstance(teachers, TeacherEnsemble | CachedTeachers)
             else TeacherEnsemble(teachers)
@@ -109,6 +118,8 @@ class DistillationModule(EpochMeans):
             for name, layer in self._teacher_layers.items():
                 FeatureTaps(self.teachers.teachers[name], [layer]).remove()
             self._hint_heads = hints.heads_for(dict(self.teachers.teachers.items()))
+        if shard_teachers:
+            self._check_shardable()
 
     @property
     def teacher_names(self) -> list[str]:
@@ -133,16 +144,30 @@ class DistillationModule(EpochMeans):
         return self.student(inputs)
 
     def setup(self, stage: str) -> None:
-        if stage != "fit" or not self._needs_dry_run():
+        if stage == "fit" and self._needs_dry_run():
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None:
+                raise RuntimeError(
+                    "DistillationModule must create its hint adapters or lazy loss parameters "
+                    "before the optimizer is built: fit with a datamodule, or call "
+                    "module.materialize_hints(batch) on one training batch first"
+                )
+            self.materialize_hints(next(iter(datamodule.train_dataloader())))
+        if self.hparams["shard_teachers"]:
+            self._shard_teachers()
+
+    def _shard_teachers(self) -> None:
+        """Keep this rank's teachers only, before Lightning moves the module and wraps it in DDP."""
+        world_size = self.trainer.world_size
+        if world_size == 1 or isinstance(self.teachers, ShardedTeachers):
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            raise RuntimeError(
-                "DistillationModule must create its hint adapters or lazy loss parameters before "
-                "the optimizer is built: fit with a datamodule, or call "
-                "module.materialize_hints(batch) on one training batch first"
-            )
-        self.materialize_hints(next(iter(datamodule.train_dataloader())))
+        assert isinstance(self.teachers, TeacherEnsemble)
+        self.teachers = ShardedTeachers(self.teachers, self.trainer.global_rank, world_size)
+        # Ranks hold different teachers: DDP must neither compare nor broadcast them.
+        self._ddp_params_and_buffers_to_ignore = [
+            f"teachers.{name}"
+            for name, _ in (*self.teachers.named_parameters(), *self.teachers.named_buffers())
+        ]
 
     def materialize_hints(self, batch: Any) -> None:
         """Create the hint adapters (and any lazy fusion parameters) with one dry run on ``batch``.
@@ -274,6 +299,21 @@ class DistillationModule(EpochMeans):
                 f"feature hints need every teacher's features, but {type(fusion).__name__} runs "
                 "a subset of the teachers per step (e.g. RandomTeacher(run_drawn_only=True))"
             )
+
+    def _check_shardable(self) -> None:
+        """Sharding exchanges every teacher's logits each step: refuse what does not fit."""
+        if not isinstance(self.teachers, TeacherEnsemble):
+            raise ValueError("shard_teachers=True needs live teachers, not a teacher-output cache")
+        conflicts = {
+            "feature hints read the teachers' layers on every rank": self.hints is not None,
+            "save_teachers=True would save only rank 0's teachers": self.hparams["save_teachers"],
+            f"{type(self.loss.fusion).__name__} runs a subset of the teachers per step": (
+                self.loss.fusion.selects_teachers
+            ),
+        }
+        for reason, present in conflicts.items():
+            if present:
+                raise ValueError(f"shard_teachers=True cannot be combined with this: {reason}")
 
     def _check_classes(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
         student_classes, teacher_classes = student_logits.shape[-1], teacher_logits.shape[-1]

@@ -247,6 +247,30 @@ class TeacherEnsemble(nn.Module):
             raise KeyError(f"no teacher {name!r}; teachers are {self.names}")
         return _TeacherView(self, name)
 
+    def select(self, names: Sequence[str]) -> TeacherEnsemble:
+        """A new ensemble of the teachers ``names`` (the same modules, not copies), in that order,
+        with their transforms, adapters, class maps and this ensemble's runtime options.
+
+        Example:
+            >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
+            >>> ensemble.select(["b"]).names
+            ['b']
+        """
+        unknown = [name for name in names if name not in self.teachers]
+        if unknown:
+            raise KeyError(f"no teachers {unknown}; teachers are {self.names}")
+        return TeacherEnsemble(
+            {name: self.teachers[name] for name in names},
+            {name: self.output_adapters[name] for name in names if name in self.output_adapters},
+            {name: self.input_transform(name) for name in names},
+            {name: self.class_maps[name] for name in names if name in self.class_maps},
+            num_classes=self.num_classes,
+            autocast_dtype=self.autocast_dtype,
+            inference_mode=self.inference_mode,
+            compile_teachers=bool(self._compiled),
+            stacked=self.stacked,
+        )
+
     def forward(self, inputs: Any, only: Sequence[int] | None = None) -> Tensor:
         """Run the teachers on ``inputs`` and return float32 logits of shape ``(K, B, C)``.
 

@@ -1,0 +1,168 @@
+"""Teachers sharded across data-parallel ranks: each rank holds and runs a subset of them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from kd_lightning.teachers.ensemble import TeacherEnsemble
+
+
+def teacher_shard(num_teachers: int, rank: int, world_size: int) -> list[int]:
+    """The indices of the teachers rank ``rank`` holds: every ``world_size``-th, from ``rank``.
+
+    Example:
+        >>> teacher_shard(5, 0, 2), teacher_shard(5, 1, 2)
+        ([0, 2, 4], [1, 3])
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if world_size > num_teachers:
+        raise ValueError(
+            f"cannot shard {num_teachers} teachers over {world_size} ranks: every rank must hold "
+            f"at least one teacher; use at most {num_teachers} ranks or run every teacher on every "
+            f"rank (teacher_runtime.shard_across_ranks=false)"
+        )
+    return list(range(rank, num_teachers, world_size))
+
+
+class ShardedTeachers(nn.Module):
+    """Each data-parallel rank holds a subset of the teachers and runs it on the global batch.
+
+    With ``W`` ranks and ``K`` teachers, rank ``r`` keeps teachers ``r, r + W, …``
+    (:func:`teacher_shard`), so each rank holds about ``K / W`` teachers' weights and activations
+    instead of ``K``. Per step the ranks gather their inputs into the global batch, each runs its
+    teachers on all of it (the same teacher FLOPs per rank as an unsharded ensemble on the local
+    batch), and one ``all_to_all`` sends every rank its own samples' logits from every teacher. The
+    result is what the whole ensemble gives on the local batch: ``(K, B, *S)``.
+
+    Every rank must call :meth:`forward` at the same steps, as data-parallel training does. Inputs
+    must be one tensor; local batch sizes may differ between ranks.
+
+    Args:
+        ensemble: every teacher; only this rank's shard is kept (the same modules, not copies).
+        rank: this process's rank in ``group``.
+        world_size: the number of ranks in ``group``; at most ``len(ensemble)``.
+        group: the process group; the default group when ``None``.
+
+    Example:
+        One rank holds every teacher and behaves as the ensemble:
+
+        >>> import tempfile
+        >>> store = f"file://{tempfile.mkdtemp()}/store"
+        >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(ShardedTeachers(ensemble, rank=0, world_size=1)(x), ensemble(x))
+        True
+        >>> dist.destroy_process_group()
+    """
+
+    def __init__(
+        self,
+        ensemble: TeacherEnsemble,
+        rank: int,
+        world_size: int,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.all_names = list(ensemble.names)
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.owned = teacher_shard(len(ensemble), rank, world_size)
+        self.local = ensemble.select([self.all_names[index] for index in self.owned])
+        self._shapes_checked = False
+
+    @property
+    def names(self) -> list[str]:
+        """Every teacher's name, held here or not, in the order of the returned logits."""
+        return list(self.all_names)
+
+    def __len__(self) -> int:
+        return len(self.all_names)
+
+    def train(self, mode: bool = True) -> ShardedTeachers:
+        """Teachers are locked in eval mode: ``mode`` is ignored."""
+        return super().train(False)
+
+    def forward(self, inputs: Any, only: Sequence[int] | None = None) -> Tensor:
+        """Every teacher's float32 logits on this rank's ``inputs``, ``(K, B, *S)``."""
+        if only is not None:
+            raise ValueError(
+                "ShardedTeachers runs every teacher: a fusion rule that picks teachers per step "
+                "(e.g. RandomTeacher(run_drawn_only=True)) cannot be combined with sharding"
+            )
+        if not dist.is_initialized() or dist.get_world_size(self.group) != self.world_size:
+            running = dist.get_world_size(self.group) if dist.is_initialized() else 1
+            raise RuntimeError(
+                f"these teachers were sharded over {self.world_size} ranks, but this process runs "
+                f"in a group of {running}: each rank holds only its own teachers"
+            )
+        if not isinstance(inputs, Tensor):
+            raise TypeError(
+                f"sharded teachers exchange inputs between ranks: they need a tensor, got "
+                f"{type(inputs).__name__}"
+            )
+        sizes = self._gather_sizes(inputs)
+        global_inputs = self._gather_inputs(inputs, sizes)
+        local_logits = self.local(global_inputs)  # (K_r, N, *S)
+        if not self._shapes_checked:
+            self._check_shapes(local_logits)
+        return self._exchange(local_logits, sizes)
+
+    def _gather_sizes(self, inputs: Tensor) -> list[int]:
+        size = torch.tensor([inputs.shape[0]], device=inputs.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self.group)
+        return [int(s) for s in sizes]
+
+    def _gather_inputs(self, inputs: Tensor, sizes: list[int]) -> Tensor:
+        largest = max(sizes)
+        padded = inputs.new_zeros((largest, *inputs.shape[1:]))
+        padded[: inputs.shape[0]] = inputs
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded.contiguous(), group=self.group)
+        return torch.cat([part[:size] for part, size in zip(gathered, sizes, strict=True)])
+
+    def _check_shapes(self, local_logits: Tensor) -> None:
+        """Once: every rank's teachers must give the same sample shape (e.g. class count)."""
+        shape = torch.tensor(local_logits.shape[2:], device=local_logits.device)
+        rank_count = torch.tensor([shape.numel()], device=shape.device)
+        counts = [torch.zeros_like(rank_count) for _ in range(self.world_size)]
+        dist.all_gather(counts, rank_count, group=self.group)
+        shapes = [
+            torch.zeros(int(count), dtype=shape.dtype, device=shape.device) for count in counts
+        ]
+        dist.all_gather(shapes, shape, group=self.group)
+        described = {
+            ", ".join(
+                self.all_names[k] for k in teacher_shard(len(self), rank, self.world_size)
+            ): tuple(int(v) for v in rank_shape)
+            for rank, rank_shape in enumerate(shapes)
+        }
+        if len(set(described.values())) > 1:
+            raise ValueError(f"sharded teachers disagree on output shape: {described}")
+        self._shapes_checked = True
+
+    def _exchange(self, local_logits: Tensor, sizes: list[int]) -> Tensor:
+        """Send each rank its samples' logits from this rank's teachers; stack all teachers."""
+        per_rank = math.ceil(len(self) / self.world_size)
+        held, total, *sample_shape = local_logits.shape
+        send = local_logits.new_zeros((total, per_rank, *sample_shape))
+        send[:, :held] = local_logits.transpose(0, 1)
+        mine = sizes[self.rank]
+        received = send.new_empty((self.world_size * mine, per_rank, *sample_shape))
+        dist.all_to_all_single(
+            received,
+            send,
+            output_split_sizes=[mine] * self.world_size,
+            input_split_sizes=sizes,
+            group=self.group,
+        )
+        by_rank = received.view(self.world_size, mine, per_rank, *sample_shape)
+        rows = [by_rank[k % self.world_size, :, k // self.world_size] for k in range(len(self))]
+        return torch.stack(rows)
