@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 from torch import Tensor
@@ -66,6 +67,20 @@ def cache_datamodule(cfg: DictConfig, datamodule: LightningDataModule) -> Lightn
     return datamodule
 
 
+def build_ranks() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` of this process in the cache build.
+
+    Under ``torchrun`` (TorchElastic) every rank runs ``kd-train`` from the start, so the ranks
+    share the build, each running the teachers over its part of the rows. Anywhere else this is
+    one builder: under Lightning's own ``ddp`` launcher rank 0 builds the cache before ``fit``
+    starts the other ranks, which then find it complete.
+    """
+    if TorchElasticEnvironment.detect():
+        environment = TorchElasticEnvironment()
+        return environment.global_rank(), environment.world_size(), environment.local_rank()
+    return 0, 1, 0
+
+
 def open_output_cache(
     cfg: DictConfig, teachers: TeacherEnsemble, datamodule: LightningDataModule
 ) -> CachedTeachers:
@@ -73,7 +88,8 @@ def open_output_cache(
 
     Built when missing (a changed teacher or dataset has a new fingerprint, hence no cache yet)
     unless ``cache_build=false``, which makes that an error naming what changed. Teachers run on
-    the GPU when ``trainer.accelerator`` asks for one and one is present.
+    the GPU when ``trainer.accelerator`` asks for one and one is present (under ``torchrun``, the
+    GPU of the rank's ``LOCAL_RANK``); ``torchrun`` ranks share the build (:func:`build_ranks`).
     """
     check_cacheable(cfg)
     datamodule.prepare_data()
@@ -86,6 +102,10 @@ def open_output_cache(
     root = output_cache_root(cfg)
     remove_partial_builds(root)
     wants_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
+    rank, world_size, local_rank = build_ranks()
+    device = torch.device("cpu")
+    if wants_gpu and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
     train_loader = loaders["train"]
     try:
         cache = build_output_cache(
@@ -95,8 +115,10 @@ def open_output_cache(
             top_k=cfg.get("cache_top_k"),
             batch_size=train_loader.batch_size or 1,
             collate_fn=train_loader.collate_fn,
-            device="cuda" if wants_gpu and torch.cuda.is_available() else "cpu",
+            device=device,
             missing="build" if cfg.get("cache_build", True) else "error",
+            rank=rank,
+            world_size=world_size,
         )
     except NondeterministicDataError as error:
         raise ValueError(f"cache=true: data={cfg.data._target_}: {error}") from error

@@ -18,6 +18,9 @@ every split's samples, and of ``top_k``: a changed teacher or dataset has anothe
 stale cache is never found. A cache is written into a hidden ``.partial-*`` directory, its manifest
 last, then renamed into place in one ``os.rename``; a build killed midway leaves only the partial
 directory, which no reader opens.
+
+Under ``torchrun`` each rank builds only its share of the rows and one rank merges the parts:
+see :mod:`kd_lightning.teachers.cache_parts`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +35,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from kd_lightning.batch import BatchAdapter
+from kd_lightning.teachers.cache_parts import (
+    PARTS_PREFIX,
+    build_in_parts,
+    check_rank,
+    owner_is_dead,
+    partial_directory,
+    row_range,
+    sync_directory,
+)
 from kd_lightning.teachers.cached import (
     FORMAT_VERSION,
     MANIFEST,
@@ -174,14 +184,21 @@ def build_output_cache(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     device: torch.device | str | None = None,
     missing: Literal["build", "error"] = "build",
+    rank: int = 0,
+    world_size: int = 1,
+    wait_s: float = 3600.0,
 ) -> CachedTeachers:
     """Open the cache of ``ensemble`` over ``datasets`` under ``root``, building it if missing.
 
     Each dataset (a split: ``{"train": ..., "val": ...}``) is read in index order, without
     shuffling, ``batch_size`` samples at a time; each teacher runs once per batch, under
     ``no_grad`` and in eval mode (the ensemble's own guarantees). Builds are atomic (see the
-    module's docstring), so concurrent builders (e.g. DDP ranks) are safe: the first rename
-    wins and the others discard their copy.
+    module's docstring), so concurrent builders are safe: the first rename wins and the others
+    discard their copy. With ``world_size > 1`` the ranks share the work instead: each runs the
+    teachers over its contiguous share of each split's batches only
+    (:func:`~kd_lightning.teachers.cache_parts.row_range`), into a part that outlives a killed
+    build, and one rank merges the parts into the cache a single process would have written
+    (:mod:`~kd_lightning.teachers.cache_parts`).
 
     Args:
         ensemble: the teachers; their outputs are cached exactly as the ensemble returns them.
@@ -195,6 +212,12 @@ def build_output_cache(
         device: where the teachers run while building; the ensemble's device by default.
         missing: ``"error"`` raises :class:`StaleCacheError` instead of building, naming what
             changed when an older cache of the same teachers is found.
+        rank: this process's rank among the ``world_size`` processes building the cache.
+        world_size: how many processes (e.g. ``torchrun`` ranks) share the build; each must
+            call this with the same teachers, data and ``top_k``.
+        wait_s: with ``world_size > 1``, seconds to wait for the other ranks' parts once this
+            rank's part is done, before raising
+            :class:`~kd_lightning.teachers.cache_parts.MissingPartsError` naming the missing parts.
 
     Example:
         >>> import tempfile
@@ -207,6 +230,9 @@ def build_output_cache(
         ...     torch.allclose(cache.logits("train", torch.tensor([3, 1])), ensemble(x[[3, 1]]))
         True
     """
+    check_rank(rank, world_size)
+    if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not wait_s >= 0:
+        raise ValueError(f"wait_s must be a non-negative number of seconds, got {wait_s!r}")
     key, description = cache_fingerprint(ensemble, datasets, top_k)
     root = Path(root)
     final = root / key
@@ -218,31 +244,36 @@ def build_output_cache(
         raise ValueError(f"missing must be 'build' or 'error', got {missing!r}")
     if final.exists():
         raise CorruptCacheError(f"{final} exists without a {MANIFEST}: delete it to rebuild")
+    sizes = {split: len(data) for split, data in sorted(datasets.items())}  # type: ignore[arg-type]
+    empty = [split for split, size in sizes.items() if size == 0]
+    if empty:
+        raise ValueError(f"split {empty[0]!r} has no samples: there is nothing to cache")
     root.mkdir(parents=True, exist_ok=True)
-    partial = (
-        root / f"{PARTIAL_PREFIX}{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    )
-    partial.mkdir()
-    try:
-        target = torch.device(device) if device is not None else _device_of(ensemble)
-        ensemble.to(target)
-        adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
-        splits = {}
-        for split, dataset in sorted(datasets.items()):
-            loader = DataLoader(
-                dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn
-            )
-            splits[split] = _write_split(partial, split, ensemble, loader, adapter, top_k, target)
-        manifest = {
-            **description,
-            "fingerprint": key,
-            "splits": splits,
-            "files": {
-                split: [_files(split, k, top_k) for k in range(len(ensemble))] for split in splits
-            },
+    target = torch.device(device) if device is not None else _device_of(ensemble)
+    adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
+
+    def write_rows(directory: Path, split: str, rows: range) -> dict[str, Any]:
+        dataset = datasets[split]
+        if len(rows) != sizes[split]:
+            dataset = Subset(dataset, rows)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        return _write_split(directory, split, ensemble, loader, adapter, top_k, target)
+
+    files = {split: [_files(split, k, top_k) for k in range(len(ensemble))] for split in sizes}
+    ensemble.to(target)
+    if world_size > 1:
+        shares = {
+            split: [row_range(size, r, world_size, batch_size) for r in range(world_size)]
+            for split, size in sizes.items()
         }
+        build_in_parts(final, description, files, shares, write_rows, rank, wait_s)
+        return CachedTeachers(final, expected_fingerprint=key)
+    partial = partial_directory(root, key)
+    try:
+        splits = {split: write_rows(partial, split, range(size)) for split, size in sizes.items()}
+        manifest = {**description, "fingerprint": key, "splits": splits, "files": files}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _sync(partial)
+        sync_directory(partial)
         try:
             os.rename(partial, final)
         except OSError:
@@ -251,18 +282,6 @@ def build_output_cache(
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return CachedTeachers(final, expected_fingerprint=key)
-
-
-def _sync(directory: Path) -> None:
-    """Flush every file of ``directory``, then the directory, to disk (before the rename)."""
-    for path in directory.iterdir():
-        with open(path, "rb") as file:
-            os.fsync(file.fileno())
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _device_of(ensemble: TeacherEnsemble) -> torch.device:
@@ -299,18 +318,18 @@ def _missing_message(root: Path, key: str, description: dict[str, Any]) -> str:
 
 
 def remove_partial_builds(root: str | os.PathLike[str]) -> list[Path]:
-    """Delete partial builds under ``root`` left by dead processes of this host; return them."""
+    """Delete partial builds under ``root`` left by dead processes of this host; return them.
+
+    Partial caches and partial rank parts go; completed rank parts stay, for a relaunch to reuse.
+    """
+    root = Path(root)
     removed = []
-    host = socket.gethostname()
-    for path in Path(root).glob(f"{PARTIAL_PREFIX}*"):
-        owner = path.name.removeprefix(PARTIAL_PREFIX).partition("-")[2].rsplit("-", 2)
-        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
-            continue
-        try:
-            os.kill(int(owner[1]), 0)
-        except ProcessLookupError:
+    candidates = [
+        *root.glob(f"{PARTIAL_PREFIX}*"),
+        *root.glob(f"{PARTS_PREFIX}*/{PARTIAL_PREFIX}*"),
+    ]
+    for path in sorted(candidates):
+        if owner_is_dead(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
-        except PermissionError:
-            continue
     return removed
