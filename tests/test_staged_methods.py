@@ -144,6 +144,9 @@ def test_prokd_follows_the_trajectory_with_falling_temperature():
     temperatures = [module.temperature_at(step / 5) for step in range(6)]
     assert temperatures[0] == 5.0 and temperatures[-1] == 1.0
     np.testing.assert_allclose(temperatures, np.linspace(5.0, 1.0, 6))
+    # logged once per epoch: the last epoch's steps 4 and 5 ran at 1.8 and 1.0
+    assert trainer.callback_metrics["train/temperature"].item() == pytest.approx(1.4)
+    assert trainer.callback_metrics["train/teacher_checkpoint"].item() == 2.0
     trainer.test(module, data, verbose=False)
     assert module.current_checkpoint == 2 and module.loss.temperature == 1.0
 

@@ -139,14 +139,20 @@ class ProKDModule(DistillationModule):
         super().on_train_epoch_start()
         max_epochs = self.trainer.max_epochs or 1
         self.use_checkpoint(trajectory_index(self.current_epoch, max_epochs, len(self.checkpoints)))
+        self._temperatures: list[float] = []
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         total = max(1, int(self.trainer.estimated_stepping_batches) - 1)
         self.loss.temperature = self.temperature_at(self.global_step / total)
-        self.log("train/temperature", self.loss.temperature, on_step=False, on_epoch=True)
-        self.log(
-            "train/teacher_checkpoint", float(self.current_checkpoint), on_step=False, on_epoch=True
-        )
+        self._temperatures.append(self.loss.temperature)
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's mean temperature and the teacher checkpoint it followed, once."""
+        super().on_train_epoch_end()
+        if self._temperatures:
+            mean = sum(self._temperatures) / len(self._temperatures)
+            self.log("train/temperature", mean, sync_dist=True)
+        self.log("train/teacher_checkpoint", float(self.current_checkpoint), sync_dist=True)
 
     def on_test_start(self) -> None:
         self.use_checkpoint(len(self.checkpoints) - 1)
