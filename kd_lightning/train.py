@@ -10,7 +10,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import lightning as L
@@ -89,7 +89,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         baseline_accuracy = train_baseline(cfg, datamodule)
 
     summary = build_summary(
-        module.teacher_names,
+        cast(list[str], module.teacher_names),  # every method's module names its teachers
         test_metrics,
         baseline_accuracy,
         choices(cfg),
@@ -106,10 +106,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def train_baseline(cfg: DictConfig, datamodule: LightningDataModule) -> float:
-    """Train the student architecture from scratch on labels alone; return its test accuracy."""
+    """Train the method's trained architecture (the student, or for ``tfkd variant=reverse`` the
+    teacher's) from scratch on labels alone; return its test accuracy."""
     L.seed_everything(cfg.seed, workers=True)
     module = ClassifierModule(
-        instantiate(cfg.student),
+        instantiate(method_for(cfg).trained_model(cfg)),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
@@ -137,10 +138,11 @@ def last_checkpoint(trainer: Trainer) -> str | None:
     return str(path)
 
 
+@rank_zero_only
 def finish_wandb_runs(loggers: list[Any]) -> None:
     """Close W&B runs now, so a next ``train`` call in this process starts its own run."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:
+        if isinstance(logger, WandbLogger):
             logger.experiment.finish()
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 from torch import nn
 
-from kd_lightning.app.methods import MethodContext, build_method
+from kd_lightning.app.methods import MethodContext, build_method, method_for
 from kd_lightning.functional import tfkd_virtual_loss, virtual_teacher_probs
 from kd_lightning.models import CNN1D, MLP
 from kd_lightning.modules import DistillationModule, VirtualTeacherModule
@@ -114,3 +115,14 @@ def test_tfkd_variant_runs_end_to_end(tmp_path, variant):
     stored = load_file(str(Path(cfg.paths.output_dir) / "stages" / "tfkd-student.safetensors"))
     for key, value in frozen.state_dict().items():
         torch.testing.assert_close(value, stored[key])  # the pretrained stage teaches, unchanged
+
+
+def test_the_scratch_baseline_of_reverse_tfkd_trains_the_teacher_architecture(tmp_path):
+    for variant, trained in (("reverse", CNN1D), ("self", MLP), ("virtual", MLP)):
+        cfg = compose_config(
+            tmp_path, [*FAST, "method=tfkd", f"method.variant={variant}", "teachers=[cnn]"]
+        )
+        model = instantiate(method_for(cfg).trained_model(cfg))
+        assert type(model) is trained, variant
+    cfg = compose_config(tmp_path, [*FAST, "teachers=[cnn]"])
+    assert type(instantiate(method_for(cfg).trained_model(cfg))) is MLP

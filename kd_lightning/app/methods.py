@@ -24,7 +24,13 @@ from kd_lightning.app.online_methods import (
     build_ffl,
     build_okddip,
 )
-from kd_lightning.app.staged_methods import build_prokd, build_prokt, build_takd, build_tfkd
+from kd_lightning.app.staged_methods import (
+    build_prokd,
+    build_prokt,
+    build_takd,
+    build_tfkd,
+    tfkd_trained_model,
+)
 from kd_lightning.modules import DistillationModule
 from kd_lightning.teachers import TeacherEnsemble
 from kd_lightning.teachers.cached import CachedTeachers
@@ -43,14 +49,24 @@ class MethodContext:
     stage_dir: Path
 
 
+def student_model(cfg: DictConfig) -> DictConfig:
+    """The model config of the network a method trains and reports: ``cfg.student``."""
+    return cfg.student
+
+
 @dataclass(frozen=True)
 class Method:
-    """One value of the ``method`` config group; ``reads_cache``: with ``cache=true`` its builder
-    takes :class:`CachedTeachers` (teacher logits read by sample index) instead of live teachers."""
+    """One value of the ``method`` config group.
+
+    ``reads_cache``: with ``cache=true`` its builder takes :class:`CachedTeachers` (teacher logits
+    read by sample index) instead of live teachers. ``trained_model``: the model config of the
+    network it trains and reports, which the scratch baseline (``baseline=true``) trains too.
+    """
 
     build: Callable[[MethodContext], LightningModule]
     needs_teachers: bool = True
     reads_cache: bool = False
+    trained_model: Callable[[DictConfig], DictConfig] = student_model
 
 
 def build_ensemble(context: MethodContext) -> LightningModule:
@@ -77,7 +93,7 @@ METHODS: dict[str, Method] = {
     "takd": Method(build_takd),
     "prokt": Method(build_prokt, needs_teachers=False),  # builds its own first teacher
     "prokd": Method(build_prokd, needs_teachers=False),
-    "tfkd": Method(build_tfkd, needs_teachers=False),
+    "tfkd": Method(build_tfkd, needs_teachers=False, trained_model=tfkd_trained_model),
     # online methods: peers train together, no pretrained teacher
     "dml": Method(build_dml, needs_teachers=False),
     "codistillation": Method(build_codistillation, needs_teachers=False),

@@ -169,8 +169,7 @@ def build_tfkd(context: MethodContext) -> LightningModule:
             **optimisation(cfg),
         )
     loss = instantiate(method.loss, fusion=SINGLE_TEACHER_FUSION)  # checked before the stage
-    if variant == "reverse":
-        _, teacher_cfg = first_teacher_config(cfg)
+    trained_model = tfkd_trained_model(cfg)  # checked before the stage
     L.seed_everything(cfg.seed + 1, workers=True, verbose=False)
     pretrained: nn.Module = instantiate(cfg.student)
     run_stage(
@@ -186,11 +185,19 @@ def build_tfkd(context: MethodContext) -> LightningModule:
         return DistillationModule(context.student, {"self": pretrained}, loss, **optimisation(cfg))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return DistillationModule(
-        instantiate(teacher_cfg.model),
+        instantiate(trained_model),
         {"pretrained_student": pretrained},
         loss,
         **optimisation(cfg),
     )
+
+
+def tfkd_trained_model(cfg: DictConfig) -> DictConfig:
+    """The network ``method=tfkd`` trains: the first teacher's architecture for
+    ``variant=reverse``, else the student."""
+    if cfg.method.get("variant") == "reverse":
+        return first_teacher_config(cfg)[1].model
+    return cfg.student
 
 
 def optimisation(cfg: DictConfig) -> dict[str, Any]:

@@ -203,7 +203,9 @@ def build_teachers(cfg: DictConfig, datamodule: LightningDataModule) -> TeacherE
             class_maps[name] = class_map
     num_classes = cfg.get("num_classes") if class_maps else None
     runtime: dict[str, Any] = OmegaConf.to_container(cfg.get("teacher_runtime") or {})  # type: ignore[assignment]
-    runtime.pop("shard_across_ranks", None)  # the module's option (DistillationModule.shard_teachers)
+    runtime.pop(
+        "shard_across_ranks", None
+    )  # the module's option (DistillationModule.shard_teachers)
     unknown = sorted(set(runtime) - set(RUNTIME_OPTIONS))
     if unknown:
         raise ValueError(

@@ -158,7 +158,9 @@ def sharding_problems(cfg: DictConfig) -> list[str]:
     problems = []
     method = cfg.method.get("name")
     if method != "ensemble":
-        problems.append(f"{key}: method={method} does not shard teachers; only method=ensemble does")
+        problems.append(
+            f"{key}: method={method} does not shard teachers; only method=ensemble does"
+        )
     if cfg.get("cache"):
         problems.append(f"{key}: cache=true reads the teachers' outputs, no teacher runs to shard")
     if (cfg.get("fusion") or {}).get("run_drawn_only"):
