@@ -27,6 +27,8 @@ class _HintAdapter(nn.Module):
     rebuilds its adapters from a state dict.
     """
 
+    teacher_shape: Tensor
+
     def __init__(self, teacher_shape: tuple[int, ...], proj: nn.Module) -> None:
         super().__init__()
         self.register_buffer("teacher_shape", torch.tensor(teacher_shape, dtype=torch.long))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ def accuracy_bars(
     values = 100 * np.asarray(means, dtype=float)
     errors = 100 * np.nan_to_num(np.asarray(stds, dtype=float))
     ax.barh(rows, values, xerr=errors, color="#4c72b0", ecolor="black", capsize=3)
-    for row, value, error in zip(rows, values, errors, strict=True):
+    for row, (value, error) in enumerate(zip(values, errors, strict=True)):
         ax.text(value + error + 0.3, row, f"{value:.1f}", va="center", fontsize=8)
     if reference is not None:
         ax.axvline(100 * reference, color="#c44e52", linestyle="--", label="scratch baseline")
@@ -139,7 +139,7 @@ def accuracy_bars(
 
 
 def metric_curves(
-    panels: dict[str, dict[str, Sequence[float]]],
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
     ylabel: str,
     title: str,
     percent: bool = True,

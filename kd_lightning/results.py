@@ -151,7 +151,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def table_rows(entries: Sequence[Entry], summaries: dict[str, list[dict]]) -> list[dict[str, Any]]:
     """One row per entry with runs: the scratch baseline first, then the entries in order."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     headline = summaries.get(HEADLINE, [])
     baselines = [s["test_accuracy"]["baseline"] for s in headline]
     if baselines:
@@ -377,17 +377,15 @@ def log_to_wandb(out: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Path
 
     from kd_lightning.loggers import resolve_wandb_mode
 
-    columns = ["group", "label", "n", "mean", "std", "gain", "wall_s"]
+    columns = ("group", "label", "n", "mean", "std", "gain", "wall_s")
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT", "kd_lightning"),
         job_type="results",
-        mode=resolve_wandb_mode(),
+        mode=resolve_wandb_mode(),  # type: ignore[arg-type]  # a str checked against WANDB_MODES
         dir=str(out),
     )
-    run.log(
-        {"results": wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])}
-        | {path.stem: wandb.Image(str(path)) for path in plots}
-    )
+    table = wandb.Table(columns=list(columns), data=[[row[c] for c in columns] for row in rows])
+    run.log({"results": table} | {path.stem: wandb.Image(str(path)) for path in plots})
     run.finish()
 
 

@@ -37,8 +37,8 @@ class FusionRule(nn.Module, ABC):
     Subclasses implement :meth:`weights`; the default :meth:`target` mixes the teachers'
     temperature-scaled probabilities, ``Σ_k ŵ_k softmax(z_k / T)`` with ``ŵ = w / Σ_k w_k``.
     Rules that need the ground truth set ``needs_labels = True``; rules whose weights depend on the
-    student (e.g. AE-KD) set ``needs_student = True`` and receive ``student_logits`` in
-    :meth:`weights`.
+    student (e.g. AE-KD) set ``needs_student = True``, add an optional ``student_logits`` keyword
+    to their :meth:`weights` and override :meth:`_rule_weights` to pass it on.
 
     Both outputs serve the two ways of distilling from several teachers: ``kl_T(target, s)``
     ("target" mode) or ``Σ_k w_k kl_T(p_k, s)`` ("loss" mode). For weights that do not depend on
@@ -119,19 +119,15 @@ class FusionRule(nn.Module, ABC):
         return Fusion(weights=weights, target=self.target(logits, weights, temperature))
 
     @abstractmethod
-    def weights(
-        self,
-        teacher_logits: Tensor,
-        labels: Tensor | None,
-        student_logits: Tensor | None = None,
-    ) -> Tensor:
+    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
         """Per-teacher weights.
+
+        A rule with ``needs_student`` adds an optional ``student_logits`` keyword (float32
+        ``(*batch, C)``), which its override of :meth:`_rule_weights` fills in.
 
         Args:
             teacher_logits: Float32 teacher logits ``(K, *batch, C)``.
             labels: Int64 class indices ``(*batch)``, or ``None``.
-            student_logits: Float32 student logits ``(*batch, C)``, passed (by keyword) only to
-                rules with ``needs_student``; other rules may leave it out of their signature.
 
         Returns:
             Non-negative float32 weights ``(*batch, K)``.
@@ -144,9 +140,11 @@ class FusionRule(nn.Module, ABC):
         temperature: float,
         student_logits: Tensor | None,
     ) -> Tensor:
-        """Call :meth:`weights` for :meth:`forward`; a rule needing the temperature overrides it."""
-        if self.needs_student:
-            return self.weights(teacher_logits, labels, student_logits=student_logits)
+        """Call :meth:`weights` for :meth:`forward`.
+
+        A rule needing the temperature or the student's logits (checked and cast to float32 by
+        :meth:`forward` when ``needs_student``) overrides it to pass them to its :meth:`weights`.
+        """
         return self.weights(teacher_logits, labels)
 
     @property

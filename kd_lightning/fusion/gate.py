@@ -62,8 +62,8 @@ class LearnedGate(FusionRule):
             raise ValueError(f"LearnedGate: feature_dim must be >= 1, got {feature_dim}")
         self.num_teachers = int(num_teachers)
         self.student_layer = student_layer
-        self.theta: nn.Parameter = UninitializedParameter()
-        self.gate: nn.Parameter = UninitializedParameter()
+        self.theta: nn.Parameter | UninitializedParameter = UninitializedParameter()
+        self.gate: nn.Parameter | UninitializedParameter = UninitializedParameter()
         self._features: Tensor | None = None
         self._bound = False
         if feature_dim is not None:
@@ -116,6 +116,15 @@ class LearnedGate(FusionRule):
         scores = torch.einsum("...d,kd,d->...k", beta, self.theta, self.gate)
         return F.softmax(scores, dim=-1)
 
+    def _rule_weights(
+        self,
+        teacher_logits: Tensor,
+        labels: Tensor | None,
+        temperature: float,
+        student_logits: Tensor | None,
+    ) -> Tensor:
+        return self.weights(teacher_logits, labels, student_logits=student_logits)
+
     def _beta(self, student_logits: Tensor) -> Tensor:
         if self.student_layer is None:
             return student_logits.detach().float()
@@ -133,11 +142,14 @@ class LearnedGate(FusionRule):
         return features
 
     def _initialise(self, feature_dim: int, device: torch.device | None = None) -> None:
-        self.theta.materialize((self.num_teachers, feature_dim), device=device)
-        self.gate.materialize((feature_dim,), device=device)
+        theta, gate = self.theta, self.gate
+        assert isinstance(theta, UninitializedParameter)  # callers initialise only once
+        assert isinstance(gate, UninitializedParameter)
+        theta.materialize((self.num_teachers, feature_dim), device=device)
+        gate.materialize((feature_dim,), device=device)
         with torch.no_grad():
-            self.theta.normal_(0.0, 1.0)
-            self.gate.normal_(0.0, 0.01 / math.sqrt(feature_dim))
+            theta.normal_(0.0, 1.0)
+            gate.normal_(0.0, 0.01 / math.sqrt(feature_dim))
 
     def _materialise_from_state(
         self, module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: object

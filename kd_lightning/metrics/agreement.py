@@ -42,6 +42,17 @@ class TeacherAgreement(Metric):
     is_differentiable = False
     higher_is_better = None
 
+    total: Tensor
+    weighted_total: Tensor
+    student_correct: Tensor
+    ensemble_correct: Tensor
+    teacher_correct: Tensor
+    student_agree: Tensor
+    pairwise_agree: Tensor
+    kl_sum: Tensor
+    weight_sum: Tensor
+    jsd_sum: Tensor
+
     def __init__(self, num_teachers: int, **kwargs: object) -> None:
         super().__init__(**kwargs)
         if num_teachers < 1:
