@@ -169,3 +169,23 @@ def test_bad_inputs_are_refused(batch):
         loss(student, teachers, labels.float())
     with pytest.raises(ValueError, match="stacked as"):
         loss(student, teachers[0], labels)
+
+
+def test_padding_found_whatever_ignore_index_is(batch):
+    """A batch without padding takes the unmasked path; padding is found even when ignore_index
+    is a class index, and a padded position changes nothing."""
+    student, teachers, labels = batch
+    labels = torch.tensor([1, 0, 2, 0, 3, 4])
+    for ignore_index in (-100, 0, 7):
+        loss = DistillationLoss("entropy", alpha=0.5, ignore_index=ignore_index)
+        padded = labels == ignore_index
+        out = loss(student, teachers, labels)
+        real = ~padded
+        alone = DistillationLoss("entropy", alpha=0.5)(
+            student[real], teachers[:, real], labels[real]
+        )
+        torch.testing.assert_close(out.loss, alone.loss)
+        torch.testing.assert_close(out.weights[real], alone.weights)
+        assert bool((out.weights[padded] == 0).all())
+    with pytest.raises(ValueError, match=r"\(besides ignore_index=7\).*from -1 to 4"):
+        DistillationLoss(ignore_index=7)(student, teachers, torch.tensor([1, 7, 2, -1, 3, 4]))

@@ -26,6 +26,10 @@ class MeanProbabilities(FusionRule):
         """Weights ``1/K`` for every teacher; see :class:`FusionRule`."""
         return uniform_weights(teacher_logits)
 
+    def target(self, teacher_logits: Tensor, weights: Tensor, temperature: float) -> Tensor:
+        """``(1/K) Σ_k softmax(z_k / T)``: the weights are uniform, so a plain mean."""
+        return F.softmax(teacher_logits / temperature, dim=-1).mean(dim=0)
+
 
 class MeanLogits(FusionRule):
     """Softmax of the mean logit, ``softmax((1/K) Σ_k z_k / T)``.
