@@ -51,12 +51,16 @@ class RunningMeans:
             )
         device = values[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        value = torch.stack([v.detach().reshape(()) for v in values]).to(dtype)
-        weight = torch.stack(
-            [torch.as_tensor(w, device=device).detach().reshape(()).to(dtype) for w in weights]
-        )
-        step = torch.stack([value * weight, weight])
-        self._totals = step if self._totals is None else self._totals + step
+        with torch.no_grad():  # a handful of kernels per step, none recorded by autograd
+            value = torch.stack([v.reshape(()) if v.ndim else v for v in values]).to(dtype)
+            if any(isinstance(w, Tensor) for w in weights):
+                weight = torch.stack(
+                    [torch.as_tensor(w, device=device).reshape(()).to(dtype) for w in weights]
+                )
+            else:
+                weight = torch.tensor(weights, dtype=dtype, device=device)
+            step = torch.stack([value * weight, weight])
+            self._totals = step if self._totals is None else self._totals.add_(step)
 
     def compute(
         self, reduce: Reduce | None = None, device: torch.device | None = None
