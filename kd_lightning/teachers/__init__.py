@@ -1,8 +1,8 @@
 """Frozen teachers: the ensemble, input transforms, safe loading of their weights, and the
 teacher-output cache."""
 
+from kd_lightning.teachers.class_maps import MISSING_CLASS_LOGIT_GAP
 from kd_lightning.teachers.ensemble import (
-    MISSING_CLASS_LOGIT_GAP,
     InputTransform,
     OutputAdapter,
     TeacherEnsemble,

@@ -11,19 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.errors import TeacherOutputError
+from kd_lightning.teachers.class_maps import check_class_map, map_classes
 from kd_lightning.teachers.loading import load_teacher
 from kd_lightning.teachers.runtime import StackedForward, teacher_context
 from kd_lightning.teachers.runtime import autocast_dtype as _autocast_dtype
 
 OutputAdapter = Callable[[Any], Tensor]
 InputTransform = Callable[[Any], Any]
-
-#: A class the teacher does not know gets the logit ``row max − MISSING_CLASS_LOGIT_GAP``.
-#: Relative to the row and finite, so its probability is at most ``exp(−gap / T)`` (below 4e-44
-#: for any temperature T ≤ 100; 0 in float32 for T ≤ 95), while every divergence, entropy and
-#: cross-entropy stays finite: no ``−inf`` (``0 · ∞ = NaN``) and no ``float32.min`` that would
-#: overflow once squared (logit MSE) or multiplied by T² (reverse KL).
-MISSING_CLASS_LOGIT_GAP = 1e4
 
 
 def attribute_adapter(name: str) -> OutputAdapter:
@@ -165,7 +159,7 @@ class TeacherEnsemble(nn.Module):
             name: t for name, t in transforms.items() if not isinstance(t, nn.Module)
         }
         self.class_maps: dict[str, tuple[int, ...]] = {
-            name: _check_class_map(name, class_map, self.num_classes)
+            name: check_class_map(name, class_map, self.num_classes)
             for name, class_map in (class_maps or {}).items()
             if class_map is not None
         }
@@ -355,10 +349,7 @@ class TeacherEnsemble(nn.Module):
             )
         index: Tensor = getattr(self, _index_buffer(name))
         classes = len(class_map) if self.num_classes is None else self.num_classes
-        gap = output.amax(dim=-1, keepdim=True) - MISSING_CLASS_LOGIT_GAP
-        mapped = gap.expand(*output.shape[:-1], classes).clone()
-        mapped[..., index] = output
-        return mapped
+        return map_classes(output, index, classes)
 
     def _width_hint(self, first_name: str, name: str, first_width: int, width: int) -> str:
         if first_width == width:
@@ -400,41 +391,3 @@ class _TeacherView(nn.Module):
 
 def _index_buffer(name: str) -> str:
     return f"_class_index_{name}"
-
-
-def _check_class_map(name: str, class_map: Any, num_classes: int | None) -> tuple[int, ...]:
-    """Validate ``class_maps[name]`` and return it as a tuple of ints."""
-    label = f"class_maps['{name}']"
-    if isinstance(class_map, Tensor):
-        class_map = class_map.tolist()
-    if isinstance(class_map, str | bytes | Mapping) or not isinstance(class_map, Iterable):
-        raise TypeError(
-            f"{label} must be a sequence of student class indices, got {type(class_map).__name__}"
-        )
-    values = list(class_map)
-    if not values:
-        raise ValueError(f"{label} is empty: give the student class of each teacher class")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{label} must hold integer class indices, got {value!r}")
-    indices = [int(value) for value in values]
-    duplicates = sorted({index for index in indices if indices.count(index) > 1})
-    if duplicates:
-        raise ValueError(
-            f"{label} maps several teacher classes to the same student class: duplicates "
-            f"{duplicates} in {indices}"
-        )
-    upper = len(indices) if num_classes is None else num_classes
-    outside = [index for index in indices if not 0 <= index < upper]
-    if num_classes is not None and outside:
-        raise ValueError(
-            f"{label} has indices outside [0, num_classes) = [0, {num_classes}): {outside}"
-        )
-    if any(index < 0 for index in indices):
-        raise ValueError(f"{label} has negative indices: {[i for i in indices if i < 0]}")
-    if outside:
-        raise ValueError(
-            f"{label} = {indices} covers a subset of the student's classes (it is not a "
-            f"permutation of 0..{len(indices) - 1}): pass num_classes=<the student's class count>"
-        )
-    return tuple(indices)
