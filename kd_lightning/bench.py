@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kd_lightning.bench_fast_paths import CALLS, ROUNDS, format_fast_paths, time_fast_paths
 from kd_lightning.bench_memory import probe_in_subprocess
 from kd_lightning.data import MNIST1DDataModule
 from kd_lightning.data.indexed import indexed_loader
@@ -543,7 +544,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="also measure each workload's memory alone, in a fresh process (a few s each)",
     )
+    parser.add_argument(
+        "--fast-paths",
+        action="store_true",
+        help="instead, time one ensemble forward under each teacher fast path",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="with --fast-paths: also time torch.compile"
+    )
     args = parser.parse_args(argv)
+    if args.fast_paths:
+        report = fast_paths_report(args.batch_size, args.threads, args.compile, args.seed)
+        print(report["title"] + "\n\n" + format_fast_paths(report["ms_per_forward"]))
+    else:
+        report = epochs_report(args)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def fast_paths_report(
+    batch_size: int, threads: int | None, compile: bool, seed: int
+) -> dict[str, Any]:
+    """``kd-bench --fast-paths``: :func:`~kd_lightning.bench_fast_paths.time_fast_paths` with the
+    machine it ran on."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = time_fast_paths(device, batch_size=batch_size, compile=compile, seed=seed)
+    info = machine(torch.get_num_threads(), device)
+    title = (
+        f"ms per ensemble forward, batch {batch_size}, median of {ROUNDS} rounds of {CALLS} "
+        f"calls; "
+        f"{info.get('gpu', info['processor'])}, torch {info['torch']}, "
+        f"{info['threads']} threads, device {device}"
+    )
+    return {"machine": info, "title": title, "ms_per_forward": table}
+
+
+def epochs_report(args: argparse.Namespace) -> dict[str, Any]:
+    """The default ``kd-bench``: epochs of every workload, printed as a table."""
     # Lightning's start-up banners say nothing about cost; keep the report readable.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"lightning\.")
@@ -559,9 +599,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         memory_probe=args.memory,
     )
     print(format_report(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 if __name__ == "__main__":

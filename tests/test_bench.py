@@ -95,3 +95,22 @@ def test_a_failing_workload_stops_the_benchmark(monkeypatch):
     with pytest.raises(RuntimeError, match="failed") as info:
         run_benchmark(epochs=2, warmup=0, **TINY)
     assert isinstance(info.value.__cause__, OSError)
+
+
+def test_fast_paths_prints_and_writes_one_time_per_ensemble_and_option(
+    tmp_path, capsys, monkeypatch
+):
+    from functools import partial
+
+    from kd_lightning.bench_fast_paths import time_fast_paths
+
+    small = partial(time_fast_paths, calls=2, repeats=1, sizes=(2,), kinds=("mlp", "cnn"))
+    monkeypatch.setattr(bench, "time_fast_paths", small)
+    main(["--fast-paths", "--threads", "1", "--json", str(tmp_path / "fast.json")])
+    printed = capsys.readouterr().out
+    assert "| teachers | loop | inference mode | stacked | bf16 autocast |" in printed
+    report = json.loads((tmp_path / "fast.json").read_text())
+    times = report["ms_per_forward"]
+    assert list(times) == ["2 × mlp", "2 × cnn"]
+    assert all(ms > 0 for row in times.values() for ms in row.values())
+    assert report["machine"]["threads"] == 1
