@@ -39,12 +39,14 @@ class DistillationOutput:
         soft: the distillation term.
         weights: per-position, per-teacher fusion weights, shape ``(*batch, K)`` (``(B, K)``
             or ``(B, L, K)``); zero at padded positions.
+        real: ``(*batch)``, true at real (not padded) positions; ``None`` when none is padded.
     """
 
     loss: Tensor
     hard: Tensor
     soft: Tensor
     weights: Tensor
+    real: Tensor | None = None
 
 
 class DistillationLoss(nn.Module):
@@ -159,7 +161,7 @@ class DistillationLoss(nn.Module):
             soft = torch.where(real, per_position, 0.0).sum() / count
             loss = (1.0 - self.alpha) * hard + self.alpha * soft
         weights = torch.where(real.unsqueeze(-1), fusion.weights, 0.0)
-        return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=weights)
+        return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=weights, real=real)
 
     def _soft_term(
         self, student: Tensor, teachers: Tensor, weights: Tensor, target: Tensor

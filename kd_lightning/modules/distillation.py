@@ -255,11 +255,17 @@ class DistillationModule(EpochMeans):
                 heads=self._hint_heads,
             )
             total = total + self.hints.weight * hint
-        real = labels != self.loss.ignore_index  # padded tokens count for nothing
-        tokens = real.sum()
-        correct = ((student_logits.argmax(-1) == labels) & real).sum()
+        hits = student_logits.argmax(-1) == labels
+        tokens: Tensor | float
+        if out.real is None:
+            tokens = float(labels.numel())
+            accuracy = hits.sum() / max(tokens, 1.0)
+        else:  # padded tokens count for nothing
+            real_tokens = out.real.sum()
+            accuracy = (hits & out.real).sum() / real_tokens.clamp_min(1)
+            tokens = real_tokens
         size = float(labels.shape[0])  # epoch means weigh batches by size, as Lightning's do
-        values = [total, out.hard, out.soft, correct / tokens.clamp_min(1)]
+        values = [total, out.hard, out.soft, accuracy]
         weights: list[Tensor | float] = [size, size, size, tokens]
         if hint is not None:
             values.append(hint)
@@ -273,7 +279,7 @@ class DistillationModule(EpochMeans):
             "fusion_weights": out.weights.detach(),
         }
         if labels.ndim > 1:  # sequence batches: which positions are real tokens
-            outputs["mask"] = real
+            outputs["mask"] = torch.ones_like(hits) if out.real is None else out.real
         if teacher_logits.shape[0] != len(self.teacher_names):  # one drawn teacher ran alone
             del outputs["teacher_logits"], outputs["fusion_weights"]
         return outputs
