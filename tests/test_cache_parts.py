@@ -257,7 +257,7 @@ LIGHTNING_DDP_RANK_1 = {"LOCAL_RANK": "1", "NODE_RANK": "0", "WORLD_SIZE": "2"}
 
 
 def test_open_output_cache_shares_the_build_under_torchrun_only(tmp_path, monkeypatch):
-    cfg = compose_config(tmp_path, [*FAST, "cache=true"])
+    cfg = compose_config(tmp_path, [*FAST, "cache=true", "cache_wait_s=90"])
     calls: list[dict] = []
 
     def capture(teachers, datasets, root, **options):
@@ -276,3 +276,4 @@ def test_open_output_cache_shares_the_build_under_torchrun_only(tmp_path, monkey
             app_output_cache.open_output_cache(cfg, teachers, data)
     assert [(call["rank"], call["world_size"]) for call in calls] == [(0, 1), (0, 1), (1, 2)]
     assert all(call["device"] == torch.device("cpu") for call in calls)
+    assert all(call["wait_s"] == 90.0 for call in calls)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.environments import TorchElasticEnvironment
@@ -81,6 +83,19 @@ def build_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def gpu_of(local_rank: int, devices: Any) -> int:
+    """The GPU index of local rank ``local_rank``: ``devices[local_rank]`` when ``trainer.devices``
+    lists GPUs, as Lightning maps them; else ``local_rank`` (modulo the GPUs present).
+
+    Example:
+        >>> gpu_of(1, [2, 3])  # trainer.devices=[2,3]: local rank 1 runs on GPU 3
+        3
+    """
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        return int(devices[local_rank])
+    return local_rank % max(1, torch.cuda.device_count())
+
+
 def open_output_cache(
     cfg: DictConfig, teachers: TeacherEnsemble, datamodule: LightningDataModule
 ) -> CachedTeachers:
@@ -105,7 +120,7 @@ def open_output_cache(
     rank, world_size, local_rank = build_ranks()
     device = torch.device("cpu")
     if wants_gpu and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", gpu_of(local_rank, cfg.trainer.get("devices")))
     train_loader = loaders["train"]
     try:
         cache = build_output_cache(
@@ -119,6 +134,7 @@ def open_output_cache(
             missing="build" if cfg.get("cache_build", True) else "error",
             rank=rank,
             world_size=world_size,
+            wait_s=float(cfg.get("cache_wait_s", 3600)),
         )
     except NondeterministicDataError as error:
         raise ValueError(f"cache=true: data={cfg.data._target_}: {error}") from error
