@@ -50,8 +50,13 @@ def _exchange_on_rank(rank: int, out: str, init: str) -> None:
         inputs = torch.randn(3 + 2 * rank, NUM_FEATURES)  # ranks' batches differ: 3 and 5
         sharded = ShardedTeachers(ensemble, rank=rank, world_size=2)
         logits = sharded(inputs)
+        refused = ""
+        try:
+            sharded(torch.randn(2, NUM_FEATURES + rank))  # the ranks' features differ
+        except ValueError as error:
+            refused = str(error)
         torch.save(
-            {"inputs": inputs, "logits": logits, "held": sharded.local.names},
+            {"inputs": inputs, "logits": logits, "held": sharded.local.names, "refused": refused},
             Path(out) / f"rank{rank}.pt",
         )
     finally:
@@ -68,6 +73,7 @@ def test_two_ranks_receive_every_teachers_logits_on_their_own_samples(tmp_path):
         held.append(result["held"])
         assert result["logits"].shape == (3, 3 + 2 * rank, NUM_CLASSES)
         torch.testing.assert_close(result["logits"], ensemble(result["inputs"]))
+        assert "differ beyond the batch dimension: [(2, 8), (2, 9)]" in result["refused"]
     assert held == [["a", "c"], ["b"]]
 
 

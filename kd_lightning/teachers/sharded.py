@@ -42,7 +42,7 @@ class ShardedTeachers(nn.Module):
     result is what the whole ensemble gives on the local batch: ``(K, B, *S)``.
 
     Every rank must call :meth:`forward` at the same steps, as data-parallel training does. Inputs
-    must be one tensor; local batch sizes may differ between ranks.
+    must be one tensor of the same shape on every rank but for the batch size.
 
     Args:
         ensemble: every teacher; only this rank's shard is kept (the same modules, not copies).
@@ -115,10 +115,17 @@ class ShardedTeachers(nn.Module):
         return self._exchange(local_logits, sizes)
 
     def _gather_sizes(self, inputs: Tensor) -> list[int]:
-        size = torch.tensor([inputs.shape[0]], device=inputs.device)
-        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        dist.all_gather(sizes, size, group=self.group)
-        return [int(s) for s in sizes]
+        """Every rank's batch size, after checking that the ranks' inputs agree on the rest."""
+        shape = torch.tensor(inputs.shape, device=inputs.device)
+        shapes = [torch.zeros_like(shape) for _ in range(self.world_size)]
+        dist.all_gather(shapes, shape, group=self.group)
+        if len({tuple(s[1:].tolist()) for s in shapes}) > 1:
+            raise ValueError(
+                f"sharded teachers gather the ranks' inputs into one batch, but their shapes "
+                f"differ beyond the batch dimension: {[tuple(s.tolist()) for s in shapes]} "
+                f"(pad sequences to one length on every rank)"
+            )
+        return [int(s[0]) for s in shapes]
 
     def _gather_inputs(self, inputs: Tensor, sizes: list[int]) -> Tensor:
         largest = max(sizes)
