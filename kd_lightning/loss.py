@@ -132,35 +132,31 @@ class DistillationLoss(nn.Module):
         """Compute the objective from student logits ``(*batch, C)``, teacher logits
         ``(K, *batch, C)`` and labels ``(*batch)``; labels equal to ``ignore_index`` are padding."""
         padded = check_shapes(student_logits, teacher_logits, labels, self.ignore_index)
+        real = labels != self.ignore_index if padded else None  # None: no mask, fewer kernels
         with _float32_region(student_logits.device.type):
-            if not padded:  # the common case, without a mask: the same values, fewer kernels
-                student, teachers = student_logits.float(), teacher_logits.float()
-                fusion = self.fusion(teachers, labels, self.temperature, student_logits=student)
-                hard = F.cross_entropy(student.reshape(-1, student.shape[-1]), labels.reshape(-1))
-                soft = self._soft_term(student, teachers, fusion.weights, fusion.target).mean()
-                loss = (1.0 - self.alpha) * hard + self.alpha * soft
-                return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=fusion.weights)
-            real = labels != self.ignore_index
-            count = real.sum().clamp_min(1)
-            # Padded positions hold neutral values from here on: whatever they held reaches no
-            # rule, no divergence and no gradient (``where`` passes no gradient to the other branch).
-            student = torch.where(real.unsqueeze(-1), student_logits.float(), 0.0)
-            teachers = torch.where(real.unsqueeze(-1), teacher_logits.float(), 0.0)
-            rule_labels = torch.where(real, labels, 0)
+            student, teachers, rule_labels = student_logits.float(), teacher_logits.float(), labels
+            if real is not None:
+                # Padded positions hold neutral values from here on: whatever they held reaches no
+                # rule, no divergence and no gradient (``where`` passes none to the other branch).
+                student = torch.where(real.unsqueeze(-1), student, 0.0)
+                teachers = torch.where(real.unsqueeze(-1), teachers, 0.0)
+                rule_labels = torch.where(real, labels, 0)
             fusion = self.fusion(teachers, rule_labels, self.temperature, student_logits=student)
-            hard = (
-                F.cross_entropy(
-                    student.reshape(-1, student.shape[-1]),
-                    labels.reshape(-1),
-                    ignore_index=self.ignore_index,
-                    reduction="sum",
-                )
-                / count
+            hard_sum = F.cross_entropy(
+                student.reshape(-1, student.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=self.ignore_index,
+                reduction="sum",
             )
             per_position = self._soft_term(student, teachers, fusion.weights, fusion.target)
-            soft = torch.where(real, per_position, 0.0).sum() / count
+            count: Tensor | int = max(labels.numel(), 1)
+            weights = fusion.weights
+            if real is not None:
+                count = real.sum().clamp_min(1)
+                per_position = torch.where(real, per_position, 0.0)
+                weights = torch.where(real.unsqueeze(-1), weights, 0.0)
+            hard, soft = hard_sum / count, per_position.sum() / count
             loss = (1.0 - self.alpha) * hard + self.alpha * soft
-        weights = torch.where(real.unsqueeze(-1), fusion.weights, 0.0)
         return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=weights, real=real)
 
     def _soft_term(

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from kd_lightning.app import output_cache as app_output_cache
 from kd_lightning.data import SyntheticDataModule
-from kd_lightning.teachers import ReverseSequence, TeacherEnsemble
+from kd_lightning.teachers import TeacherEnsemble
 from kd_lightning.teachers.cache_parts import (
     PART_MANIFEST,
     PARTS_PREFIX,
@@ -36,25 +36,12 @@ from kd_lightning.teachers.output_cache import (
 )
 
 from .app_helpers import FAST, compose_config
+from .test_output_cache import ensemble
 
 BATCH = 8
 # With 37 train and 9 val samples in batches of 8, rank 0 of 2 gets train batches 0-1 and val
 # batch 0; rank 1 the train batches 2-4 and val batch 1. Val rows carry ids 100 + row.
 RANK_ROWS = {0: [*range(0, 16), *range(100, 108)], 1: [*range(16, 37), 108]}
-
-
-def ensemble() -> TeacherEnsemble:
-    torch.manual_seed(0)
-    return TeacherEnsemble(
-        {
-            "wide": nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)),
-            "pair": nn.Linear(6, 3),
-            "flip": nn.Linear(6, 5),
-        },
-        input_transforms={"flip": ReverseSequence()},
-        class_maps={"pair": [4, 0, 2]},
-        num_classes=5,
-    )
 
 
 def splits() -> dict[str, Dataset]:
