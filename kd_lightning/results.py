@@ -303,7 +303,8 @@ def run_protocol(
     if teachers.returncode != 0:
         raise SystemExit("training the teachers failed; see the output above")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [(entry, seed) for entry in entries for seed in range(seeds)]
+    # Seed by seed, so that a stopped protocol leaves every entry with the same number of seeds.
+    jobs = [(entry, seed) for seed in range(seeds) for entry in entries]
     failures = []
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [
