@@ -12,6 +12,10 @@ over scratch, wall time, the commit and the machine) and ``<out>/*.png`` the plo
 * ``student_agreement.png`` — the student's top-1 agreement with each teacher over the epochs;
 * ``teacher_agreement.png`` — the pairwise teacher agreement on the test set.
 
+The table's rows are also kept in ``<out>/mnist1d.json``. An entry whose runs are not on this
+machine keeps its row from there (with the commit it was measured at), so a table grows across
+machines and sessions; rows of another preset are never mixed in.
+
 Presets: ``full`` (the reference recipe: augmentation, students 300 epochs, teachers 150,
 5 seeds), ``quick`` (the ``kd-train`` defaults, 5 seeds) and ``smoke`` (seconds per run, for CI).
 Example: ``kd-results --preset full --jobs 2``; ``--only fusion=mean_probs`` runs one entry
@@ -39,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from kd_lightning.app.config import CONFIG_DIR
+from kd_lightning.app.summary import write_json
 from kd_lightning.plots import accuracy_bars, agreement_heatmap, metric_curves
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -60,6 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Entries that need more than their own override to run as their papers do.
 EXTRA_OVERRIDES = {"fusion=aekd": ["method.loss.aggregation=loss"]}
 HEADLINE = "fusion=mean_probs"  # the default distillation; its runs also train the scratch baseline
+SCRATCH = "scratch (CE only)"
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ def run_one(entry: Entry, seed: int, out: Path, overrides: Sequence[str], thread
     if (directory / "summary.json").is_file():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "provenance.json", {"commit": git_commit()})
     command = [
         sys.executable,
         "-m",
@@ -133,9 +140,13 @@ def read_summaries(out: Path, entries: Sequence[Entry], seeds: int) -> dict[str,
     found: dict[str, list[dict]] = {}
     for entry in entries:
         for seed in range(seeds):
-            path = run_dir(out, entry, seed) / "summary.json"
-            if path.is_file():
-                found.setdefault(entry.label, []).append(json.loads(path.read_text()))
+            directory = run_dir(out, entry, seed)
+            if (directory / "summary.json").is_file():
+                summary = json.loads((directory / "summary.json").read_text())
+                provenance = directory / "provenance.json"
+                if provenance.is_file():
+                    summary["commit"] = json.loads(provenance.read_text())["commit"]
+                found.setdefault(entry.label, []).append(summary)
     return found
 
 
@@ -149,36 +160,53 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table_rows(entries: Sequence[Entry], summaries: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    """One row per entry with runs: the scratch baseline first, then the entries in order."""
+def commits(runs: Sequence[dict]) -> str:
+    """The commits that ``runs`` ran at, e.g. ``"3ab573d"``; ``"?"`` where none was recorded."""
+    return ", ".join(sorted({run.get("commit", "?") for run in runs}))
+
+
+def table_rows(
+    entries: Sequence[Entry],
+    summaries: dict[str, list[dict]],
+    previous: Sequence[dict[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """One row per entry: the scratch baseline first, then the entries in order.
+
+    An entry with runs gets the mean and std over them; one without keeps its row from
+    ``previous`` (an earlier table's rows), if it has one there. Gains are over the scratch row.
+    """
+    kept = {row["label"]: row for row in previous}
     rows: list[dict[str, Any]] = []
     headline = summaries.get(HEADLINE, [])
-    baselines = [s["test_accuracy"]["baseline"] for s in headline]
-    if baselines:
-        mean, std = mean_std(baselines)
+    if headline:
+        mean, std = mean_std([s["test_accuracy"]["baseline"] for s in headline])
         rows.append(
-            {"group": "baseline", "label": "scratch (CE only)", "n": len(baselines), "mean": mean}
-            | {"std": std, "gain": None, "wall_s": None}
+            {"group": "baseline", "label": SCRATCH, "n": len(headline), "mean": mean, "std": std}
+            | {"wall_s": None, "commit": commits(headline)}
         )
-    scratch = rows[0]["mean"] if rows else None
+    elif SCRATCH in kept:
+        rows.append(dict(kept[SCRATCH]))
     for entry in entries:
         runs = summaries.get(entry.label)
-        if not runs:
-            continue
-        mean, std = mean_std([s["test_accuracy"]["student"] for s in runs])
-        wall = statistics.fmean(s["wall_time_s"] for s in runs)
-        gain = None if scratch is None else mean - scratch
-        rows.append(
-            {"group": entry.group, "label": entry.label, "n": len(runs), "mean": mean}
-            | {"std": std, "gain": gain, "wall_s": wall}
-        )
+        if runs:
+            mean, std = mean_std([s["test_accuracy"]["student"] for s in runs])
+            wall = statistics.fmean(s["wall_time_s"] for s in runs)
+            rows.append(
+                {"group": entry.group, "label": entry.label, "n": len(runs), "mean": mean}
+                | {"std": std, "wall_s": wall, "commit": commits(runs)}
+            )
+        elif entry.label in kept:
+            rows.append(dict(kept[entry.label]))
+    scratch = rows[0]["mean"] if rows and rows[0]["label"] == SCRATCH else None
+    for row in rows:
+        row["gain"] = None if scratch is None or row["label"] == SCRATCH else row["mean"] - scratch
     return rows
 
 
-def machine() -> str:
-    """Commit, CPU and library versions, for the table's header."""
+def git_commit() -> str:
+    """The checkout's short commit (``-dirty`` when it has changes), or why there is none."""
     try:
-        commit = subprocess.run(
+        return subprocess.run(
             ["git", "describe", "--always", "--dirty"],
             capture_output=True,
             text=True,
@@ -186,9 +214,13 @@ def machine() -> str:
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
+        return "unknown (not a git checkout)"
+
+
+def machine() -> str:
+    """Commit, CPU and library versions, for the table's header."""
     return (
-        f"commit `{commit}`, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
+        f"commit `{git_commit()}`, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
         f"cores, Python {platform.python_version()}, torch {torch.__version__}"
     )
 
@@ -198,15 +230,16 @@ def markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, Any], header: s
     lines = [
         header,
         "",
-        "| group | run | seeds | test acc (%) | gain over scratch | wall time / run (s) |",
-        "|---|---|---|---|---|---|",
+        "| group | run | seeds | test acc (%) | gain over scratch | wall time / run (s) | commit |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         gain = "—" if row["gain"] is None else f"{100 * row['gain']:+.1f}"
         wall = "—" if row["wall_s"] is None else f"{row['wall_s']:.0f}"
         lines.append(
             f"| {row['group']} | {row['label']} | {row['n']} "
-            f"| {100 * row['mean']:.1f} ± {100 * row['std']:.1f} | {gain} | {wall} |"
+            f"| {100 * row['mean']:.1f} ± {100 * row['std']:.1f} | {gain} | {wall} "
+            f"| {row['commit']} |"
         )
     if teachers:
         lines += ["", "Teachers (fixed across seeds), test accuracy:"]
@@ -347,14 +380,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     failures = [] if args.report_only else run_protocol(entries, seeds, overrides, args)
     summaries = read_summaries(args.out, protocol(), seeds)
-    if not summaries:
+    ledger_path = args.out / "mnist1d.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+    if ledger.get("overrides") != overrides:
+        ledger = {}  # another preset's rows never mix with this one's
+    rows = table_rows(protocol(), summaries, ledger.get("rows", []))
+    if not rows:
         raise SystemExit("no run has finished yet: " + "; ".join(failures))
-    rows = table_rows(protocol(), summaries)
-    any_summary = next(iter(summaries.values()))[0]
-    teachers_acc = any_summary["test_accuracy"]["teachers"] | {
-        "ensemble (mean p)": any_summary["test_accuracy"]["ensemble"]
-    }
-    hours = sum(s["wall_time_s"] for runs in summaries.values() for s in runs) / 3600
+    if summaries:
+        any_summary = next(iter(summaries.values()))[0]
+        teachers_acc = any_summary["test_accuracy"]["teachers"] | {
+            "ensemble (mean p)": any_summary["test_accuracy"]["ensemble"]
+        }
+    else:
+        teachers_acc = ledger["teachers"]
+    write_json(ledger_path, {"overrides": overrides, "rows": rows, "teachers": teachers_acc})
+    hours = sum(row["wall_s"] * row["n"] for row in rows if row["wall_s"] is not None) / 3600
     header = (
         f"# MNIST-1D results ({args.preset}: {' '.join(overrides) or 'kd-train defaults'})\n\n"
         f"MLP student, teachers cnn/gru/mlp, up to {seeds} seeds per entry (`seed=0..{seeds - 1}`); "
@@ -378,7 +419,7 @@ def log_to_wandb(out: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Path
 
     from kd_lightning.loggers import resolve_wandb_mode
 
-    columns = ("group", "label", "n", "mean", "std", "gain", "wall_s")
+    columns = ("group", "label", "n", "mean", "std", "gain", "wall_s", "commit")
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT", "kd_lightning"),
         job_type="results",

@@ -9,6 +9,7 @@ import pytest
 
 from kd_lightning.results import (
     HEADLINE,
+    SCRATCH,
     Entry,
     epoch_series,
     markdown,
@@ -74,6 +75,36 @@ def test_rows_give_mean_std_over_seeds_and_the_gain_over_scratch(tmp_path):
     assert "- cnn: 88.0 %" in table
 
 
+def test_rows_without_runs_are_kept_from_the_previous_table_and_gains_follow_scratch(tmp_path):
+    entries = [
+        Entry("ensemble", HEADLINE, (HEADLINE,)),
+        Entry("fusion rule", "fusion=vote", ()),
+        Entry("method", "method=dml", ()),
+    ]
+    for seed, student in enumerate([0.64, 0.68]):
+        path = run_dir(tmp_path, entries[1], seed)
+        path.mkdir(parents=True)
+        (path / "summary.json").write_text(json.dumps(_summary(student, None)))
+        (path / "provenance.json").write_text(json.dumps({"commit": f"abc{seed}"}))
+    previous = [
+        {"group": "baseline", "label": SCRATCH, "n": 5, "mean": 0.60, "std": 0.01}
+        | {"gain": None, "wall_s": None, "commit": "old"},
+        {"group": "fusion rule", "label": "fusion=vote", "n": 5, "mean": 0.5, "std": 0.1}
+        | {"gain": -0.1, "wall_s": 5.0, "commit": "old"},
+        {"group": "method", "label": "method=dml", "n": 4, "mean": 0.7, "std": 0.02}
+        | {"gain": 0.1, "wall_s": 9.0, "commit": "old"},
+    ]
+
+    rows = table_rows(entries, read_summaries(tmp_path, entries, seeds=2), previous)
+    assert [row["label"] for row in rows] == [SCRATCH, "fusion=vote", "method=dml"]
+    scratch, vote, dml = rows
+    assert scratch == previous[0]
+    assert vote["n"] == 2 and vote["mean"] == pytest.approx(0.66)
+    assert vote["commit"] == "abc0, abc1" and vote["gain"] == pytest.approx(0.06)
+    assert dml == previous[2] | {"gain": pytest.approx(0.1)}
+    assert "| method | method=dml | 4 | 70.0 ± 2.0 | +10.0 | 9 | old |" in markdown(rows, {}, "#")
+
+
 def test_epoch_series_reads_the_csv_logger_per_epoch(tmp_path):
     path = tmp_path / "csv" / "version_0"
     path.mkdir(parents=True)
@@ -107,5 +138,8 @@ def test_smoke_results_write_the_table_and_plots(tmp_path):
     table = (tmp_path / "results" / "mnist1d.md").read_text()
     assert "| baseline | scratch (CE only) | 2 |" in table
     assert "| fusion rule | fusion=entropy | 2 |" in table
+    ledger = json.loads((tmp_path / "results" / "mnist1d.json").read_text())
+    assert [row["label"] for row in ledger["rows"]] == [SCRATCH, HEADLINE, "fusion=entropy"]
+    assert set(ledger["teachers"]) == {"cnn", "mlp", "ensemble (mean p)"}
     for name in ("accuracy", "fusion_weights", "student_agreement", "teacher_agreement"):
         assert (tmp_path / "results" / f"{name}.png").stat().st_size > 10_000
