@@ -1,6 +1,6 @@
 """``kd-bench``: the cost of an epoch of distillation against plain training, in one process.
 
-Six workloads train the MNIST-1D MLP student on the same data in the same process:
+Seven workloads train the MNIST-1D MLP student on the same data in the same process:
 
 * ``plain``: the student alone with cross-entropy through a Lightning ``Trainer`` (the floor);
 * ``live``: :class:`~kd_lightning.DistillationModule` with live teachers (mean of probabilities);
@@ -10,7 +10,9 @@ Six workloads train the MNIST-1D MLP student on the same data in the same proces
 * ``plain_handwritten``: the student alone in a plain-PyTorch loop (Lightning's own overhead);
 * ``cached``: ``DistillationModule`` reading the teachers' logits from a teacher-output cache
   (:mod:`kd_lightning.teachers.output_cache`, built once before timing under
-  ``$KD_LIGHTNING_CACHE/outputs``) by sample index: no teacher runs while it trains.
+  ``$KD_LIGHTNING_CACHE/outputs``) by sample index: no teacher runs while it trains;
+* ``cached_handwritten``: the same cache read by a minimal plain-PyTorch loop, so
+  ``cached_handwritten/plain_handwritten`` is the floor's ratio without Lightning or the module.
 
 Each workload runs in its own thread, but only one at a time: a scheduler hands them the turn
 round-robin, one epoch each, so slow drifts of the machine spread over all of them. Lightning
@@ -60,9 +62,18 @@ from kd_lightning.loss import DistillationLoss
 from kd_lightning.models import CNN1D, MLP, GRUClassifier
 from kd_lightning.modules import ClassifierModule, DistillationModule
 from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.teachers.cached import CachedTeachers
 from kd_lightning.teachers.output_cache import build_output_cache
 
-WORKLOADS = ("plain", "live", "handwritten", "aekd", "plain_handwritten", "cached")
+WORKLOADS = (
+    "plain",
+    "live",
+    "handwritten",
+    "aekd",
+    "plain_handwritten",
+    "cached",
+    "cached_handwritten",
+)
 LR = 0.01  # the project's default optimizer: Adam, lr 0.01
 ALPHA = 0.5  # the project's default method (conf/method/ensemble.yaml)
 TEMPERATURE = 4.0
@@ -164,40 +175,55 @@ def _batches(loader: DataLoader, limit: int | None) -> Iterator[Any]:
         yield batch
 
 
+def handwritten_kd(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The workloads' objective in plain torch ops: ``(loss, CE, KD)``, the same values as
+    ``DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)``."""
+    target = torch.softmax(teacher_logits / TEMPERATURE, -1).mean(0)
+    log_student = F.log_softmax(logits / TEMPERATURE, -1)
+    soft = TEMPERATURE**2 * F.kl_div(log_student, target, reduction="batchmean")
+    hard = F.cross_entropy(logits, labels)
+    return (1.0 - ALPHA) * hard + ALPHA * soft, hard, soft
+
+
 def _handwritten_loop(
     workload: _Workload,
     student: nn.Module,
     loader: DataLoader,
     limit: int | None,
-    teachers: Sequence[nn.Module] = (),
-    loss_fn: DistillationLoss | None = None,
+    teachers: Sequence[nn.Module] | CachedTeachers | None = None,
 ) -> None:
-    """A minimal training loop: teachers in eval under ``no_grad``, Adam, ``DistillationLoss``.
+    """A minimal training loop: Adam on cross-entropy, or with ``teachers`` on
+    :func:`handwritten_kd`, the teachers in eval under ``no_grad`` (or their logits read from a
+    cache by the batch's sample indices).
 
     Like the modules, it reports the epoch's mean loss (and CE and KD terms) and accuracy: summed on
     the device each step, read once at the end of the epoch.
     """
+    cache = teachers if isinstance(teachers, CachedTeachers) else None
+    models: Sequence[nn.Module] = () if isinstance(teachers, CachedTeachers) else teachers or ()
     device = workload.device
     student.to(device).train()
-    for teacher in teachers:
+    for teacher in models:
         teacher.to(device).eval().requires_grad_(False)
-    if loss_fn is not None:
-        loss_fn.to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=LR)
     for _ in range(workload.total_epochs):
         workload.epoch_start()
         sums = torch.zeros(5, device=device)  # loss, CE, KD (each × batch size), correct, samples
-        for inputs, labels in _batches(loader, limit):
-            inputs, labels = inputs.to(device), labels.to(device)
+        for batch in _batches(loader, limit):
+            inputs, labels = batch[0].to(device), batch[1].to(device)
             logits = student(inputs)
-            if loss_fn is None:
+            if teachers is None:
                 loss = hard = F.cross_entropy(logits, labels)
                 soft = torch.zeros((), device=device)
             else:
-                with torch.no_grad():
-                    teacher_logits = torch.stack([teacher(inputs) for teacher in teachers])
-                out = loss_fn(logits, teacher_logits, labels)
-                loss, hard, soft = out.loss, out.hard, out.soft
+                if cache is not None:
+                    teacher_logits = cache.logits("train", batch[2]).to(device)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = torch.stack([teacher(inputs) for teacher in models])
+                loss, hard, soft = handwritten_kd(logits, teacher_logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -243,12 +269,14 @@ def _build(
     torch.manual_seed(seed)
     student = MLP()
     adam = partial(torch.optim.Adam, lr=LR)
-    if name in ("plain_handwritten", "handwritten"):
-        if name == "plain_handwritten":
-            return lambda: _handwritten_loop(workload, student, loader, limit)
-        loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
+    if name == "plain_handwritten":
+        return lambda: _handwritten_loop(workload, student, loader, limit)
+    if name == "handwritten":
         models = list(_teachers(teachers).values())
-        return lambda: _handwritten_loop(workload, student, loader, limit, models, loss)
+        return lambda: _handwritten_loop(workload, student, loader, limit, models)
+    if name == "cached_handwritten":
+        cache, indexed = _cache(teachers, loader), indexed_loader(loader)
+        return lambda: _handwritten_loop(workload, student, indexed, limit, cache)
     module: L.LightningModule
     if name == "plain":
         module = ClassifierModule(student, optimizer=adam)
@@ -262,18 +290,22 @@ def _build(
         module = DistillationModule(student, TeacherEnsemble(_teachers(teachers)), loss, adam)
     elif name == "cached":
         loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
-        cache = build_output_cache(
-            TeacherEnsemble(_teachers(teachers)),
-            {"train": loader.dataset},
-            cache_dir() / "outputs",
-            batch_size=loader.batch_size or 1,
-        )
-        module = DistillationModule(student, cache, loss, adam)
+        module = DistillationModule(student, _cache(teachers, loader), loss, adam)
         loader = indexed_loader(loader)
     else:
         raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
     trainer = _trainer(workload, limit)
     return lambda: trainer.fit(module, train_dataloaders=loader)
+
+
+def _cache(teachers: Sequence[str], loader: DataLoader) -> CachedTeachers:
+    """The teacher-output cache of ``teachers`` over the loader's dataset (built on first use)."""
+    return build_output_cache(
+        TeacherEnsemble(_teachers(teachers)),
+        {"train": loader.dataset},
+        cache_dir() / "outputs",
+        batch_size=loader.batch_size or 1,
+    )
 
 
 def _thread_body(workload: _Workload, train: Callable[[], None], threads: int) -> None:
@@ -448,6 +480,9 @@ def run_benchmark(
             "live/handwritten": ratio("live", "handwritten"),
             "aekd/live": ratio("aekd", "live"),
             "cached/plain": ratio("cached", "plain"),
+            "cached_handwritten/plain_handwritten": ratio(
+                "cached_handwritten", "plain_handwritten"
+            ),
         },
         # The CPU time of each workload's own thread: all of its work with threads=1, and far
         # less sensitive than wall time to other processes sharing the machine.

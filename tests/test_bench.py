@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kd_lightning import bench
 from kd_lightning.bench import WORKLOADS, format_report, main, run_benchmark
+from kd_lightning.loss import DistillationLoss
 
 TINY = {"num_samples": 200, "limit_batches": 2, "batch_size": 32}
 
@@ -114,3 +116,15 @@ def test_fast_paths_prints_and_writes_one_time_per_ensemble_and_option(
     assert list(times) == ["2 × mlp", "2 × cnn"]
     assert all(ms > 0 for row in times.values() for ms in row.values())
     assert report["machine"]["threads"] == 1
+
+
+def test_handwritten_objective_equals_distillation_loss():
+    torch.manual_seed(0)
+    logits, teacher_logits = torch.randn(6, 10), torch.randn(3, 6, 10)
+    labels = torch.randint(0, 10, (6,))
+    loss, hard, soft = bench.handwritten_kd(logits, teacher_logits, labels)
+    reference = DistillationLoss("mean_probs", alpha=bench.ALPHA, temperature=bench.TEMPERATURE)
+    out = reference(logits, teacher_logits, labels)
+    torch.testing.assert_close(
+        torch.stack([loss, hard, soft]), torch.stack([out.loss, out.hard, out.soft])
+    )
