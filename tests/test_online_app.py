@@ -105,3 +105,18 @@ def test_ddp_strategy_is_told_to_expect_partial_backward_passes():
     strategy = DDPStrategy()
     allow_partial_backward(strategy)
     assert strategy._ddp_kwargs["find_unused_parameters"] is True
+
+
+def test_afd_feature_optimizer_from_the_config(tmp_path):
+    overrides = [
+        *FAST,
+        "method=afd",
+        "method.feature_optimizer={_target_: torch.optim.SGD, _partial_: true, lr: 0.001}",
+        "baseline=false",
+        "callbacks=none",
+        "trainer.max_epochs=1",
+    ]
+    _, objects = train(compose_config(tmp_path, overrides))
+    discriminators, features, networks = objects["trainer"].optimizers
+    assert type(features).__name__ == "SGD" and features.defaults["lr"] == 0.001
+    assert type(networks).__name__ == type(discriminators).__name__ == "Adam"

@@ -251,3 +251,16 @@ def test_afd_cycles_through_three_networks():
 def test_bad_arguments_fail_at_construction(build):
     with pytest.raises(ValueError):
         build()
+
+
+def test_afd_feature_optimizer_drives_only_the_adversarial_phase(tmp_path, datamodule):
+    module = AFDModule(
+        [small_mlp(), small_mlp()],
+        feature_layers="1",
+        optimizer=partial(torch.optim.Adam, lr=1e-2),
+        feature_optimizer=partial(torch.optim.SGD, lr=1e-4),
+    )
+    _, trainer = one_step(tmp_path, module, datamodule)
+    discriminators, features, networks = trainer.optimizers
+    assert isinstance(features, torch.optim.SGD) and features.param_groups[0]["lr"] == 1e-4
+    assert isinstance(discriminators, torch.optim.Adam) and isinstance(networks, torch.optim.Adam)

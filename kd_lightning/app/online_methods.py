@@ -122,6 +122,7 @@ def build_afd(context: MethodContext) -> LightningModule:
     """``method=afd``: :class:`~kd_lightning.modules.AFDModule`."""
     method = context.cfg.method
     discriminator_optimizer = method.get("discriminator_optimizer")
+    feature_optimizer = method.get("feature_optimizer")
     return AFDModule(
         build_peers(context),
         feature_layers=feature_layers(method),
@@ -130,5 +131,6 @@ def build_afd(context: MethodContext) -> LightningModule:
         discriminator_optimizer=(
             instantiate(discriminator_optimizer) if discriminator_optimizer else None
         ),
+        feature_optimizer=instantiate(feature_optimizer) if feature_optimizer else None,
         **training_options(context.cfg),
     )
