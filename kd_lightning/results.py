@@ -62,8 +62,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
     },
 }
-# Entries that need more than their own override to run as their papers do.
-EXTRA_OVERRIDES = {"fusion=aekd": ["method.loss.aggregation=loss"]}
+# Entries that need more than their own override to run as their papers do: AE-KD weighs the
+# teachers' losses; the vote's one-hot label is learnt at T = 1 (You et al. 2017), where at the
+# protocol's T = 4 the KD term would ask softmax(s / 4) to be one-hot.
+EXTRA_OVERRIDES = {
+    "fusion=aekd": ["method.loss.aggregation=loss"],
+    "fusion=vote": ["method.loss.temperature=1"],
+}
 HEADLINE = "fusion=mean_probs"  # the default distillation; its runs also train the scratch baseline
 SCRATCH = "scratch (CE only)"
 

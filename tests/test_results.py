@@ -33,6 +33,8 @@ def test_protocol_covers_single_teachers_every_fusion_rule_and_method():
     assert "method=ensemble" not in labels and len(labels) == len(set(labels))
     aekd = next(entry for entry in entries if entry.label == "fusion=aekd")
     assert "method.loss.aggregation=loss" in aekd.overrides
+    vote = next(entry for entry in entries if entry.label == "fusion=vote")
+    assert vote.overrides == ("fusion=vote", "method.loss.temperature=1")
 
 
 def _summary(student: float, baseline: float | None, wall: float = 10.0) -> dict:
