@@ -208,6 +208,18 @@ def table_rows(
     return rows
 
 
+def teacher_accuracies(
+    entries: Sequence[Entry], summaries: dict[str, list[dict]]
+) -> dict[str, float]:
+    """The teachers' and their ensemble's test accuracies, from the first run that distilled from
+    all of them (the ensemble's or a fusion rule's); ``{}`` when there is none."""
+    for entry in entries:
+        if entry.group in ("ensemble", "fusion rule") and summaries.get(entry.label):
+            accuracy = summaries[entry.label][0]["test_accuracy"]
+            return accuracy["teachers"] | {"ensemble (mean p)": accuracy["ensemble"]}
+    return {}
+
+
 def git_commit() -> str:
     """The checkout's short commit (``-dirty`` when it has changes), or why there is none."""
     try:
@@ -392,13 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = table_rows(protocol(), summaries, ledger.get("rows", []))
     if not rows:
         raise SystemExit("no run has finished yet: " + "; ".join(failures))
-    if summaries:
-        any_summary = next(iter(summaries.values()))[0]
-        teachers_acc = any_summary["test_accuracy"]["teachers"] | {
-            "ensemble (mean p)": any_summary["test_accuracy"]["ensemble"]
-        }
-    else:
-        teachers_acc = ledger["teachers"]
+    teachers_acc = teacher_accuracies(protocol(), summaries) or ledger.get("teachers", {})
     write_json(ledger_path, {"overrides": overrides, "rows": rows, "teachers": teachers_acc})
     hours = sum(row["wall_s"] * row["n"] for row in rows if row["wall_s"] is not None) / 3600
     header = (

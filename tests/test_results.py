@@ -17,6 +17,7 @@ from kd_lightning.results import (
     read_summaries,
     run_dir,
     table_rows,
+    teacher_accuracies,
 )
 
 from .app_helpers import run_command
@@ -145,3 +146,17 @@ def test_smoke_results_write_the_table_and_plots(tmp_path):
     assert set(ledger["teachers"]) == {"cnn", "mlp", "ensemble (mean p)"}
     for name in ("accuracy", "fusion_weights", "student_agreement", "teacher_agreement"):
         assert (tmp_path / "results" / f"{name}.png").stat().st_size > 10_000
+
+
+def test_teacher_accuracies_come_from_a_run_that_distilled_from_the_teachers():
+    entries = [Entry("fusion rule", "fusion=vote", ()), Entry("method", "method=dml", ())]
+    peers = _summary(0.7, None) | {
+        "test_accuracy": {"student": 0.7, "ensemble": 0.6, "teachers": {"peer1": 0.6}}
+    }
+    summaries = {"method=dml": [peers], "fusion=vote": [_summary(0.64, None)]}
+    assert teacher_accuracies(entries, summaries) == {
+        "cnn": 0.88,
+        "gru": 0.87,
+        "ensemble (mean p)": 0.9,
+    }
+    assert teacher_accuracies(entries, {"method=dml": [peers]}) == {}
