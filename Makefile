@@ -32,7 +32,7 @@ cache:
 bench:
 	$(BIN)/kd-bench --json bench.json
 
-# The MNIST-1D table and plots in results/ (about 4 h on 2 CPU cores; rerun to continue).
+# The MNIST-1D table and plots in results/ (about 7 h on 2 CPU cores; rerun to continue).
 results:
 	$(BIN)/kd-results --preset full --jobs 2 $(ARGS)
 
