@@ -365,7 +365,8 @@ def run_benchmark(
 
     Returns:
         ``{"machine", "settings", "workloads": {name: {"ms_per_epoch", "ms_epochs", "x_plain",
-        "peak_memory_bytes"}}, "ratios": {"live/handwritten", "aekd/live", "cached/plain"}, "memory", "note"}``.
+        "peak_memory_bytes"}}, "ratios": {"live/handwritten", "aekd/live", "cached/plain",
+        "cached_handwritten/plain_handwritten"}, "cpu_ratios", "memory", "note"}``.
     """
     if epochs < 1 or warmup < 0:
         raise ValueError(f"need epochs >= 1 and warmup >= 0, got {epochs} and {warmup}")
@@ -565,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="kd-bench",
         description="Time an epoch of distillation against plain training, in one process.",
     )
-    # Medians of 5 epochs still moved ratios by ±0.15 between runs here; 20 by about ±0.03.
+    # Medians of 5 epochs moved the ratios by ±0.15 between runs here; of 30, by about ±0.03.
     parser.add_argument("--epochs", type=int, default=20, help="measured epochs (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="discarded epochs (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
