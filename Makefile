@@ -1,4 +1,4 @@
-# Set-up and everyday commands. `make install` then `make test` is all a new machine needs.
+# Set-up and everyday commands. `make install` then `make test` (or `make test-all`) is all a new machine needs.
 PYTHON ?= python3
 VENV ?= .venv
 # A CPU build of torch; override for CUDA, e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"`.
@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train teachers cache bench results results-smoke lint format clean
+.PHONY: install test test-all train teachers cache bench results results-smoke lint format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +14,13 @@ install:
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 
+# The fast suite (a few minutes); `make test-all` adds the slow tests (real subprocesses, DDP,
+# notebooks, the wheel), which CI runs.
 test:
-	WANDB_MODE=disabled $(BIN)/python -m pytest $(PYTEST_ARGS)
-
-test-fast:
 	WANDB_MODE=disabled $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all:
+	WANDB_MODE=disabled $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 train:
 	$(BIN)/kd-train $(ARGS)

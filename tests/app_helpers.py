@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from kd_lightning.app.config import CONFIG_DIR
+from kd_lightning.cli.config import CONFIG_DIR
 
 FAST = ["experiment=smoke", "data=synthetic", "logger=none", "trainer.enable_progress_bar=false"]
 

@@ -11,12 +11,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule
 
-from kd_lightning.app import teacher_cache
-from kd_lightning.app.config import CONFIG_DIR
+from kd_lightning.cli import teacher_checkpoints as teacher_cache
+from kd_lightning.cli.config import CONFIG_DIR
+from kd_lightning.cli.teachers import train_teachers
+from kd_lightning.cli.train import train
 from kd_lightning.errors import ConfigError
 from kd_lightning.fusion import FusionRule
-from kd_lightning.train import train
-from kd_lightning.train_teachers import train_teachers
 
 from .app_helpers import FAST, compose_config, run_command
 
@@ -178,7 +178,7 @@ def test_teacher_training_interrupted_leaves_no_cache_entry(tmp_path, monkeypatc
 
 
 def test_cli_help_lists_the_groups(tmp_path):
-    result = run_command(["-m", "kd_lightning.train", "--help"], tmp_path)
+    result = run_command(["-m", "kd_lightning.cli.train", "--help"], tmp_path)
     assert result.returncode == 0, result.stderr
     for group in ("teachers", "fusion", "accelerator", "logger", "method"):
         assert f"{group}:" in result.stdout

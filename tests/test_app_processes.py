@@ -27,7 +27,14 @@ def only_summary(root: Path) -> dict:
 
 
 def test_multirun_writes_a_comparison_table(tmp_path):
-    args = ["-m", "kd_lightning.train", "-m", "fusion=mean_probs,entropy", "logger=none", *QUICK]
+    args = [
+        "-m",
+        "kd_lightning.cli.train",
+        "-m",
+        "fusion=mean_probs,entropy",
+        "logger=none",
+        *QUICK,
+    ]
     result = run_command(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (table,) = tmp_path.glob("logs/train/multiruns/*/summary.md")
@@ -42,12 +49,13 @@ def test_multirun_writes_a_comparison_table(tmp_path):
 
 def test_ddp_cpu_gives_the_single_process_teacher_metrics(tmp_path):
     (tmp_path / "one").mkdir()
-    single = run_command(["-m", "kd_lightning.train", "logger=none", *QUICK], tmp_path / "one")
+    single = run_command(["-m", "kd_lightning.cli.train", "logger=none", *QUICK], tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
     (tmp_path / "two").mkdir()
     (tmp_path / "one" / "cache").rename(tmp_path / "two" / "cache")  # the same cached teachers
     ddp = run_command(
-        ["-m", "kd_lightning.train", "logger=none", "accelerator=ddp_cpu", *QUICK], tmp_path / "two"
+        ["-m", "kd_lightning.cli.train", "logger=none", "accelerator=ddp_cpu", *QUICK],
+        tmp_path / "two",
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = only_summary(tmp_path / "one"), only_summary(tmp_path / "two")
@@ -58,7 +66,8 @@ def test_ddp_cpu_gives_the_single_process_teacher_metrics(tmp_path):
 
 def test_ddp_inside_a_multirun_is_refused(tmp_path):
     result = run_command(
-        ["-m", "kd_lightning.train", "-m", "accelerator=ddp_cpu", "logger=none", *QUICK], tmp_path
+        ["-m", "kd_lightning.cli.train", "-m", "accelerator=ddp_cpu", "logger=none", *QUICK],
+        tmp_path,
     )
     assert result.returncode != 0
     assert "cannot run inside a multirun" in result.stderr
@@ -66,7 +75,7 @@ def test_ddp_inside_a_multirun_is_refused(tmp_path):
 
 def test_wandb_offline_run_holds_the_agreement_metrics(tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_dir")}
-    result = run_command(["-m", "kd_lightning.train", "logger=wandb", *QUICK], tmp_path, env)
+    result = run_command(["-m", "kd_lightning.cli.train", "logger=wandb", *QUICK], tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_file,) = tmp_path.rglob("offline-run-*/run-*.wandb")
     logged = {key for row in history_rows(run_file) for key in row}

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from kd_lightning import bench
-from kd_lightning.bench import WORKLOADS, format_report, main, run_benchmark
-from kd_lightning.loss import DistillationLoss
+from kd_lightning.bench import run as bench
+from kd_lightning.bench.run import WORKLOADS, format_report, main, run_benchmark
+from kd_lightning.losses.distillation import DistillationLoss
 
 TINY = {"num_samples": 200, "limit_batches": 2, "batch_size": 32}
 
@@ -104,7 +104,7 @@ def test_fast_paths_prints_and_writes_one_time_per_ensemble_and_option(
 ):
     from functools import partial
 
-    from kd_lightning.bench_fast_paths import time_fast_paths
+    from kd_lightning.bench.fast_paths import time_fast_paths
 
     small = partial(time_fast_paths, calls=2, repeats=1, sizes=(2,), kinds=("mlp", "cnn"))
     monkeypatch.setattr(bench, "time_fast_paths", small)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kd_lightning.bench import _memory_table
-from kd_lightning.bench_memory import probe, probe_in_subprocess
+from kd_lightning.bench.memory import probe, probe_in_subprocess
+from kd_lightning.bench.run import _memory_table
 
 TINY = {"teachers": ["cnn", "gru", "mlp"], "batch_size": 32, "num_samples": 200, "seed": 0}
 BATCH, CLASSES = 32, 10

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from kd_lightning import train as train_module
-from kd_lightning.app.output_cache import check_cacheable
-from kd_lightning.cache_teachers import cache_teachers
+from kd_lightning.cli import train as train_module
+from kd_lightning.cli.cache import cache_teachers
+from kd_lightning.cli.logit_cache import check_cacheable
+from kd_lightning.cli.train import train
 from kd_lightning.models import CNN1D
-from kd_lightning.teachers.output_cache import MANIFEST, StaleCacheError
-from kd_lightning.train import train
+from kd_lightning.teachers.cache.build import MANIFEST, StaleCacheError
 
 from .app_helpers import FAST, compose_config, run_command
 
@@ -118,7 +118,7 @@ def test_bad_top_k_is_named(tmp_path, top_k):
 @pytest.mark.slow  # a real subprocess that trains a teacher
 def test_kd_cache_command_builds_and_reports(tmp_path):
     result = run_command(
-        ["-m", "kd_lightning.cache_teachers", *FAST, "teachers=[mlp]", "cache_top_k=4"], tmp_path
+        ["-m", "kd_lightning.cli.cache", *FAST, "teachers=[mlp]", "cache_top_k=4"], tmp_path
     )
     assert result.returncode == 0, result.stderr
     (cache_dir,) = (tmp_path / "cache" / "outputs").iterdir()
@@ -131,12 +131,13 @@ def test_ddp_reads_the_cache_with_the_single_process_teacher_metrics(tmp_path):
     quick = ["experiment=smoke", "data=synthetic", "logger=none", "baseline=false"]
     quick += ["trainer.enable_progress_bar=false", "teachers=[mlp]"]
     (tmp_path / "one").mkdir()
-    single = run_command(["-m", "kd_lightning.train", *quick], tmp_path / "one")
+    single = run_command(["-m", "kd_lightning.cli.train", *quick], tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
     (tmp_path / "two").mkdir()
     (tmp_path / "one" / "cache").rename(tmp_path / "two" / "cache")  # the same teacher
     ddp = run_command(
-        ["-m", "kd_lightning.train", *quick, "accelerator=ddp_cpu", "cache=true"], tmp_path / "two"
+        ["-m", "kd_lightning.cli.train", *quick, "accelerator=ddp_cpu", "cache=true"],
+        tmp_path / "two",
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     (cache_dir,) = (tmp_path / "two" / "cache" / "outputs").iterdir()  # built once, by rank 0

@@ -18,21 +18,21 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from kd_lightning.app import output_cache as app_output_cache
+from kd_lightning.cli import logit_cache as app_output_cache
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.teachers.cache_parts import (
-    PART_MANIFEST,
-    PARTS_PREFIX,
-    MissingPartsError,
-    row_range,
-)
-from kd_lightning.teachers.output_cache import (
+from kd_lightning.teachers.cache.build import (
     PARTIAL_PREFIX,
     CachedTeachers,
     build_output_cache,
     cache_fingerprint,
     remove_partial_builds,
+)
+from kd_lightning.teachers.cache.parts import (
+    PART_MANIFEST,
+    PARTS_PREFIX,
+    MissingPartsError,
+    row_range,
 )
 
 from .app_helpers import FAST, compose_config
@@ -196,8 +196,8 @@ TORCHRUN_BUILD = """
 import json, sys
 from pathlib import Path
 import torch
-from kd_lightning.app.output_cache import build_ranks
-from kd_lightning.teachers.output_cache import build_output_cache
+from kd_lightning.cli.logit_cache import build_ranks
+from kd_lightning.teachers.cache.build import build_output_cache
 from tests.test_cache_parts import BATCH, ensemble, recording, splits
 
 torch.set_num_threads(1)

@@ -64,7 +64,7 @@ def test_ddp_student_matches_one_process_with_the_global_batch(tmp_path):
     single = run_command(
         [
             "-m",
-            "kd_lightning.train",
+            "kd_lightning.cli.train",
             *SHORT_RUN,
             f"data.batch_size={GLOBAL_BATCH}",
             f"hydra.run.dir={tmp_path / 'single'}",
@@ -82,7 +82,7 @@ def test_ddp_student_matches_one_process_with_the_global_batch(tmp_path):
     ddp = run_command(
         [
             "-m",
-            "kd_lightning.train",
+            "kd_lightning.cli.train",
             *SHORT_RUN,
             *same_teachers,
             "accelerator=ddp_cpu",

@@ -13,7 +13,7 @@ from torch import nn
 from kd_lightning import DistillationLoss, DistillationModule, TeacherAgreementCallback
 from kd_lightning.errors import TeacherOutputError
 from kd_lightning.fusion import RandomTeacher
-from kd_lightning.hints import FeatureHintLoss
+from kd_lightning.losses.hints import FeatureHintLoss
 from kd_lightning.metrics.running_means import RunningMeans
 from kd_lightning.teachers import TeacherEnsemble
 
@@ -217,7 +217,7 @@ def test_running_means_reduce_sums_before_dividing():
 
 
 def test_gpu_accelerators_run_teachers_in_bf16_inference_mode(tmp_path):
-    from kd_lightning.app.teacher_cache import build_teachers
+    from kd_lightning.cli.teacher_checkpoints import build_teachers
 
     from .app_helpers import FAST, compose_config
 

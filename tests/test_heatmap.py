@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from kd_lightning import DistillationModule, TeacherAgreementCallback
 from kd_lightning.callbacks import AgreementHeatmapCallback
-from kd_lightning.plots import agreement_heatmap
+from kd_lightning.reporting.plots import agreement_heatmap
 
 from .conftest import make_trainer, small_mlp
 

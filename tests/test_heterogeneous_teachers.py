@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kd_lightning import DistillationLoss, DistillationModule
-from kd_lightning.app import teacher_cache
 from kd_lightning.callbacks import TeacherAgreementCallback
+from kd_lightning.cli import teacher_checkpoints as teacher_cache
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.errors import TeacherOutputError
 from kd_lightning.functional import (

@@ -11,10 +11,10 @@ from torch import nn
 
 from kd_lightning import DistillationLoss, DistillationModule
 from kd_lightning.data import SyntheticDataModule
-from kd_lightning.features import FeatureTaps
 from kd_lightning.fusion import StaticWeights
-from kd_lightning.hints import FeatureHintLoss
+from kd_lightning.losses.hints import FeatureHintLoss
 from kd_lightning.models import CNN1D, MLP, GRUClassifier
+from kd_lightning.models.taps import FeatureTaps
 
 from .app_helpers import FAST, compose_config
 from .conftest import make_trainer, small_mlp
@@ -248,7 +248,7 @@ def test_fit_without_datamodule_asks_for_materialize_hints(tmp_path, datamodule)
 
 
 def test_hydra_method_ensemble_hints_trains(tmp_path):
-    from kd_lightning.train import train
+    from kd_lightning.cli.train import train
 
     cfg = compose_config(
         tmp_path,
@@ -382,7 +382,7 @@ def test_camkd_step_weights_come_through_the_heads():
 
 
 def test_hydra_experiment_camkd_composes_and_trains(tmp_path):
-    from kd_lightning.train import train
+    from kd_lightning.cli.train import train
 
     cfg = compose_config(tmp_path, ["experiment=camkd"])
     assert dict(cfg.method.hints.confidence_heads) == HEADS

@@ -19,7 +19,7 @@ from kd_lightning.fusion import (
     LearnedGate,
     StaticWeights,
 )
-from kd_lightning.loss import DIVERGENCES, DistillationLoss
+from kd_lightning.losses.distillation import DIVERGENCES, DistillationLoss
 
 AGGREGATIONS = ("target", "loss")
 # Every registered rule sums its weights to one with its default arguments; the paper's EBKD

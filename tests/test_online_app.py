@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.strategies import DDPStrategy
 
+from kd_lightning.cli.train import train
 from kd_lightning.modules import DMLModule
 from kd_lightning.modules.online.peers import allow_partial_backward
-from kd_lightning.train import train
 
 from .app_helpers import FAST, compose_config, run_command
 
@@ -87,7 +87,7 @@ def test_online_methods_run_under_ddp(tmp_path, method):
     result = run_command(
         [
             "-m",
-            "kd_lightning.train",
+            "kd_lightning.cli.train",
             *method.split(),
             "accelerator=ddp_cpu",
             "logger=none",

@@ -17,12 +17,12 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from kd_lightning import DistillationLoss, DistillationModule, TeacherEnsemble
-from kd_lightning.bench import format_report, run_benchmark
+from kd_lightning.bench.run import format_report, run_benchmark
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.data.augmented_views import AugmentedViewsDataModule
 from kd_lightning.data.indexed import IndexedDataModule
 from kd_lightning.teachers import ReverseSequence
-from kd_lightning.teachers.output_cache import (
+from kd_lightning.teachers.cache.build import (
     MANIFEST,
     PARTIAL_PREFIX,
     CachedTeachers,
@@ -31,7 +31,7 @@ from kd_lightning.teachers.output_cache import (
     build_output_cache,
     remove_partial_builds,
 )
-from kd_lightning.teachers.topk import compress_topk, expand_topk
+from kd_lightning.teachers.cache.topk import compress_topk, expand_topk
 
 
 def ensemble(seed: int = 0) -> TeacherEnsemble:
@@ -134,7 +134,7 @@ import os, signal, sys, torch
 from torch import nn
 from torch.utils.data import TensorDataset
 from kd_lightning import TeacherEnsemble
-from kd_lightning.teachers.output_cache import build_output_cache
+from kd_lightning.teachers.cache.build import build_output_cache
 
 class Dies(nn.Linear):
     calls = 0

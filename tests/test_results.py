@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kd_lightning.results import (
+from kd_lightning.cli.results import (
     HEADLINE,
     SCRATCH,
     Entry,
@@ -125,7 +125,7 @@ def test_smoke_results_write_the_table_and_plots(tmp_path):
     done = run_command(
         [
             "-m",
-            "kd_lightning.results",
+            "kd_lightning.cli.results",
             "--preset",
             "smoke",
             "--only",

@@ -49,7 +49,13 @@ def launch(tmp_path: Path, run_dir: Path) -> subprocess.Popen:
         "KD_LIGHTNING_CACHE": str(tmp_path / "cache"),
         "KD_LIGHTNING_LOGS": str(tmp_path / "logs"),
     }
-    args = [sys.executable, "-m", "kd_lightning.train", *RESUMABLE_RUN, f"hydra.run.dir={run_dir}"]
+    args = [
+        sys.executable,
+        "-m",
+        "kd_lightning.cli.train",
+        *RESUMABLE_RUN,
+        f"hydra.run.dir={run_dir}",
+    ]
     return subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from kd_lightning import DistillationModule
 from kd_lightning.callbacks import LossSchedule
-from kd_lightning.schedules import schedule_value
+from kd_lightning.losses.schedules import schedule_value
 
 from .conftest import make_trainer, small_mlp
 

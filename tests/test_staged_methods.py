@@ -14,12 +14,17 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_lightning.app import stages
-from kd_lightning.app.methods import MethodContext, build_method
-from kd_lightning.app.teacher_cache import build_teachers
+from kd_lightning.cli.methods import MethodContext, build_method
+from kd_lightning.cli.teacher_checkpoints import build_teachers
+from kd_lightning.cli.train import train
 from kd_lightning.functional import prokt_student_loss, prokt_teacher_loss
-from kd_lightning.modules import ClassifierModule, DistillationModule, ProKDModule, ProKTModule
-from kd_lightning.train import train
+from kd_lightning.modules import (
+    ClassifierModule,
+    DistillationModule,
+    ProKDModule,
+    ProKTModule,
+    stages,
+)
 
 from .app_helpers import FAST, compose_config
 

@@ -13,11 +13,11 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 from torch import nn
 
-from kd_lightning.app.methods import MethodContext, build_method, method_for
+from kd_lightning.cli.methods import MethodContext, build_method, method_for
+from kd_lightning.cli.train import train
 from kd_lightning.functional import tfkd_virtual_loss, virtual_teacher_probs
 from kd_lightning.models import CNN1D, MLP
 from kd_lightning.modules import DistillationModule, VirtualTeacherModule
-from kd_lightning.train import train
 
 from .app_helpers import FAST, compose_config
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from kd_lightning import DistillationLoss, DistillationModule
 from kd_lightning.fusion import RandomTeacher
-from kd_lightning.hints import FeatureHintLoss
+from kd_lightning.losses.hints import FeatureHintLoss
 from kd_lightning.teachers import TeacherEnsemble
 from kd_lightning.teachers.sharded import ShardedTeachers, teacher_shard
 
@@ -172,7 +172,7 @@ def test_one_process_keeps_every_teacher(tmp_path, teachers, datamodule):
 
 
 def test_config_problems_of_sharding_are_reported_with_their_keys(tmp_path):
-    from kd_lightning.app.validation import sharding_problems
+    from kd_lightning.cli.validation import sharding_problems
 
     shard = "teacher_runtime.shard_across_ranks=true"
     cfg = compose_config(

@@ -9,12 +9,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from kd_lightning.app import teacher_cache
-from kd_lightning.app.methods import METHODS
-from kd_lightning.app.validation import validate_config
+from kd_lightning.cli import teacher_checkpoints as teacher_cache
+from kd_lightning.cli.methods import METHODS
+from kd_lightning.cli.teachers import train_teachers
+from kd_lightning.cli.train import train
+from kd_lightning.cli.validation import validate_config
 from kd_lightning.errors import ConfigError
-from kd_lightning.train import train
-from kd_lightning.train_teachers import train_teachers
 
 from .app_helpers import FAST, compose_config
 

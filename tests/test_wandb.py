@@ -15,7 +15,7 @@ from wandb.proto import wandb_internal_pb2
 
 from kd_lightning import DistillationModule, TeacherAgreementCallback
 from kd_lightning.callbacks import AgreementHeatmapCallback
-from kd_lightning.loggers import has_wandb_credentials, resolve_wandb_mode, wandb_logger
+from kd_lightning.reporting.loggers import has_wandb_credentials, resolve_wandb_mode, wandb_logger
 
 from .conftest import make_trainer, small_mlp
 
@@ -87,9 +87,11 @@ def history_rows(path: Path) -> list[dict[str, object]]:
 def test_offline_without_credentials(home, tmp_path, caplog):
     assert not has_wandb_credentials()
     assert resolve_wandb_mode() == "offline"
-    with caplog.at_level(logging.WARNING, logger="kd_lightning.loggers"):
+    with caplog.at_level(logging.WARNING, logger="kd_lightning.reporting.loggers"):
         wandb_logger(save_dir=tmp_path / "runs")
-    (message,) = [r.getMessage() for r in caplog.records if r.name == "kd_lightning.loggers"]
+    (message,) = [
+        r.getMessage() for r in caplog.records if r.name == "kd_lightning.reporting.loggers"
+    ]
     assert "logging offline" in message
     assert f"wandb sync {tmp_path / 'runs' / 'wandb' / 'offline-run-*'}" in message
 

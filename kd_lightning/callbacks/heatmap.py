@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
 from kd_lightning.callbacks.agreement import TeacherAgreementCallback
-from kd_lightning.plots import agreement_heatmap
+from kd_lightning.reporting.plots import agreement_heatmap
 
 HEATMAP_STAGES = ("val", "test")
 

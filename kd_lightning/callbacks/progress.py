@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -29,6 +26,12 @@ class LabelledProgressBar(TQDMProgressBar):
         )
 
 
-def progress_bar(cfg: Mapping[str, Any], label: str) -> list[Callback]:
-    """A labelled bar, or none when the config's ``trainer.enable_progress_bar`` is false."""
-    return [LabelledProgressBar(label)] if cfg["trainer"].get("enable_progress_bar", True) else []
+def progress_bar(label: str, enabled: bool = True) -> list[Callback]:
+    """A labelled bar as a callback list, or none when ``enabled`` is false (the value of the
+    Trainer's ``enable_progress_bar``).
+
+    Example:
+        >>> [bar.label for bar in progress_bar("student")], progress_bar("student", enabled=False)
+        (['student'], [])
+    """
+    return [LabelledProgressBar(label)] if enabled else []

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from kd_lightning.schedules import SCHEDULE_KINDS, ScheduleKind, schedule_value
+from kd_lightning.losses.schedules import SCHEDULE_KINDS, ScheduleKind, schedule_value
 
 
 class LossSchedule(Callback):

@@ -97,7 +97,7 @@ class IndexedDataModule(L.LightningDataModule):
     """Wrap a DataModule so its train/val/test batches also carry each sample's index.
 
     Indices are positions in the split's dataset, the keys of a
-    :class:`~kd_lightning.teachers.output_cache.CachedTeachers` cache built over the same splits.
+    :class:`~kd_lightning.teachers.cache.build.CachedTeachers` cache built over the same splits.
     Set-up and the batch-transfer hooks are delegated to the wrapped DataModule.
 
     Args:

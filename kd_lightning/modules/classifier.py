@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.modules.epoch_means import EpochMeans, Stage
-from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 
 
 class ClassifierModule(EpochMeans):

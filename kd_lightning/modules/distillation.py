@@ -12,13 +12,13 @@ from torch import Tensor, nn
 
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.data.indexed import sample_indices
-from kd_lightning.features import FeatureTaps
-from kd_lightning.hints import FeatureHintLoss
-from kd_lightning.loss import DistillationLoss
+from kd_lightning.losses.distillation import DistillationLoss
+from kd_lightning.losses.hints import FeatureHintLoss
+from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.epoch_means import EpochMeans, Stage
-from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.teachers.cached import CachedTeachers
+from kd_lightning.teachers.cache.store import CachedTeachers
 from kd_lightning.teachers.sharded import ShardedTeachers
 
 
@@ -51,7 +51,7 @@ class DistillationModule(EpochMeans):
         scheduler_interval: ``"step"`` or ``"epoch"``.
         batch_adapter: turns a batch into ``(inputs, labels)``; defaults to :class:`~kd_lightning.BatchAdapter`.
         save_teachers: keep teacher weights in checkpoints.
-        hints: a :class:`~kd_lightning.hints.FeatureHintLoss`: the student's and teachers' named
+        hints: a :class:`~kd_lightning.losses.hints.FeatureHintLoss`: the student's and teachers' named
             layers are tapped by forward hooks during the usual forward passes (the teachers
             still run once per step) and ``hints.weight · hint`` is added to the loss, weighted
             per sample by the fusion weights (or, with ``hints.confidence_heads``, CA-MKD's

@@ -9,10 +9,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.loss import DistillationLoss
+from kd_lightning.losses.distillation import DistillationLoss
+from kd_lightning.losses.schedules import SCHEDULE_KINDS, ScheduleKind, schedule_value
 from kd_lightning.modules.distillation import DistillationModule
-from kd_lightning.optim import OptimizerFactory, SchedulerFactory
-from kd_lightning.schedules import SCHEDULE_KINDS, ScheduleKind, schedule_value
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 from kd_lightning.teachers import TeacherEnsemble
 
 
@@ -40,7 +40,7 @@ class ProKDModule(DistillationModule):
     * targets: ``checkpoints`` (teacher state dicts, in training order) share the student's epochs
       evenly (:func:`trajectory_index`); the final checkpoint teaches the last share;
     * temperature: ``temperature_schedule`` from ``max_temperature`` to ``min_temperature`` over
-      training progress (per optimizer step), see :func:`kd_lightning.schedules.schedule_value`;
+      training progress (per optimizer step), see :func:`kd_lightning.losses.schedules.schedule_value`;
     * objective of each step: Hinton KD ``(1 − α)·CE + α·T²·KL(p_T ‖ p_S)``
       (:class:`~kd_lightning.DistillationLoss` with one teacher);
     * validation uses the current target; testing uses the final checkpoint at ``min_temperature``,

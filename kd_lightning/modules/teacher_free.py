@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.functional import tfkd_virtual_loss, virtual_teacher_logits
 from kd_lightning.modules.epoch_means import EpochMeans, Stage
-from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 
 VIRTUAL_TEACHER = "virtual"
 

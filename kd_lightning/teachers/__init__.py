@@ -1,6 +1,7 @@
 """Frozen teachers: the ensemble, input transforms, safe loading of their weights, and the
 teacher-output cache."""
 
+from kd_lightning.teachers.cache import CachedTeachers, build_output_cache
 from kd_lightning.teachers.class_maps import MISSING_CLASS_LOGIT_GAP
 from kd_lightning.teachers.ensemble import (
     InputTransform,
@@ -9,7 +10,6 @@ from kd_lightning.teachers.ensemble import (
     attribute_adapter,
 )
 from kd_lightning.teachers.loading import load_teacher, read_state_dict
-from kd_lightning.teachers.output_cache import CachedTeachers, build_output_cache
 from kd_lightning.teachers.transforms import ReverseSequence, Standardize
 
 __all__ = [

@@ -8,15 +8,15 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.features import FeatureTaps
 from kd_lightning.functional.online import (
     cyclic_kd_losses,
     lsgan_discriminator_loss,
     lsgan_generator_loss,
 )
+from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.online.parts import FeatureDiscriminator, feature_adapter
 from kd_lightning.modules.online.peers import OnlinePeersModule, layers_per_peer
-from kd_lightning.optim import OptimizerFactory, SchedulerFactory
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 ADVERSARIAL_D, ADVERSARIAL_G = "adversarial/discriminator", "adversarial/generator"
 

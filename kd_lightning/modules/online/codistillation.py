@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kd_lightning.functional.online import codistillation_loss
 from kd_lightning.modules.online.peers import OnlinePeersModule
-from kd_lightning.optim import OptimizerFactory, SchedulerFactory
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 _CHECKPOINT_KEY = "codistillation_snapshots"
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from kd_lightning.functional.online import PeerReduction, dml_losses, dml_peer_loss
 from kd_lightning.modules.online.peers import OnlinePeersModule
-from kd_lightning.optim import OptimizerFactory, SchedulerFactory
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 Update = Literal["sequential", "simultaneous"]
 

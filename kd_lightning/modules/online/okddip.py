@@ -8,11 +8,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.features import FeatureTaps
 from kd_lightning.functional.online import attention_targets, okddip_loss, pool_features
+from kd_lightning.losses.schedules import schedule_value
+from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.online.peers import OnlinePeersModule, layers_per_peer
-from kd_lightning.optim import OptimizerFactory, SchedulerFactory
-from kd_lightning.schedules import schedule_value
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 LEADER = "leader"
 

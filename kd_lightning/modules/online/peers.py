@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from kd_lightning.batch import BatchAdapter
-from kd_lightning.features import FeatureTaps
+from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.epoch_means import EpochMeans, Stage
-from kd_lightning.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
 
 
 def name_peers(peers: Sequence[nn.Module] | Mapping[str, nn.Module]) -> dict[str, nn.Module]:

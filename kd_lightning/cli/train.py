@@ -23,17 +23,17 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.app.config import CONFIG_DIR
-from kd_lightning.app.methods import MethodContext, build_method, method_for
-from kd_lightning.app.output_cache import cached_teachers, check_cacheable
-from kd_lightning.app.summary import build_summary, format_summary, write_json
-from kd_lightning.app.teacher_cache import build_teachers
-from kd_lightning.app.validation import validate_config
 from kd_lightning.callbacks import TeacherAgreementCallback
 from kd_lightning.callbacks.progress import progress_bar
+from kd_lightning.cli.config import CONFIG_DIR, show_progress
+from kd_lightning.cli.logit_cache import cached_teachers, check_cacheable
+from kd_lightning.cli.methods import MethodContext, build_method, method_for
+from kd_lightning.cli.summary import build_summary, format_summary, write_json
+from kd_lightning.cli.teacher_checkpoints import build_teachers
+from kd_lightning.cli.validation import validate_config
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.teachers.cached import CachedTeachers
+from kd_lightning.teachers.cache.store import CachedTeachers
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
@@ -75,7 +75,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if not any(isinstance(callback, TeacherAgreementCallback) for callback in callbacks):
         callbacks.insert(0, TeacherAgreementCallback(stages=("test",)))
     trainer: Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=[*callbacks, *progress_bar(cfg, "student")]
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=[*callbacks, *progress_bar("student", show_progress(cfg))],
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -118,7 +120,7 @@ def train_baseline(cfg: DictConfig, datamodule: LightningDataModule) -> float:
         cfg.trainer,
         logger=False,
         enable_checkpointing=False,
-        callbacks=progress_bar(cfg, "scratch baseline"),
+        callbacks=progress_bar("scratch baseline", show_progress(cfg)),
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)

@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 
-from kd_lightning.app.config import CONFIG_DIR
-from kd_lightning.app.teacher_cache import build_teachers, teacher_checkpoint
-from kd_lightning.app.validation import validate_config
+from kd_lightning.cli.config import CONFIG_DIR
+from kd_lightning.cli.teacher_checkpoints import build_teachers, teacher_checkpoint
+from kd_lightning.cli.validation import validate_config
 from kd_lightning.modules import ClassifierModule
 
 

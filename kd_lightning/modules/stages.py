@@ -65,7 +65,10 @@ def stage_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         enable_progress_bar=trainer_cfg.get("enable_progress_bar", True),
-        callbacks=[*(callbacks or []), *progress_bar({"trainer": trainer_cfg}, label)],
+        callbacks=[
+            *(callbacks or []),
+            *progress_bar(label, trainer_cfg.get("enable_progress_bar", True)),
+        ],
     )
 
 

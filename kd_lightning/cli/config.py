@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -24,3 +26,8 @@ def register_resolvers() -> None:
 
 register_resolvers()
 CONFIG_DIR = str(config_dir())
+
+
+def show_progress(cfg: Mapping[str, Any]) -> bool:
+    """The run's ``trainer.enable_progress_bar`` (true when unset)."""
+    return bool(cfg["trainer"].get("enable_progress_bar", True))

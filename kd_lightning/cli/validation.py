@@ -22,14 +22,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
-from kd_lightning.app.methods import METHODS
-from kd_lightning.app.teacher_cache import (
+from kd_lightning.batch import BatchAdapter
+from kd_lightning.cli.methods import METHODS
+from kd_lightning.cli.teacher_checkpoints import (
     cached_teacher_path,
     check_teacher_name,
     input_transform,
     teacher_class_map,
 )
-from kd_lightning.batch import BatchAdapter
 from kd_lightning.errors import ConfigError, TeacherLoadError
 from kd_lightning.teachers import TeacherEnsemble, load_teacher
 

@@ -1,6 +1,6 @@
 """Rank-sharded builds of a teacher-output cache: each rank writes its part, one rank merges them.
 
-Under ``torchrun`` every rank calls :func:`~kd_lightning.teachers.output_cache.build_output_cache`
+Under ``torchrun`` every rank calls :func:`~kd_lightning.teachers.cache.build.build_output_cache`
 with its ``rank`` and ``world_size``; rank ``r`` of ``W`` runs the teachers only over its
 contiguous share of whole batches of each split (:func:`row_range`). While the cache is built, ``<root>`` holds::
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from kd_lightning.teachers.cached import MANIFEST, PARTIAL_PREFIX, CorruptCacheError
+from kd_lightning.teachers.cache.store import MANIFEST, PARTIAL_PREFIX, CorruptCacheError
 
 PARTS_PREFIX = ".parts-"
 PART_MANIFEST = "part.json"

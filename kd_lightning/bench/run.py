@@ -9,7 +9,7 @@ Seven workloads train the MNIST-1D MLP student on the same data in the same proc
   ``aggregation="loss"``;
 * ``plain_handwritten``: the student alone in a plain-PyTorch loop (Lightning's own overhead);
 * ``cached``: ``DistillationModule`` reading the teachers' logits from a teacher-output cache
-  (:mod:`kd_lightning.teachers.output_cache`, built once before timing under
+  (:mod:`kd_lightning.teachers.cache.build`, built once before timing under
   ``$KD_LIGHTNING_CACHE/outputs``) by sample index: no teacher runs while it trains;
 * ``cached_handwritten``: the same cache read by a minimal plain-PyTorch loop, so
   ``cached_handwritten/plain_handwritten`` is the floor's ratio without Lightning or the module.
@@ -23,7 +23,7 @@ processes on a shared machine) at the start and end of each training epoch, and 
 turn there. Warm-up epochs are discarded. The teachers are randomly initialised: an epoch's cost
 does not depend on their weights. The hand-written loops keep the epoch means the modules log
 (loss, CE, KD, accuracy), so both sides do the same user-visible work. ``--memory`` also runs each
-workload alone in a fresh process to measure its memory (:mod:`kd_lightning.bench_memory`).
+workload alone in a fresh process to measure its memory (:mod:`kd_lightning.bench.memory`).
 
 This is a measuring tool, configured by plain ``argparse`` rather than Hydra.
 """
@@ -53,17 +53,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kd_lightning.bench_fast_paths import CALLS, ROUNDS, format_fast_paths, time_fast_paths
-from kd_lightning.bench_memory import probe_in_subprocess
+from kd_lightning.bench.fast_paths import CALLS, ROUNDS, format_fast_paths, time_fast_paths
+from kd_lightning.bench.memory import probe_in_subprocess
 from kd_lightning.data import MNIST1DDataModule
 from kd_lightning.data.indexed import indexed_loader
 from kd_lightning.fusion import GradientSpaceWeights
-from kd_lightning.loss import DistillationLoss
+from kd_lightning.losses.distillation import DistillationLoss
 from kd_lightning.models import CNN1D, MLP, GRUClassifier
 from kd_lightning.modules import ClassifierModule, DistillationModule
 from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.teachers.cached import CachedTeachers
-from kd_lightning.teachers.output_cache import build_output_cache
+from kd_lightning.teachers.cache.build import build_output_cache
+from kd_lightning.teachers.cache.store import CachedTeachers
 
 WORKLOADS = (
     "plain",
@@ -361,7 +361,7 @@ def run_benchmark(
         limit_batches: Training batches per epoch; ``None`` for all of them.
         workloads: Which workloads to run; ``plain`` is required (the ratios' denominator).
         memory_probe: Also run each workload one epoch alone in a fresh process and report its
-            memory there (:mod:`kd_lightning.bench_memory`), under ``workloads[name]["memory"]``.
+            memory there (:mod:`kd_lightning.bench.memory`), under ``workloads[name]["memory"]``.
 
     Returns:
         ``{"machine", "settings", "workloads": {name: {"ms_per_epoch", "ms_epochs", "x_plain",
@@ -603,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def fast_paths_report(
     batch_size: int, threads: int | None, compile: bool, seed: int
 ) -> dict[str, Any]:
-    """``kd-bench --fast-paths``: :func:`~kd_lightning.bench_fast_paths.time_fast_paths` with the
+    """``kd-bench --fast-paths``: :func:`~kd_lightning.bench.fast_paths.time_fast_paths` with the
     machine it ran on."""
     if threads is not None:
         torch.set_num_threads(threads)

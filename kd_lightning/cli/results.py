@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kd_lightning.app.config import CONFIG_DIR
-from kd_lightning.app.summary import write_json
-from kd_lightning.plots import accuracy_bars, agreement_heatmap, metric_curves
+from kd_lightning.cli.config import CONFIG_DIR
+from kd_lightning.cli.summary import write_json
+from kd_lightning.reporting.plots import accuracy_bars, agreement_heatmap, metric_curves
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
@@ -121,7 +121,7 @@ def run_one(entry: Entry, seed: int, out: Path, overrides: Sequence[str], thread
     command = [
         sys.executable,
         "-m",
-        "kd_lightning.train",
+        "kd_lightning.cli.train",
         *overrides,
         *entry.overrides,
         f"seed={seed}",
@@ -344,7 +344,7 @@ def run_protocol(
         [
             sys.executable,
             "-m",
-            "kd_lightning.train_teachers",
+            "kd_lightning.cli.teachers",
             *overrides,
             f"hydra.run.dir={args.out / 'teachers'}",
         ],
@@ -428,7 +428,7 @@ def log_to_wandb(out: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Path
     """Log the table and the plots as one W&B run (offline when not logged in)."""
     import wandb
 
-    from kd_lightning.loggers import resolve_wandb_mode
+    from kd_lightning.reporting.loggers import resolve_wandb_mode
 
     columns = ("group", "label", "n", "mean", "std", "gain", "wall_s", "commit")
     run = wandb.init(

@@ -17,14 +17,14 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import DictConfig
 from torch import nn
 
-from kd_lightning.app.online_methods import (
+from kd_lightning.cli.online_methods import (
     build_afd,
     build_codistillation,
     build_dml,
     build_ffl,
     build_okddip,
 )
-from kd_lightning.app.staged_methods import (
+from kd_lightning.cli.staged_methods import (
     build_prokd,
     build_prokt,
     build_takd,
@@ -33,7 +33,7 @@ from kd_lightning.app.staged_methods import (
 )
 from kd_lightning.modules import DistillationModule
 from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.teachers.cached import CachedTeachers
+from kd_lightning.teachers.cache.store import CachedTeachers
 
 
 @dataclass

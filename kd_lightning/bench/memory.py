@@ -2,7 +2,7 @@
 
 A process's maximum RSS only grows, so in the benchmark's single process it says nothing about one
 workload. Each workload is therefore run again, one epoch, in its own ``python -m
-kd_lightning.bench_memory`` process, which reports:
+kd_lightning.bench.memory`` process, which reports:
 
 * ``peak_rss_growth_bytes``: the peak resident memory during the epoch minus the resident memory
   just before it, with the models already built (Linux: the kernel's high-water mark is reset
@@ -67,7 +67,7 @@ def probe(
     seed: int,
 ) -> dict[str, Any]:
     """Build workload ``name`` as ``kd-bench`` does, train it one epoch here, report its memory."""
-    from kd_lightning import bench  # the benchmark imports this module
+    from kd_lightning.bench import run as bench  # the benchmark imports this module
 
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,7 +139,7 @@ def probe_in_subprocess(name: str, **settings: Any) -> dict[str, Any]:
     command = [
         sys.executable,
         "-m",
-        "kd_lightning.bench_memory",
+        "kd_lightning.bench.memory",
         json.dumps({"name": name, **settings}),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)

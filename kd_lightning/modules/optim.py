@@ -19,7 +19,7 @@ def cosine_schedule(optimizer: Optimizer, total_steps: int, warmup_steps: int = 
     """Linear warm-up, then cosine decay to zero over ``total_steps`` optimizer steps.
 
     Modules pass ``total_steps`` themselves (the trainer's estimated stepping batches), so a config
-    only names the function: ``{_target_: kd_lightning.optim.cosine_schedule, _partial_: true}``.
+    only names the function: ``{_target_: kd_lightning.modules.optim.cosine_schedule, _partial_: true}``.
 
     Example:
         >>> import torch

@@ -1,6 +1,6 @@
 """Read a teacher-output cache: teacher logits by sample index, from memory-mapped ``.npy`` files.
 
-:func:`~kd_lightning.teachers.output_cache.build_output_cache` writes the caches this reads.
+:func:`~kd_lightning.teachers.cache.build.build_output_cache` writes the caches this reads.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kd_lightning.teachers.topk import TopKLogits, expand_topk
+from kd_lightning.teachers.cache.topk import TopKLogits, expand_topk
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -30,7 +30,7 @@ class CachedTeachers:
 
     ``logits(split, indices)`` returns what ``TeacherEnsemble(inputs)`` returned for those samples
     when the cache was built: float32 ``(K, B, *S)`` (with ``top_k``, the logits rebuilt by
-    :func:`~kd_lightning.teachers.topk.expand_topk`). The arrays are memory-mapped lazily, after
+    :func:`~kd_lightning.teachers.cache.topk.expand_topk`). The arrays are memory-mapped lazily, after
     pickling too (DDP spawn, dataloader workers), so opening a cache costs only its manifest.
 
     Args:

@@ -19,6 +19,7 @@ from torch import nn
 
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.callbacks.progress import progress_bar
+from kd_lightning.cli.config import show_progress
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.teachers import TeacherEnsemble, load_teacher
 from kd_lightning.teachers.runtime import RUNTIME_OPTIONS
@@ -133,7 +134,7 @@ def train_teacher(name: str, cfg: DictConfig, datamodule: LightningDataModule) -
         enable_model_summary=False,
         num_sanity_val_steps=0,
         enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
-        callbacks=progress_bar(cfg, f"teacher {name}"),
+        callbacks=progress_bar(f"teacher {name}", show_progress(cfg)),
         default_root_dir=cfg.paths.output_dir,
     )
     trainer.fit(module, datamodule=datamodule)

@@ -12,15 +12,15 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 
-from kd_lightning.app.config import CONFIG_DIR
-from kd_lightning.app.output_cache import (
+from kd_lightning.cli.config import CONFIG_DIR
+from kd_lightning.cli.logit_cache import (
     cache_datamodule,
     check_cacheable,
     describe,
     open_output_cache,
 )
-from kd_lightning.app.teacher_cache import build_teachers
-from kd_lightning.teachers.cached import CachedTeachers
+from kd_lightning.cli.teacher_checkpoints import build_teachers
+from kd_lightning.teachers.cache.store import CachedTeachers
 
 
 def cache_teachers(cfg: DictConfig) -> CachedTeachers:

@@ -12,17 +12,17 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 from torch import Tensor
 
-from kd_lightning.app.methods import method_for
+from kd_lightning.cli.methods import method_for
 from kd_lightning.data import augment_mnist1d
 from kd_lightning.data.augmented_views import AugmentedViewsDataModule
 from kd_lightning.data.indexed import IndexedDataModule
 from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.teachers.fingerprint import NondeterministicDataError
-from kd_lightning.teachers.output_cache import (
+from kd_lightning.teachers.cache.build import (
     CachedTeachers,
     build_output_cache,
     remove_partial_builds,
 )
+from kd_lightning.teachers.cache.fingerprint import NondeterministicDataError
 
 
 def output_cache_root(cfg: DictConfig) -> Path:

@@ -17,8 +17,7 @@ from lightning.pytorch import LightningModule
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd_lightning.app.stages import run_stage, run_trajectory_stage
-from kd_lightning.app.teacher_cache import teacher_checkpoint, train_teacher
+from kd_lightning.cli.teacher_checkpoints import teacher_checkpoint, train_teacher
 from kd_lightning.modules import (
     ClassifierModule,
     DistillationModule,
@@ -26,10 +25,11 @@ from kd_lightning.modules import (
     ProKTModule,
     VirtualTeacherModule,
 )
+from kd_lightning.modules.stages import run_stage, run_trajectory_stage
 from kd_lightning.teachers import TeacherEnsemble, load_teacher
 
 if TYPE_CHECKING:
-    from kd_lightning.app.methods import MethodContext
+    from kd_lightning.cli.methods import MethodContext
 
 TFKD_VARIANTS = ("self", "virtual", "reverse")
 PROKT_TEACHER_INITS = ("pretrained", "scratch")

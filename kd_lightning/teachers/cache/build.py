@@ -20,7 +20,7 @@ last, then renamed into place in one ``os.rename``; a build killed midway leaves
 directory, which no reader opens.
 
 Under ``torchrun`` each rank builds only its share of the rows and one rank merges the parts:
-see :mod:`kd_lightning.teachers.cache_parts`.
+see :mod:`kd_lightning.teachers.cache.parts`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kd_lightning.batch import BatchAdapter
-from kd_lightning.teachers.cache_parts import (
+from kd_lightning.teachers.cache.fingerprint import (
+    dataset_fingerprint,
+    fingerprint,
+    teacher_fingerprint,
+)
+from kd_lightning.teachers.cache.parts import (
     PARTS_PREFIX,
     build_in_parts,
     check_rank,
@@ -47,16 +52,15 @@ from kd_lightning.teachers.cache_parts import (
     row_range,
     sync_directory,
 )
-from kd_lightning.teachers.cached import (
+from kd_lightning.teachers.cache.store import (
     FORMAT_VERSION,
     MANIFEST,
     PARTIAL_PREFIX,
     CachedTeachers,
     CorruptCacheError,
 )
+from kd_lightning.teachers.cache.topk import compress_topk, index_dtype
 from kd_lightning.teachers.ensemble import TeacherEnsemble
-from kd_lightning.teachers.fingerprint import dataset_fingerprint, fingerprint, teacher_fingerprint
-from kd_lightning.teachers.topk import compress_topk, index_dtype
 
 
 class StaleCacheError(FileNotFoundError):
@@ -196,9 +200,9 @@ def build_output_cache(
     module's docstring), so concurrent builders are safe: the first rename wins and the others
     discard their copy. With ``world_size > 1`` the ranks share the work instead: each runs the
     teachers over its contiguous share of each split's batches only
-    (:func:`~kd_lightning.teachers.cache_parts.row_range`), into a part that outlives a killed
+    (:func:`~kd_lightning.teachers.cache.parts.row_range`), into a part that outlives a killed
     build, and one rank merges the parts into the cache a single process would have written
-    (:mod:`~kd_lightning.teachers.cache_parts`).
+    (:mod:`~kd_lightning.teachers.cache.parts`).
 
     Args:
         ensemble: the teachers; their outputs are cached exactly as the ensemble returns them.
@@ -217,7 +221,7 @@ def build_output_cache(
             call this with the same teachers, data and ``top_k``.
         wait_s: with ``world_size > 1``, seconds to wait for the other ranks' parts once this
             rank's part is done, before raising
-            :class:`~kd_lightning.teachers.cache_parts.MissingPartsError` naming the missing parts.
+            :class:`~kd_lightning.teachers.cache.parts.MissingPartsError` naming the missing parts.
 
     Example:
         >>> import tempfile

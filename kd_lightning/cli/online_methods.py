@@ -23,7 +23,7 @@ from kd_lightning.modules import (
 )
 
 if TYPE_CHECKING:
-    from kd_lightning.app.methods import MethodContext
+    from kd_lightning.cli.methods import MethodContext
 
 
 def build_peers(context: MethodContext, minimum: int = 2) -> list[nn.Module]:

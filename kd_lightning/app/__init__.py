@@ -1,1 +1,0 @@
-"""The Hydra shell: configs in ``conf/`` and the ``kd-train`` / ``kd-teachers`` commands."""

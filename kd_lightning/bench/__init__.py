@@ -1,0 +1,1 @@
+"""``kd-bench``: side-by-side timings of distillation against plain and hand-written training."""

@@ -1,0 +1,1 @@
+"""Reporting: plots of agreement, accuracy and training curves, and loggers."""
