@@ -145,15 +145,25 @@ def test_solver_degenerate_gram_matrices():
 # --- the fusion rule ----------------------------------------------------------------------------
 
 
+def gram_vectors(gradients: torch.Tensor, gram: str) -> np.ndarray:
+    """The authors' code averages each teacher's gradient over the batch; the paper's equation
+    takes it whole."""
+    k = gradients.shape[0]
+    per_teacher = gradients.double().numpy().reshape(k, -1, gradients.shape[-1])
+    return per_teacher.mean(1) if gram == "batch_mean" else per_teacher.reshape(k, -1)
+
+
+@pytest.mark.parametrize("gram", ["batch_mean", "flattened"])
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
-def test_rule_matches_slsqp_on_autograd_gradients(k):
+def test_rule_matches_slsqp_on_autograd_gradients(k, gram):
     cap = 0.6 if k > 2 else 0.55
     for seed in range(3):
         teachers, student = random_instance(seed, k)
-        fusion = GradientSpaceWeights(max_weight=cap)(teachers, None, 4.0, student_logits=student)
-        flat = autograd_gradients(teachers, student, 4.0).reshape(k, -1).double().numpy()
-        gram = flat @ flat.T
-        expected = slsqp_min_norm(gram / np.linalg.norm(gram, 2), cap)
+        rule = GradientSpaceWeights(max_weight=cap, gram=gram)
+        fusion = rule(teachers, None, 4.0, student_logits=student)
+        vectors = gram_vectors(autograd_gradients(teachers, student, 4.0), gram)
+        gram_matrix = vectors @ vectors.T
+        expected = slsqp_min_norm(gram_matrix / np.linalg.norm(gram_matrix, 2), cap)
         weights = fusion.weights
         assert weights.shape == (16, k) and weights.dtype == torch.float32
         assert not weights.requires_grad
@@ -163,6 +173,23 @@ def test_rule_matches_slsqp_on_autograd_gradients(k):
         np.testing.assert_allclose(weights[0].double().numpy(), expected, atol=1e-4)
         mixed = (weights[0, :, None, None] * F.softmax(teachers / 4.0, dim=-1)).sum(0)
         torch.testing.assert_close(fusion.target, mixed)
+
+
+def test_the_authors_gram_and_the_flattened_gram_differ():
+    """Averaging over the batch first (the authors' code) can move the weights far from the
+    flattened gradients' (the paper's equation); the default follows the code."""
+    teachers, student = random_instance(4, 3, batch=(32,))
+    weights = {
+        gram: GradientSpaceWeights(gram=gram)(teachers, None, 4.0, student_logits=student).weights[
+            0
+        ]
+        for gram in ("batch_mean", "flattened")
+    }
+    assert (weights["batch_mean"] - weights["flattened"]).abs().max() > 0.1
+    default = GradientSpaceWeights()(teachers, None, 4.0, student_logits=student).weights[0]
+    torch.testing.assert_close(default, weights["batch_mean"])
+    with pytest.raises(ValueError, match="gram must be one of"):
+        GradientSpaceWeights(gram="full")
 
 
 def test_reordering_teachers_permutes_the_weights():

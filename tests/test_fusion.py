@@ -20,6 +20,7 @@ from kd_lightning.fusion import (
     FusionRule,
     GradientSpaceWeights,
     LearnedGate,
+    LearnedWeights,
     MajorityVote,
     MeanLogits,
     MeanProbabilities,
@@ -97,7 +98,7 @@ def np_reference(
         return np_uniform(z), np_softmax(z.mean(0) / temperature)
     if name == "vote":
         return np_vote(z)
-    if name in ("mean_probs", "static_uniform", "static_learnable"):
+    if name in ("mean_probs", "static_uniform", "learned"):
         w = np_uniform(z)
     elif name == "static":
         given = np.array(static_weights_for(z.shape[0]))
@@ -123,7 +124,7 @@ RULES: dict[str, Callable[[int], FusionRule]] = {
     "mean_logits": lambda k: MeanLogits(),
     "static": lambda k: StaticWeights(static_weights_for(k)),
     "static_uniform": lambda k: StaticWeights(),
-    "static_learnable": lambda k: StaticWeights(num_teachers=k, learnable=True),
+    "learned": lambda k: LearnedWeights(num_teachers=k),
     "entropy": lambda k: EntropyWeighted(),
     "entropy_raw": lambda k: EntropyWeighted(normalize=False),
     "entropy_tau": lambda k: EntropyWeighted(tau=0.5),
@@ -443,8 +444,8 @@ def test_e3_random_teacher_is_unbiased_for_the_mean_probabilities_gradient(monke
 # --- StaticWeights ------------------------------------------------------------------------------
 
 
-def test_learnable_static_weights_get_a_gradient_and_live_in_state_dict() -> None:
-    rule = StaticWeights([1.0, 3.0], learnable=True)
+def test_learned_weights_get_a_gradient_and_live_in_state_dict() -> None:
+    rule = LearnedWeights(weights=[1.0, 3.0])
     parameters = list(rule.parameters())
     assert len(parameters) == 1 and parameters[0] is rule.weight_logits
     assert "weight_logits" in rule.state_dict()
@@ -481,9 +482,9 @@ def test_wrong_number_of_static_weights_names_both_numbers() -> None:
     ):
         StaticWeights([1.0, 1.0, 1.0])(teachers)
     with pytest.raises(
-        ValueError, match=r"StaticWeights has 3 weights but teacher_logits has K = 2"
+        ValueError, match=r"LearnedWeights has 3 weights but teacher_logits has K = 2"
     ):
-        StaticWeights(num_teachers=3, learnable=True)(teachers)
+        LearnedWeights(num_teachers=3)(teachers)
 
 
 @pytest.mark.parametrize(
@@ -492,8 +493,6 @@ def test_wrong_number_of_static_weights_names_both_numbers() -> None:
         ({"weights": [1.0, -0.5]}, "non-negative"),
         ({"weights": [0.0, 0.0]}, "must not all be zero"),
         ({"weights": []}, "must not be empty"),
-        ({"weights": [1.0, 0.0], "learnable": True}, r"every weight must be > 0"),
-        ({"learnable": True}, r"needs `weights` or `num_teachers`"),
         ({"weights": [1.0, 2.0], "num_teachers": 3}, r"got 2 weights but num_teachers = 3"),
         ({"num_teachers": 0}, r"num_teachers must be >= 1"),
     ],
@@ -501,6 +500,20 @@ def test_wrong_number_of_static_weights_names_both_numbers() -> None:
 def test_bad_static_weights_are_refused(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         StaticWeights(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        LearnedWeights(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weights": [1.0, 0.0]}, r"every weight must be > 0"),
+        ({}, r"needs `num_teachers` or starting `weights`"),
+    ],
+)
+def test_learned_weights_need_positive_starting_weights(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        LearnedWeights(**kwargs)
 
 
 @pytest.mark.parametrize("rule", [ConfidenceAware, CorrectTeachersOnly])
@@ -547,8 +560,14 @@ def test_registry_holds_every_rule() -> None:
         "random": RandomTeacher,
         "aekd": GradientSpaceWeights,
         "learned_gate": LearnedGate,
+        "learned": LearnedWeights,
     }
-    assert expected == FUSION_RULES
+    library = {
+        name: rule
+        for name, rule in FUSION_RULES.items()
+        if rule.__module__.startswith("kd_lightning.")
+    }
+    assert expected == library
     assert all(issubclass(rule, FusionRule) for rule in FUSION_RULES.values())
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from kd_lightning import DistillationLoss, DistillationModule
 from kd_lightning.fusion import LearnedGate, build_fusion
+from kd_lightning.models.taps import FeatureTaps
 
 from .app_helpers import compose_config
 from .conftest import NUM_CLASSES, make_trainer, small_mlp
@@ -73,7 +74,7 @@ def test_gate_parameters_move_during_a_fit_and_are_checkpointed(tmp_path, teache
         optimizer=partial(torch.optim.SGD, lr=1.0),
     )
     trainer = make_trainer(tmp_path, max_epochs=1)
-    module.materialize_hints(next(iter(_loader(datamodule))))
+    module.materialize(next(iter(_loader(datamodule))))
     assert gate.theta.shape == (len(teachers), NUM_CLASSES)
     before = {k: v.clone() for k, v in gate.state_dict().items()}
     trainer.fit(module, datamodule=datamodule)
@@ -101,10 +102,20 @@ def test_hydra_fusion_option_composes(tmp_path):
     assert isinstance(rule, LearnedGate)
     assert rule.num_teachers == len(cfg.teachers) and rule.student_layer == "hidden"
     student = instantiate(cfg.student)
-    rule.bind_student(student)
-    logits = student(torch.randn(4, 40))
-    rule(torch.randn(len(cfg.teachers), 4, cfg.num_classes), student_logits=logits)
+    logits, features = _forward(student, rule, torch.randn(4, 40))
+    rule(
+        torch.randn(len(cfg.teachers), 4, cfg.num_classes),
+        student_logits=logits,
+        student_features=features,
+    )
     assert rule.theta.shape == (len(cfg.teachers), student.hidden.branch[0].out_features)
+
+
+def _forward(student: nn.Module, gate: LearnedGate, inputs: torch.Tensor):
+    """The student's logits and the outputs of the gate's layers, tapped as the module does."""
+    with FeatureTaps(student, gate.student_layers) as taps:
+        logits = student(inputs)
+    return logits, taps.features
 
 
 def _feature_student() -> nn.Sequential:
@@ -115,10 +126,9 @@ def test_beta_is_the_pooled_feature_map_of_the_named_layer():
     torch.manual_seed(0)
     student = _feature_student()
     gate = LearnedGate(num_teachers=2, student_layer="1")
-    gate.bind_student(student)
     inputs = torch.randn(5, 1, 6)
-    logits = student(inputs)
-    weights = gate(torch.randn(2, 5, 4), student_logits=logits).weights
+    logits, tapped = _forward(student, gate, inputs)
+    weights = gate(torch.randn(2, 5, 4), student_logits=logits, student_features=tapped).weights
 
     features = torch.relu(student[0](inputs)).detach().numpy()  # (B, 3, 4)
     beta = features.mean(axis=2)
@@ -132,23 +142,30 @@ def test_beta_is_the_pooled_feature_map_of_the_named_layer():
 def test_features_are_detached_from_the_student():
     student = _feature_student()
     gate = LearnedGate(num_teachers=2, student_layer="1")
-    gate.bind_student(student)
-    logits = student(torch.randn(5, 1, 6))
-    assert gate._features is not None and not gate._features.requires_grad
+    logits, features = _forward(student, gate, torch.randn(5, 1, 6))
+    beta = features["1"].detach().requires_grad_()  # the gate's input, cut from the student
     loss = DistillationLoss(gate, alpha=1.0)
-    loss(logits, torch.randn(2, 5, 4), torch.randint(0, 4, (5,))).loss.backward()
+    out = loss(
+        logits, torch.randn(2, 5, 4), torch.randint(0, 4, (5,)), student_features={"1": beta}
+    )
+    [through_gate] = torch.autograd.grad(out.loss, beta, retain_graph=True, allow_unused=True)
+    assert through_gate is None  # the student is not pushed to move its features
+    out.loss.backward()
     assert gate.theta.grad is not None and gate.theta.grad.abs().sum() > 0
 
 
-def test_unknown_layer_and_unbound_gate_are_refused():
-    gate = LearnedGate(num_teachers=2, student_layer="penultimate")
-    with pytest.raises(ValueError, match="student_layer='penultimate'"):
-        gate.bind_student(_feature_student())
-    with pytest.raises(RuntimeError, match="bind_student"):
+def test_missing_features_and_unknown_layers_are_refused(teachers):
+    gate = LearnedGate(num_teachers=2, student_layer="1")
+    with pytest.raises(ValueError, match=r"reads the student's \['1'\] layer outputs"):
         gate(torch.randn(2, 3, 4), student_logits=torch.randn(3, 4))
+    unknown = LearnedGate(num_teachers=len(teachers), student_layer="penultimate")
+    with pytest.raises(ValueError, match="penultimate"):
+        DistillationModule(small_mlp(), teachers, DistillationLoss(unknown))
 
 
-def test_module_binds_the_gate_and_survives_pickling(tmp_path, teachers, datamodule):
+def test_the_module_taps_the_gate_layer_and_the_gate_survives_pickling(
+    tmp_path, teachers, datamodule
+):
     gate = LearnedGate(num_teachers=len(teachers), student_layer="0")
     module = DistillationModule(small_mlp(), teachers, DistillationLoss(gate, alpha=1.0))
     make_trainer(tmp_path, max_epochs=1, limit_train_batches=2).fit(module, datamodule=datamodule)
@@ -156,8 +173,15 @@ def test_module_binds_the_gate_and_survives_pickling(tmp_path, teachers, datamod
     assert gate.theta.shape == (len(teachers), hidden)
     clone = pickle.loads(pickle.dumps(module))
     inputs = torch.randn(3, next(module.student.parameters()).shape[1])
-    clone.student(inputs)
-    assert clone.loss.fusion._features.shape == (3, hidden)
+    teacher_logits = torch.randn(len(teachers), 3, NUM_CLASSES)
+    weights = [
+        rule(teacher_logits, student_logits=logits, student_features=features).weights
+        for rule, (logits, features) in (
+            (gate, _forward(module.student, gate, inputs)),
+            (clone.loss.fusion, _forward(clone.student, clone.loss.fusion, inputs)),
+        )
+    ]
+    torch.testing.assert_close(weights[0], weights[1])
 
 
 def _loader(datamodule):

@@ -8,7 +8,7 @@ import torch
 
 from kd_lightning import DistillationLoss
 from kd_lightning.functional import kd_loss, kl_divergence
-from kd_lightning.fusion import ConfidenceAware, StaticWeights
+from kd_lightning.fusion import ConfidenceAware, LearnedWeights, StaticWeights
 
 
 def np_log_softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
@@ -139,7 +139,7 @@ def test_computed_in_float32_under_autocast(batch, divergence):
 
 def test_learnable_weights_receive_gradients(batch):
     student, teachers, labels = batch
-    loss = DistillationLoss(StaticWeights(num_teachers=3, learnable=True), alpha=1.0)
+    loss = DistillationLoss(LearnedWeights(num_teachers=3), alpha=1.0)
     assert len(list(loss.parameters())) == 1
     loss(student, teachers, labels).loss.backward()
     assert next(loss.parameters()).grad.abs().sum() > 0

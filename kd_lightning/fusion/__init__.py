@@ -1,8 +1,8 @@
 """Rules that fuse several teachers' logits into per-teacher weights and one target.
 
-Each rule is an ``nn.Module`` called as ``rule(teacher_logits, labels, temperature)`` on stacked
-logits ``(K, *batch, C)`` and returns a :class:`Fusion`. Build one by name with
-:func:`build_fusion`.
+Each rule is an ``nn.Module`` called as ``rule(teacher_logits, labels, temperature, ...)`` on
+stacked logits ``(K, *batch, C)``; it returns a :class:`Fusion`. Its :meth:`FusionRule.weights`
+receives one :class:`FusionContext`. Build a rule by name with :func:`build_fusion`.
 
 Example:
     >>> import torch
@@ -17,27 +17,19 @@ from typing import Any
 
 from kd_lightning.fusion.aekd import GradientSpaceWeights
 from kd_lightning.fusion.averages import MeanLogits, MeanProbabilities
-from kd_lightning.fusion.base import Fusion, FusionRule
+from kd_lightning.fusion.base import Fusion, FusionContext, FusionRule
 from kd_lightning.fusion.confidence import ConfidenceAware
 from kd_lightning.fusion.correct import CorrectTeachersOnly
 from kd_lightning.fusion.entropy import EntropyWeighted
 from kd_lightning.fusion.gate import LearnedGate
+from kd_lightning.fusion.learned import LearnedWeights
 from kd_lightning.fusion.random_teacher import RandomTeacher
 from kd_lightning.fusion.static import StaticWeights
 from kd_lightning.fusion.vote import MajorityVote
 
-FUSION_RULES: dict[str, type[FusionRule]] = {
-    "mean_probs": MeanProbabilities,
-    "mean_logits": MeanLogits,
-    "static": StaticWeights,
-    "entropy": EntropyWeighted,
-    "confidence": ConfidenceAware,
-    "correct_only": CorrectTeachersOnly,
-    "vote": MajorityVote,
-    "random": RandomTeacher,
-    "aekd": GradientSpaceWeights,
-    "learned_gate": LearnedGate,
-}
+FUSION_RULES = FusionRule.registry
+"""Every rule by name: each subclass declared with ``name=`` (``class R(FusionRule, name="r")``),
+the library's rules and those of any package imported so far."""
 
 
 def build_fusion(name: str, **kwargs: Any) -> FusionRule:
@@ -65,9 +57,11 @@ __all__ = [
     "CorrectTeachersOnly",
     "EntropyWeighted",
     "Fusion",
+    "FusionContext",
     "FusionRule",
     "GradientSpaceWeights",
     "LearnedGate",
+    "LearnedWeights",
     "MajorityVote",
     "MeanLogits",
     "MeanProbabilities",

@@ -7,15 +7,19 @@ in Gradient Space", NeurIPS 2020.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.fusion.base import FusionRule
+from kd_lightning.fusion.base import FusionContext, FusionRule
+
+GramKind = Literal["batch_mean", "flattened"]
+GRAM_KINDS: tuple[GramKind, ...] = ("batch_mean", "flattened")
 
 
-class GradientSpaceWeights(FusionRule):
+class GradientSpaceWeights(FusionRule, name="aekd"):
     """AE-KD (Du et al., NeurIPS 2020): per-batch teacher weights of minimum gradient norm.
 
     For each batch, ``g_k = ∂ kl_T(p_k, s) / ∂s`` is the gradient of teacher ``k``'s batch-mean KD
@@ -36,15 +40,24 @@ class GradientSpaceWeights(FusionRule):
     gradient. The paper's defaults are ``T = 4``, ``α = 0.9`` and ``C = 0.6``. The gradients are
     those of the forward KL (equal to soft cross-entropy's), whichever divergence the loss uses.
 
-    We follow the paper's objective, solved exactly in torch on the logits' device; the authors'
-    code (AnTuo1998/AE-KD) instead runs ``K`` extra backward passes and an sklearn one-class-SVM
-    dual on the CPU.
+    Which ``g_k`` enter the Gram matrix ``G_kl = ⟨g_k, g_l⟩`` is set by ``gram``:
+
+    * ``"batch_mean"`` (default, the authors' code, AnTuo1998/AE-KD ``find_optimal_svm``): each
+      teacher's gradient is averaged over the batch (and positions) to one ``C``-vector first;
+    * ``"flattened"``: each teacher's whole gradient, all ``B·C`` (or ``B·L·C``) entries, as the
+      paper's equation reads for a batch. The two can give very different weights.
+
+    The solve is exact, in torch on the logits' device; the authors' code instead runs ``K`` extra
+    backward passes and an sklearn one-class-SVM dual on the CPU. The authors weight CE by 1 and
+    KD by 0.9 (``--gamma 1 --alpha 0.9``), which ``DistillationLoss`` (weights ``1 − α`` and ``α``)
+    cannot express exactly; ``α = 0.9`` keeps their KD weight.
 
     With a single teacher the weight is 1 (plain Hinton KD), whatever ``max_weight``. With
     ``K ≥ 2`` teachers the capped simplex is empty when ``C·K < 1``, which raises ``ValueError``.
 
     Args:
         max_weight: The cap ``C`` on any teacher's weight, in ``(0, 1]``; 1 means no cap.
+        gram: ``"batch_mean"`` (the authors' code) or ``"flattened"`` (the paper's equation).
         iterations: The most accelerated projected-gradient steps of the solver (it stops once
             the KKT conditions certify its point optimal, usually much earlier).
 
@@ -62,8 +75,15 @@ class GradientSpaceWeights(FusionRule):
 
     needs_student = True
 
-    def __init__(self, max_weight: float = 0.6, iterations: int = 100) -> None:
+    def __init__(
+        self, max_weight: float = 0.6, iterations: int = 100, gram: GramKind = "batch_mean"
+    ) -> None:
         super().__init__()
+        if gram not in GRAM_KINDS:
+            raise ValueError(
+                f"GradientSpaceWeights: gram must be one of {GRAM_KINDS}, got {gram!r}"
+            )
+        self.gram = gram
         if not (math.isfinite(max_weight) and 0 < max_weight <= 1):
             raise ValueError(
                 f"GradientSpaceWeights: max_weight must be in (0, 1], got {max_weight}"
@@ -73,27 +93,20 @@ class GradientSpaceWeights(FusionRule):
         self.max_weight = float(max_weight)
         self.iterations = int(iterations)
 
-    def weights(
-        self,
-        teacher_logits: Tensor,
-        labels: Tensor | None,
-        student_logits: Tensor | None = None,
-        temperature: float = 1.0,
-    ) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """The weights ``λ`` broadcast to ``(*batch, K)``; see the class docstring.
 
         Args:
             teacher_logits: Float32 teacher logits ``(K, *batch, C)``.
-            labels: Unused.
-            student_logits: Student logits ``(*batch, C)``; required. Detached here.
-            temperature: The temperature ``T`` of the KD terms whose gradients are compared.
+            context: The student's logits (required; detached here) and the temperature ``T``
+                of the KD terms whose gradients are compared.
 
         Returns:
             Detached float32 weights ``(*batch, K)``: non-negative, summing to one, each at most
             ``max_weight`` (when ``K ≥ 2``).
         """
-        if student_logits is None:
-            raise ValueError("GradientSpaceWeights needs the student's logits (student_logits)")
+        student_logits = context.student_logits
+        assert student_logits is not None  # FusionRule.forward enforces needs_student
         num_teachers, *batch_shape, _ = teacher_logits.shape
         if num_teachers == 1:
             return teacher_logits.new_ones((*batch_shape, 1), dtype=torch.float32)
@@ -103,22 +116,21 @@ class GradientSpaceWeights(FusionRule):
                 f"teachers leaves no weights summing to one (needs max_weight * K >= 1)"
             )
         with torch.no_grad():
-            gradients = kd_logit_gradients(teacher_logits, student_logits.detach(), temperature)
-            flat = gradients.reshape(num_teachers, -1).to(_solver_dtype(gradients.device))
-            solution = min_norm_capped_simplex(flat @ flat.T, self.max_weight, self.iterations)
+            gradients = kd_logit_gradients(
+                teacher_logits, student_logits.detach(), context.temperature
+            )
+            if self.gram == "batch_mean":
+                vectors = gradients.flatten(1, -2).mean(1)  # (K, C)
+            else:
+                vectors = gradients.reshape(num_teachers, -1)  # (K, B·C)
+            vectors = vectors.to(_solver_dtype(gradients.device))
+            solution = min_norm_capped_simplex(
+                vectors @ vectors.T, self.max_weight, self.iterations
+            )
         return solution.float().expand(*batch_shape, num_teachers)
 
-    def _rule_weights(
-        self,
-        teacher_logits: Tensor,
-        labels: Tensor | None,
-        temperature: float,
-        student_logits: Tensor | None,
-    ) -> Tensor:
-        return self.weights(teacher_logits, labels, student_logits, temperature)
-
     def extra_repr(self) -> str:
-        return f"max_weight={self.max_weight}, iterations={self.iterations}"
+        return f"max_weight={self.max_weight}, iterations={self.iterations}, gram={self.gram!r}"
 
 
 def kd_logit_gradients(

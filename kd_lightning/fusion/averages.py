@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.fusion.base import FusionRule, uniform_weights
+from kd_lightning.fusion.base import FusionContext, FusionRule, uniform_weights
 
 
-class MeanProbabilities(FusionRule):
+class MeanProbabilities(FusionRule, name="mean_probs"):
     """Arithmetic mean of the teachers' probabilities, ``p̄ = (1/K) Σ_k softmax(z_k / T)``.
 
     Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015): the ensemble's
@@ -22,7 +22,7 @@ class MeanProbabilities(FusionRule):
         [[0.5, 0.5]]
     """
 
-    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """Weights ``1/K`` for every teacher; see :class:`FusionRule`."""
         return uniform_weights(teacher_logits)
 
@@ -31,7 +31,7 @@ class MeanProbabilities(FusionRule):
         return F.softmax(teacher_logits / temperature, dim=-1).mean(dim=0)
 
 
-class MeanLogits(FusionRule):
+class MeanLogits(FusionRule, name="mean_logits"):
     """Softmax of the mean logit, ``softmax((1/K) Σ_k z_k / T)``.
 
     As in TextBrewer's ``MultiTeacherDistiller``, which averages teacher logits before the
@@ -46,7 +46,7 @@ class MeanLogits(FusionRule):
         [0.7311, 0.2689]
     """
 
-    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """Weights ``1/K`` for every teacher; see :class:`FusionRule`."""
         return uniform_weights(teacher_logits)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,43 @@ class Fusion:
     target: Tensor
 
 
+@dataclass(frozen=True)
+class FusionContext:
+    """Everything a rule may read besides the teachers' logits; one object for every rule.
+
+    Attributes:
+        labels: Int64 class indices ``(*batch)``, or ``None`` (always set for rules with
+            ``needs_labels``).
+        temperature: The temperature ``T > 0`` of the distillation term.
+        student_logits: The student's float32 logits ``(*batch, C)``, or ``None`` (always set
+            for rules with ``needs_student``).
+        student_features: The outputs of the student layers the rule names in
+            :attr:`FusionRule.student_layers`, by layer name (a
+            :class:`~kd_lightning.DistillationModule` taps them with
+            :class:`~kd_lightning.models.taps.FeatureTaps`).
+
+    Example:
+        >>> FusionContext(temperature=2.0).student_features
+        {}
+    """
+
+    labels: Tensor | None = None
+    temperature: float = 1.0
+    student_logits: Tensor | None = None
+    student_features: Mapping[str, Tensor] = field(default_factory=dict)
+
+
 class FusionRule(nn.Module, ABC):
     """A rule that turns stacked teacher logits into per-teacher weights and a fused target.
 
-    Subclasses implement :meth:`weights`; the default :meth:`target` mixes the teachers'
-    temperature-scaled probabilities, ``Σ_k ŵ_k softmax(z_k / T)`` with ``ŵ = w / Σ_k w_k``.
-    Rules that need the ground truth set ``needs_labels = True``; rules whose weights depend on the
-    student (e.g. AE-KD) set ``needs_student = True``, add an optional ``student_logits`` keyword
-    to their :meth:`weights` and override :meth:`_rule_weights` to pass it on.
+    Subclasses implement :meth:`weights`, which receives the teachers' logits and one
+    :class:`FusionContext`. The default :meth:`target` mixes the teachers' temperature-scaled
+    probabilities, ``Σ_k ŵ_k softmax(z_k / T)`` with ``ŵ = w / Σ_k w_k``. A rule declares what it
+    reads: ``needs_labels`` (the ground truth), ``needs_student`` (the student's logits), and
+    :attr:`student_layers` (outputs of named student layers, e.g. a learned gate's features).
+
+    A subclass that passes ``name="..."`` (``class Rule(FusionRule, name="rule")``) can be built
+    by that name, e.g. ``DistillationLoss("rule")`` (see :func:`build_fusion`).
 
     Both outputs serve the two ways of distilling from several teachers: ``kl_T(target, s)``
     ("target" mode) or ``Σ_k w_k kl_T(p_k, s)`` ("loss" mode). For weights that do not depend on
@@ -46,7 +76,7 @@ class FusionRule(nn.Module, ABC):
 
     Example:
         >>> class FirstTeacher(FusionRule):
-        ...     def weights(self, teacher_logits, labels):
+        ...     def weights(self, teacher_logits, context):
         ...         weights = torch.zeros_like(teacher_logits[..., 0]).movedim(0, -1)
         ...         weights[..., 0] = 1.0
         ...         return weights
@@ -58,6 +88,21 @@ class FusionRule(nn.Module, ABC):
 
     needs_labels: ClassVar[bool] = False
     needs_student: ClassVar[bool] = False
+    registry: ClassVar[dict[str, type[FusionRule]]] = {}
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            known = FusionRule.registry.get(name)
+            if known is not None and _path(known) != _path(cls):
+                raise ValueError(f"fusion rule name {name!r} is taken by {_path(known)}")
+            FusionRule.registry[name] = cls
+
+    @property
+    def student_layers(self) -> tuple[str, ...]:
+        """The student layers whose outputs the rule reads from ``student_features``; none by
+        default."""
+        return ()
 
     def forward(
         self,
@@ -65,6 +110,7 @@ class FusionRule(nn.Module, ABC):
         labels: Tensor | None = None,
         temperature: float = 1.0,
         student_logits: Tensor | None = None,
+        student_features: Mapping[str, Tensor] | None = None,
     ) -> Fusion:
         """Fuse the teachers.
 
@@ -75,6 +121,8 @@ class FusionRule(nn.Module, ABC):
             temperature: Temperature ``T > 0`` of the fused target.
             student_logits: The student's logits ``(*batch, C)``; required by rules with
                 ``needs_student``, ignored by the others. Cast to float32.
+            student_features: The outputs of the layers in :attr:`student_layers`, by name;
+                required by rules that name any.
 
         Returns:
             The weights ``(*batch, K)`` and the target ``(*batch, C)``.
@@ -113,65 +161,34 @@ class FusionRule(nn.Module, ABC):
                     f"{tuple(teacher_logits.shape[1:])}, the (*batch, C) of teacher_logits "
                     f"{tuple(teacher_logits.shape)}"
                 )
-            student_logits = student_logits.float()
+        features = dict(student_features or {})
+        missing = [layer for layer in self.student_layers if layer not in features]
+        if missing:
+            raise ValueError(
+                f"{rule} reads the student's {missing} layer outputs: pass them as "
+                f"student_features (a DistillationModule taps them)"
+            )
+        context = FusionContext(
+            labels=labels,
+            temperature=float(temperature),
+            student_logits=None if student_logits is None else student_logits.float(),
+            student_features=features,
+        )
         logits = teacher_logits.float()
-        weights = self._rule_weights(logits, labels, temperature, student_logits)
+        weights = self.weights(logits, context)
         return Fusion(weights=weights, target=self.target(logits, weights, temperature))
 
     @abstractmethod
-    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """Per-teacher weights.
-
-        A rule with ``needs_student`` adds an optional ``student_logits`` keyword (float32
-        ``(*batch, C)``), which its override of :meth:`_rule_weights` fills in.
 
         Args:
             teacher_logits: Float32 teacher logits ``(K, *batch, C)``.
-            labels: Int64 class indices ``(*batch)``, or ``None``.
+            context: The labels, temperature, student logits and features (checked by
+                :meth:`forward` against what the rule declares it needs).
 
         Returns:
             Non-negative float32 weights ``(*batch, K)``.
-        """
-
-    def _rule_weights(
-        self,
-        teacher_logits: Tensor,
-        labels: Tensor | None,
-        temperature: float,
-        student_logits: Tensor | None,
-    ) -> Tensor:
-        """Call :meth:`weights` for :meth:`forward`.
-
-        A rule needing the temperature or the student's logits (checked and cast to float32 by
-        :meth:`forward` when ``needs_student``) overrides it to pass them to its :meth:`weights`.
-        """
-        return self.weights(teacher_logits, labels)
-
-    @property
-    def selects_teachers(self) -> bool:
-        """Whether :meth:`teachers_to_run` may name a subset: such a rule cannot serve feature
-        hints, which read every teacher's layers."""
-        return False
-
-    def teachers_to_run(self, num_teachers: int) -> list[int] | None:
-        """The teachers the next training step needs, asked before any teacher runs.
-
-        A :class:`~kd_lightning.DistillationModule` asks once per training step and runs only the
-        teachers named; this rule then receives their logits alone, in that order. ``None`` (the
-        default) runs every teacher. Validation and test steps always run every teacher.
-
-        Example:
-            >>> from kd_lightning.fusion import MeanProbabilities
-            >>> MeanProbabilities().teachers_to_run(3) is None
-            True
-        """
-        return None
-
-    def bind_student(self, student: nn.Module) -> None:
-        """Attach to the student network, for rules that read its inner layers.
-
-        A :class:`~kd_lightning.DistillationModule` calls it once with its student; the default
-        does nothing.
         """
 
     def target(self, teacher_logits: Tensor, weights: Tensor, temperature: float) -> Tensor:
@@ -188,6 +205,10 @@ class FusionRule(nn.Module, ABC):
         normalised = weights / weights.sum(dim=-1, keepdim=True)
         probs = F.softmax(teacher_logits / temperature, dim=-1)
         return (normalised.movedim(-1, 0).unsqueeze(-1) * probs).sum(dim=0)
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def uniform_weights(teacher_logits: Tensor) -> Tensor:

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.fusion.base import FusionRule
+from kd_lightning.fusion.base import FusionContext, FusionRule
 
 
-class ConfidenceAware(FusionRule):
+class ConfidenceAware(FusionRule, name="confidence"):
     """Per-sample weights from each teacher's cross-entropy against the label.
 
     Zhang, Chen, Wang, "Confidence-Aware Multi-Teacher Knowledge Distillation" (CA-MKD),
@@ -28,8 +28,9 @@ class ConfidenceAware(FusionRule):
 
     needs_labels = True
 
-    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """Confidence weights ``(*batch, K)``; see the class docstring."""
+        labels = context.labels
         assert labels is not None  # FusionRule.forward enforces needs_labels
         num_teachers = teacher_logits.shape[0]
         log_probs = F.log_softmax(teacher_logits, dim=-1)

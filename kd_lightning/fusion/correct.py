@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kd_lightning.fusion.base import FusionRule
+from kd_lightning.fusion.base import FusionContext, FusionRule
 
 
-class CorrectTeachersOnly(FusionRule):
+class CorrectTeachersOnly(FusionRule, name="correct_only"):
     """Uniform weights over the teachers whose top-1 prediction equals the label.
 
     Per sample, a teacher gets weight ``1 / #correct`` if ``argmax z_k = y`` and 0 otherwise; when
@@ -22,8 +22,9 @@ class CorrectTeachersOnly(FusionRule):
 
     needs_labels = True
 
-    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """Uniform weights over the correct teachers ``(*batch, K)``; see the class docstring."""
+        labels = context.labels
         assert labels is not None  # FusionRule.forward enforces needs_labels
         correct = (teacher_logits.argmax(dim=-1) == labels).movedim(0, -1).float()
         any_correct = correct.sum(dim=-1, keepdim=True) > 0

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.fusion.base import FusionRule
+from kd_lightning.fusion.base import FusionContext, FusionRule
 
 
-class EntropyWeighted(FusionRule):
+class EntropyWeighted(FusionRule, name="entropy"):
     """Per-sample weights that favour the teachers whose predictions have low entropy.
 
     Kwon et al., "Adaptive Knowledge Distillation Based on Entropy" (EBKD), ICASSP 2020.
@@ -46,7 +46,7 @@ class EntropyWeighted(FusionRule):
         self.tau = tau
         self.normalize = normalize
 
-    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """Entropy-based weights ``(*batch, K)``; see the class docstring."""
         entropies = torch.special.entr(F.softmax(teacher_logits, dim=-1)).sum(dim=-1)
         entropies = entropies.movedim(0, -1)

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from kd_lightning.fusion.base import FusionRule
+from kd_lightning.fusion.base import FusionContext, FusionRule
 
 
-class LearnedGate(FusionRule):
+class LearnedGate(FusionRule, name="learned_gate"):
     """Per-sample weights ``μ(x) = softmax_k((β(x) ⊙ θ_k)ᵀ W)``, trained with the student.
 
     After Liu, Zhang & Wang (2020, AMTML-KD): ``β(x)`` is the student's pooled penultimate feature,
-    read by a forward hook on the layer named ``student_layer`` once :meth:`bind_student` has
-    attached the gate to the student (a :class:`~kd_lightning.DistillationModule` does it). A
-    ``(B, D)`` output is used as it is; a ``(B, D, *spatial)`` feature map is averaged over its
-    spatial positions (global average pooling, as in the paper); a layer returning a tuple (a GRU)
-    is read at element 0. Without ``student_layer``, ``β`` is the student's logits.
+    the output of the student layer named ``student_layer``, which the rule declares in
+    :attr:`student_layers` and reads from ``student_features`` (a
+    :class:`~kd_lightning.DistillationModule` taps that layer during the student's forward pass,
+    as it taps the layers of feature hints). A ``(B, D)`` output is used as it is; a
+    ``(B, D, *spatial)`` feature map is averaged over its spatial positions (global average
+    pooling, as in the paper); a layer returning a tuple (a GRU) is read at element 0. Without
+    ``student_layer``, ``β`` is the student's logits.
 
     ``β`` is detached: the gate learns from the distillation loss, the student is not pushed to
     move its features to change the weights. ``θ`` ``(K, D)`` and ``W`` ``(D,)`` are
@@ -29,8 +30,8 @@ class LearnedGate(FusionRule):
     checkpoint of a ``DistillationModule``. ``W`` starts near zero, so the weights start near
     uniform. Weights sum to one per sample; the target is ``Σ_k μ_k p_k``.
 
-    Caution: trained on the distillation loss alone (as in the paper), the gate drifts toward the
-    teacher the student already matches best, since that lowers the loss.
+    Caution: trained on the distillation loss alone, the gate drifts toward the teacher the
+    student already matches best, since that lowers the loss.
 
     Args:
         num_teachers: ``K``.
@@ -41,11 +42,12 @@ class LearnedGate(FusionRule):
             :class:`~kd_lightning.models.MLP`); ``None`` uses the student's logits.
 
     Example:
+        >>> from kd_lightning.models.taps import FeatureTaps
         >>> student = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
         >>> gate = LearnedGate(num_teachers=2, student_layer="1")
-        >>> gate.bind_student(student)
-        >>> logits = student(torch.randn(8, 4))
-        >>> fusion = gate(torch.randn(2, 8, 3), student_logits=logits)
+        >>> with FeatureTaps(student, gate.student_layers) as taps:
+        ...     logits = student(torch.randn(8, 4))
+        >>> fusion = gate(torch.randn(2, 8, 3), student_logits=logits, student_features=taps.features)
         >>> gate.theta.shape, fusion.weights.shape, torch.allclose(fusion.weights.sum(-1), torch.ones(8))
         (torch.Size([2, 6]), torch.Size([8, 2]), True)
     """
@@ -64,48 +66,24 @@ class LearnedGate(FusionRule):
         self.student_layer = student_layer
         self.theta: nn.Parameter | UninitializedParameter = UninitializedParameter()
         self.gate: nn.Parameter | UninitializedParameter = UninitializedParameter()
-        self._features: Tensor | None = None
-        self._bound = False
         if feature_dim is not None:
             self._initialise(int(feature_dim))
         self._register_load_state_dict_pre_hook(self._materialise_from_state, with_module=True)
 
-    def bind_student(self, student: nn.Module) -> None:
-        """Hook the student's ``student_layer``, so each student forward pass sets ``β``."""
-        if self.student_layer is None or self._bound:
-            return
-        try:
-            layer = student.get_submodule(self.student_layer)
-        except AttributeError:
-            available = [name for name, _ in student.named_modules() if name][:12]
-            raise ValueError(
-                f"LearnedGate: student_layer={self.student_layer!r} is not a submodule of "
-                f"{type(student).__name__}; its submodules include {available}"
-            ) from None
-        layer.register_forward_hook(self._capture)
-        self._bound = True
+    @property
+    def student_layers(self) -> tuple[str, ...]:
+        """``(student_layer,)``, or none when ``β`` is the student's logits."""
+        return () if self.student_layer is None else (self.student_layer,)
 
-    def _capture(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if isinstance(output, tuple | list):
-            output = output[0]
-        features = output.detach().float()
-        self._features = features.flatten(2).mean(-1) if features.ndim > 2 else features
-
-    def weights(
-        self,
-        teacher_logits: Tensor,
-        labels: Tensor | None,
-        student_logits: Tensor | None = None,
-    ) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """``softmax_k((β ⊙ θ_k)ᵀ W)``, ``(*batch, K)``."""
-        assert student_logits is not None  # FusionRule.forward checks it
         num_teachers = teacher_logits.shape[0]
         if num_teachers != self.num_teachers:
             raise ValueError(
                 f"LearnedGate has num_teachers={self.num_teachers} but teacher_logits has "
                 f"K = {num_teachers} teachers"
             )
-        beta = self._beta(student_logits)
+        beta = self._beta(context)
         if isinstance(self.theta, UninitializedParameter):
             self._initialise(beta.shape[-1], device=beta.device)
         if beta.shape[-1] != self.theta.shape[1]:
@@ -116,30 +94,19 @@ class LearnedGate(FusionRule):
         scores = torch.einsum("...d,kd,d->...k", beta, self.theta, self.gate)
         return F.softmax(scores, dim=-1)
 
-    def _rule_weights(
-        self,
-        teacher_logits: Tensor,
-        labels: Tensor | None,
-        temperature: float,
-        student_logits: Tensor | None,
-    ) -> Tensor:
-        return self.weights(teacher_logits, labels, student_logits=student_logits)
-
-    def _beta(self, student_logits: Tensor) -> Tensor:
+    def _beta(self, context: FusionContext) -> Tensor:
+        """The student's detached features at ``student_layer`` (pooled), or its logits."""
+        assert context.student_logits is not None  # FusionRule.forward enforces needs_student
         if self.student_layer is None:
-            return student_logits.detach().float()
-        if not self._bound:
-            raise RuntimeError(
-                f"LearnedGate(student_layer={self.student_layer!r}) reads the student's features: "
-                f"call bind_student(student) first (DistillationModule does it)"
+            return context.student_logits.detach()
+        features = context.student_features[self.student_layer].detach().float()
+        if features.shape[0] != context.student_logits.shape[0]:
+            raise ValueError(
+                f"LearnedGate: the student's {self.student_layer!r} output has batch size "
+                f"{features.shape[0]}, its logits {context.student_logits.shape[0]}: tap the "
+                f"layer during the same forward pass"
             )
-        features = self._features
-        if features is None or features.shape[0] != student_logits.shape[0]:
-            raise RuntimeError(
-                f"LearnedGate: no features of the student's {self.student_layer!r} layer for this "
-                f"batch: run the student forward before the loss"
-            )
-        return features
+        return features.flatten(2).mean(-1) if features.ndim > 2 else features
 
     def _initialise(self, feature_dim: int, device: torch.device | None = None) -> None:
         theta, gate = self.theta, self.gate

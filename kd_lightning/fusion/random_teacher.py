@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.fusion.base import FusionRule
+from kd_lightning.fusion.base import FusionContext, FusionRule
 
 
-class RandomTeacher(FusionRule):
+class RandomTeacher(FusionRule, name="random"):
     """Distil from a single teacher drawn uniformly at random for each call (each batch).
 
     Fukuda et al., "Efficient Knowledge Distillation from an Ensemble of Teachers", Interspeech
@@ -21,15 +21,10 @@ class RandomTeacher(FusionRule):
     :class:`~kd_lightning.fusion.averages.MeanProbabilities` target (identity E3): an unbiased,
     cheaper but noisier estimate.
 
-    The paper's point is cost: only one teacher need run per batch. With ``run_drawn_only=True``
-    the teacher is drawn in :meth:`teachers_to_run`, before any teacher runs, so a
-    :class:`~kd_lightning.DistillationModule` runs that one alone in training steps and this rule
-    sees its logits as the only row (weight one). Validation and test steps still run (and
-    measure) every teacher. The early draw comes from the global CPU generator (no device sync), so
-    with the same seed it draws the same teachers as the default on CPU.
-
-    Args:
-        run_drawn_only: draw the teacher in :meth:`teachers_to_run`, so only it runs in training.
+    The paper's point is cost: only one teacher need run per batch. This rule runs every teacher
+    and keeps one; to run only the drawn one, draw it before any teacher runs with the teacher
+    source :class:`~kd_lightning.teachers.DrawnTeachers` (``teacher_runtime.draw_per_step=1``),
+    under which any rule (e.g. mean of probabilities) sees that teacher alone.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -40,28 +35,7 @@ class RandomTeacher(FusionRule):
         True
     """
 
-    def __init__(self, run_drawn_only: bool = False) -> None:
-        super().__init__()
-        self.run_drawn_only = run_drawn_only
-
-    @property
-    def selects_teachers(self) -> bool:
-        return self.run_drawn_only
-
-    def teachers_to_run(self, num_teachers: int) -> list[int] | None:
-        """With ``run_drawn_only``, the drawn teacher of the next training step; else ``None``.
-
-        Example:
-            >>> rule = RandomTeacher(run_drawn_only=True)
-            >>> [k] = rule.teachers_to_run(3)
-            >>> rule(torch.randn(1, 2, 4)).weights.tolist()  # the drawn teacher is the only row
-            [[1.0], [1.0]]
-        """
-        if not self.run_drawn_only:
-            return None
-        return [int(torch.randint(num_teachers, ()))]
-
-    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """One-hot weights on a teacher drawn now, ``(*batch, K)``; all ones for one teacher."""
         num_teachers, *batch_shape, _ = teacher_logits.shape
         if num_teachers == 1:

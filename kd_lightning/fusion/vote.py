@@ -6,13 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.fusion.base import FusionRule
+from kd_lightning.fusion.base import FusionContext, FusionRule
 
 
-class MajorityVote(FusionRule):
+class MajorityVote(FusionRule, name="vote"):
     """One-hot target on the class most teachers predict.
 
-    You, Xu, Xu, Tao, "Learning from Multiple Teacher Networks", KDD 2017 (the voting strategy).
+    The teachers' majority vote as a hard pseudo-label: a common multi-teacher baseline, not a
+    published method of its own. (You, Xu, Xu & Tao, "Learning from Multiple Teacher Networks",
+    KDD 2017, average the teachers' softened outputs, :class:`MeanProbabilities`; their "voting"
+    ranks triplet dissimilarities of an intermediate layer and never trains on a voted label.)
     ``votes_c = Σ_k 1[argmax z_k = c]``; the winner is the class with most votes, ties broken by
     the teachers' mean probability ``(1/K) Σ_k softmax(z_k)`` so the result does not depend on
     the order of the teachers. The target is ``one_hot(winner)`` whatever the temperature, so with
@@ -26,7 +29,7 @@ class MajorityVote(FusionRule):
         ([[1.0, 0.0, 0.0]], [[0.5, 0.0, 0.5]])
     """
 
-    def weights(self, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """Uniform weights over the teachers that voted for the winner ``(*batch, K)``."""
         voted_for_winner = teacher_logits.argmax(dim=-1) == self._winner(teacher_logits)
         voters = voted_for_winner.movedim(0, -1).float()

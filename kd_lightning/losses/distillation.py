@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +18,7 @@ from kd_lightning.functional import (
     reverse_kl_divergence,
     soft_cross_entropy,
 )
+from kd_lightning.functional.targets import probability_shift
 from kd_lightning.fusion import FusionRule, build_fusion
 
 PROBABILITY_DIVERGENCES = {
@@ -79,6 +81,11 @@ class DistillationLoss(nn.Module):
         divergence: one of ``"kl"``, ``"reverse_kl"``, ``"js"``, ``"soft_ce"``, ``"mse"``.
         aggregation: ``"target"`` or ``"loss"``.
         ignore_index: the label of padded positions, as in :func:`torch.nn.functional.cross_entropy`.
+        probability_shift: correct each teacher before fusion wherever its top-1 is wrong, by
+            swapping its top logit with the true class's
+            (:func:`~kd_lightning.functional.targets.probability_shift`, Wen et al. 2019); the
+            fusion rule and the KD term see the corrected teachers, the returned weights come from
+            them too.
 
     Example:
         >>> loss = DistillationLoss("mean_probs", alpha=0.9, temperature=4.0)
@@ -107,6 +114,7 @@ class DistillationLoss(nn.Module):
         divergence: str = "kl",
         aggregation: Aggregation = "target",
         ignore_index: int = -100,
+        probability_shift: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -125,12 +133,24 @@ class DistillationLoss(nn.Module):
         self.divergence = divergence
         self.aggregation = aggregation
         self.ignore_index = int(ignore_index)
+        self.probability_shift = bool(probability_shift)
+
+    @property
+    def student_layers(self) -> tuple[str, ...]:
+        """The student layers whose outputs the fusion rule reads (pass them to :meth:`forward`
+        as ``student_features``); a :class:`~kd_lightning.DistillationModule` taps them."""
+        return self.fusion.student_layers
 
     def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        labels: Tensor,
+        student_features: Mapping[str, Tensor] | None = None,
     ) -> DistillationOutput:
         """Compute the objective from student logits ``(*batch, C)``, teacher logits
-        ``(K, *batch, C)`` and labels ``(*batch)``; labels equal to ``ignore_index`` are padding."""
+        ``(K, *batch, C)`` and labels ``(*batch)``; labels equal to ``ignore_index`` are padding.
+        ``student_features`` holds the outputs of the layers in :attr:`student_layers`."""
         padded = check_shapes(student_logits, teacher_logits, labels, self.ignore_index)
         real = labels != self.ignore_index if padded else None  # None: no mask, fewer kernels
         with _float32_region(student_logits.device.type):
@@ -141,7 +161,15 @@ class DistillationLoss(nn.Module):
                 student = torch.where(real.unsqueeze(-1), student, 0.0)
                 teachers = torch.where(real.unsqueeze(-1), teachers, 0.0)
                 rule_labels = torch.where(real, labels, 0)
-            fusion = self.fusion(teachers, rule_labels, self.temperature, student_logits=student)
+            if self.probability_shift:
+                teachers = probability_shift(teachers, rule_labels)
+            fusion = self.fusion(
+                teachers,
+                rule_labels,
+                self.temperature,
+                student_logits=student,
+                student_features=student_features,
+            )
             hard_sum = F.cross_entropy(
                 student.reshape(-1, student.shape[-1]),
                 labels.reshape(-1),
@@ -186,7 +214,7 @@ class DistillationLoss(nn.Module):
         return (
             f"alpha={self.alpha}, temperature={self.temperature}, "
             f"divergence={self.divergence!r}, aggregation={self.aggregation!r}, "
-            f"ignore_index={self.ignore_index}"
+            f"ignore_index={self.ignore_index}, probability_shift={self.probability_shift}"
         )
 
 

@@ -1,0 +1,53 @@
+"""One learned weight per teacher, the same for every sample, trained with the student."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning.fusion.base import FusionContext, FusionRule
+from kd_lightning.fusion.static import broadcast_per_teacher, normalised_weights
+
+
+class LearnedWeights(FusionRule, name="learned"):
+    """Weights ``w = softmax(θ)`` over one free parameter per teacher, shared by all samples.
+
+    ``θ`` is the ``nn.Parameter`` ``weight_logits``, initialised at the log of the normalised
+    ``weights`` (zeros, i.e. uniform, with only ``num_teachers``). It trains with whichever
+    optimizer holds this module's parameters (a :class:`~kd_lightning.DistillationModule`
+    optimises the loss's parameters with the student's) and is saved in its ``state_dict``. The
+    weights sum to one; the target is ``Σ_k w_k p_k``.
+
+    Caution: trained on the distillation loss alone, the weights drift toward the teacher the
+    student already matches best, since that lowers the loss.
+
+    Args:
+        num_teachers: The number of teachers (uniform start), when ``weights`` is not given.
+        weights: Strictly positive starting weights, one per teacher.
+
+    Example:
+        >>> import torch
+        >>> z = torch.zeros(2, 1, 3)  # K = 2 teachers, B = 1, C = 3
+        >>> rule = LearnedWeights(num_teachers=2)
+        >>> rule(z).weights.tolist(), [p.shape for p in rule.parameters()]
+        ([[0.5, 0.5]], [torch.Size([2])])
+    """
+
+    def __init__(
+        self, num_teachers: int | None = None, weights: Sequence[float] | None = None
+    ) -> None:
+        super().__init__()
+        initial = normalised_weights(weights, num_teachers, positive=True)
+        if initial is None:
+            raise ValueError("LearnedWeights needs `num_teachers` or starting `weights`")
+        self.weight_logits = nn.Parameter(initial.log())
+
+    def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
+        """``softmax(θ)`` broadcast over the batch, ``(*batch, K)``."""
+        per_teacher = F.softmax(self.weight_logits, dim=0)
+        return broadcast_per_teacher(per_teacher, teacher_logits, type(self).__name__)
+
+    def extra_repr(self) -> str:
+        return f"num_teachers={self.weight_logits.shape[0]}"
