@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback
+
+log = logging.getLogger(__name__)
 
 
 class RandomStateCheckpoint(Callback):
@@ -28,11 +32,14 @@ class RandomStateCheckpoint(Callback):
     (From a mid-epoch checkpoint Lightning 2.x restarts the epoch's plain ``DataLoader`` from its
     first batch while counting on from the saved batch index, so such a resume is never exact; a
     run killed mid-epoch resumes from the last epoch end instead and replays the whole epoch.)
-    Under DDP only rank 0's states are saved and every rank resumes with them: the data order is
-    still exact (a ``DistributedSampler`` draws it from its seed and the epoch), the dropout masks
-    of the other ranks are not. Strategies that restore checkpoints after setup (DeepSpeed, FSDP)
-    create the iterator first and are not exact either. The states are stored as tensors and
-    plain Python values, so the checkpoint still loads with ``torch.load(weights_only=True)``.
+    Under DDP every rank's states are gathered into the checkpoint (``{"ranks": [...]}``, one
+    entry per rank) and each rank resumes with its own, so ranks whose draws differ (augmentation,
+    dropout on batches of different sizes, per-rank seeds) continue as an uninterrupted run
+    would. Resumed in a group of another size, each rank takes the states of rank
+    ``rank mod saved ranks`` and a warning says the resume is not exact. Strategies that restore
+    checkpoints after setup (DeepSpeed, FSDP) create the iterator first and are not exact either.
+    The states are stored as tensors and plain Python values, so the checkpoint still loads with
+    ``torch.load(weights_only=True)``.
 
     Example:
         >>> callback = RandomStateCheckpoint()
@@ -44,30 +51,54 @@ class RandomStateCheckpoint(Callback):
     """
 
     def state_dict(self) -> dict[str, Any]:
-        kind, key, position, has_gauss, cached_gaussian = np.random.get_state()
-        version, internal, gauss = random.getstate()
-        state: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "numpy": (
-                str(kind),
-                torch.from_numpy(np.asarray(key, dtype=np.int64)),
-                int(position),
-                int(has_gauss),
-                float(cached_gaussian),
-            ),
-            "python": (int(version), torch.tensor(internal, dtype=torch.int64), gauss),
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        states = [_random_states()]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states = [{}] * dist.get_world_size()
+            dist.all_gather_object(states, _random_states())
+        return {"ranks": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        kind, key, position, has_gauss, cached_gaussian = state_dict["numpy"]
-        np.random.set_state(
-            (kind, key.numpy().astype(np.uint32), position, has_gauss, cached_gaussian)
-        )
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(int(value) for value in internal), gauss))
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        saved = state_dict.get("ranks", [state_dict])  # one state: an earlier, rank-0-only format
+        rank, world_size = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        if len(saved) != world_size:
+            log.warning(
+                "the checkpoint holds the random states of %d rank(s) and this run has %d: rank %d "
+                "resumes with those of rank %d, so the resume is not exact",
+                len(saved),
+                world_size,
+                rank,
+                rank % len(saved),
+            )
+        _set_random_states(saved[rank % len(saved)])
+
+
+def _random_states() -> dict[str, Any]:
+    """This process's torch (CPU, and CUDA when in use), NumPy and Python random states."""
+    kind, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (
+            str(kind),
+            torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached_gaussian),
+        ),
+        "python": (int(version), torch.tensor(internal, dtype=torch.int64), gauss),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_random_states(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, key, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(value) for value in internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
