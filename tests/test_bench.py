@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from kd_lightning.bench import run as bench
-from kd_lightning.bench.run import WORKLOADS, format_report, main, run_benchmark
+from kd_lightning.bench import workloads
+from kd_lightning.bench.run import format_report, main, run_benchmark
+from kd_lightning.bench.workloads import ALPHA, TEMPERATURE, WORKLOADS, handwritten_kd
 from kd_lightning.losses.distillation import DistillationLoss
 
 TINY = {"num_samples": 200, "limit_batches": 2, "batch_size": 32}
@@ -93,7 +95,7 @@ def test_a_failing_workload_stops_the_benchmark(monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("broken loop")
 
-    monkeypatch.setattr(bench, "_handwritten_loop", broken)
+    monkeypatch.setattr(workloads, "_handwritten_loop", broken)
     with pytest.raises(RuntimeError, match="failed") as info:
         run_benchmark(epochs=2, warmup=0, **TINY)
     assert isinstance(info.value.__cause__, OSError)
@@ -122,8 +124,8 @@ def test_handwritten_objective_equals_distillation_loss():
     torch.manual_seed(0)
     logits, teacher_logits = torch.randn(6, 10), torch.randn(3, 6, 10)
     labels = torch.randint(0, 10, (6,))
-    loss, hard, soft = bench.handwritten_kd(logits, teacher_logits, labels)
-    reference = DistillationLoss("mean_probs", alpha=bench.ALPHA, temperature=bench.TEMPERATURE)
+    loss, hard, soft = handwritten_kd(logits, teacher_logits, labels)
+    reference = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
     out = reference(logits, teacher_logits, labels)
     torch.testing.assert_close(
         torch.stack([loss, hard, soft]), torch.stack([out.loss, out.hard, out.soft])

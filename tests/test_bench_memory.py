@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kd_lightning.bench.memory import probe, probe_in_subprocess
-from kd_lightning.bench.run import _memory_table
+from kd_lightning.bench.memory import memory_table, probe, probe_in_subprocess
 
 TINY = {"teachers": ["cnn", "gru", "mlp"], "batch_size": 32, "num_samples": 200, "seed": 0}
 BATCH, CLASSES = 32, 10
@@ -28,7 +27,7 @@ def test_live_teachers_save_nothing_for_backward():
     assert live["teacher_weight_bytes"] > 0 == plain["teacher_weight_bytes"]
     assert live["student_weight_bytes"] == plain["student_weight_bytes"] > 0
 
-    table = "\n".join(_memory_table({"plain": plain, "live": live}))
+    table = "\n".join(memory_table({"plain": plain, "live": live}))
     assert "saved KiB/step" in table and f"{live['teacher_weight_bytes'] / 2**20:.2f}" in table
 
 

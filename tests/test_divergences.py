@@ -19,14 +19,11 @@ from kd_lightning.functional import (
     soft_cross_entropy,
 )
 
+from .reference import np_log_softmax
+
 # --- float64 NumPy references -------------------------------------------------------------------
 
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)
-
-
-def np_log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def np_softmax(x: np.ndarray) -> np.ndarray:

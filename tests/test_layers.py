@@ -77,33 +77,35 @@ def test_the_package_root_holds_only_top_level_files():
     assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "batch.py", "errors.py"]
 
 
+def run_with_blocked(blocked: tuple[str, ...], code: str) -> str:
+    """Run ``code`` in a fresh interpreter where ``blocked`` cannot be imported; its stdout."""
+    setup = f"import sys\nfor name in {blocked!r}: sys.modules[name] = None\n"
+    result = subprocess.run(
+        [sys.executable, "-c", setup + code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def test_the_core_imports_with_lightning_hydra_and_wandb_blocked():
-    blocked = ["lightning", "pytorch_lightning", "torchmetrics", "hydra", "omegaconf", "wandb"]
+    blocked = ("lightning", "pytorch_lightning", "torchmetrics", "hydra", "omegaconf", "wandb")
     code = (
-        "import sys\n"
-        f"for name in {blocked!r}: sys.modules[name] = None\n"
         "import kd_lightning, kd_lightning.functional, kd_lightning.fusion, kd_lightning.losses\n"
         "import kd_lightning.teachers, kd_lightning.teachers.cache, kd_lightning.models\n"
         "loss = kd_lightning.DistillationLoss('entropy')\n"
         "print(type(loss).__name__)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "DistillationLoss"
+    assert run_with_blocked(blocked, code) == "DistillationLoss"
 
 
 def test_the_lightning_layer_imports_with_hydra_blocked():
     code = (
-        "import sys\n"
-        "for name in ('hydra', 'omegaconf'): sys.modules[name] = None\n"
         "import kd_lightning.modules, kd_lightning.callbacks, kd_lightning.metrics, kd_lightning.data\n"
         "import kd_lightning.reporting.plots\n"
         "print(kd_lightning.DistillationModule.__name__)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "DistillationModule"
+    assert run_with_blocked(("hydra", "omegaconf"), code) == "DistillationModule"

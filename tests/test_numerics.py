@@ -6,6 +6,8 @@ up to 1e4 in magnitude, near-one-hot and identical teachers, and temperatures fr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +19,7 @@ from kd_lightning.fusion import (
     FusionRule,
     GradientSpaceWeights,
     LearnedGate,
+    LearnedWeights,
     StaticWeights,
 )
 from kd_lightning.losses.distillation import DIVERGENCES, DistillationLoss
@@ -44,6 +47,8 @@ def _one_thread():
 def make_rule(name: str, num_teachers: int, num_classes: int) -> FusionRule:
     if name == "static":
         return StaticWeights(num_teachers=num_teachers)
+    if name == "learned":
+        return LearnedWeights(num_teachers=num_teachers)
     if name == "learned_gate":
         return LearnedGate(num_teachers=num_teachers, feature_dim=num_classes)
     if name == "aekd":
@@ -101,6 +106,22 @@ def one_hot_logits(rows: int, num_classes: int, generator: torch.Generator) -> t
     return torch.nn.functional.one_hot(hot, num_classes).float() * 1e4
 
 
+def every_loss(
+    rule: FusionRule, temperature: float, **options: float
+) -> Iterator[tuple[str, DistillationLoss]]:
+    """``DistillationLoss`` of ``rule`` with every divergence and aggregation, named by both."""
+    for divergence in DIVERGENCES:
+        for aggregation in AGGREGATIONS:
+            loss = DistillationLoss(
+                rule,
+                temperature=temperature,
+                divergence=divergence,
+                aggregation=aggregation,
+                **options,
+            )
+            yield f"{divergence}/{aggregation}", loss
+
+
 def check_weights(name: str, weights: torch.Tensor) -> None:
     assert weights.dtype == torch.float32, name
     assert torch.isfinite(weights).all(), (name, weights)
@@ -115,26 +136,18 @@ def check_weights(name: str, weights: torch.Tensor) -> None:
 @given(problem=problems())
 def test_loss_and_student_gradient_are_finite(rule_name: str, problem: dict) -> None:
     rule = make_rule(rule_name, problem["num_teachers"], problem["num_classes"])
-    for divergence in DIVERGENCES:
-        for aggregation in AGGREGATIONS:
-            case = f"{rule_name}/{divergence}/{aggregation} T={problem['temperature']}"
-            loss = DistillationLoss(
-                rule,
-                alpha=0.9,
-                temperature=problem["temperature"],
-                divergence=divergence,
-                aggregation=aggregation,
-            )
-            student = problem["student"].clone().requires_grad_(True)
-            out = loss(student, problem["teachers"], problem["labels"])
-            for term in ("loss", "hard", "soft"):
-                value = getattr(out, term)
-                assert value.dtype == torch.float32, case
-                assert torch.isfinite(value), (case, term, value)
-            # The KD term alone: the CE gradient is finite anyway, so test what distillation adds.
-            (gradient,) = torch.autograd.grad(out.soft, student)
-            assert torch.isfinite(gradient).all(), (case, gradient)
-            check_weights(case, out.weights)
+    for name, loss in every_loss(rule, problem["temperature"], alpha=0.9):
+        case = f"{rule_name}/{name} T={problem['temperature']}"
+        student = problem["student"].clone().requires_grad_(True)
+        out = loss(student, problem["teachers"], problem["labels"])
+        for term in ("loss", "hard", "soft"):
+            value = getattr(out, term)
+            assert value.dtype == torch.float32, case
+            assert torch.isfinite(value), (case, term, value)
+        # The KD term alone: the CE gradient is finite anyway, so test what distillation adds.
+        (gradient,) = torch.autograd.grad(out.soft, student)
+        assert torch.isfinite(gradient).all(), (case, gradient)
+        check_weights(case, out.weights)
 
 
 @SETTINGS
@@ -183,31 +196,24 @@ def test_low_precision_logits_give_the_float32_kd_term(
     (rounded) values: the loss runs in float32 whatever the inputs' dtype."""
     student, teachers = rounded_problem(problem, dtype)
     rule = make_rule(rule_name, problem["num_teachers"], problem["num_classes"])
-    for divergence in DIVERGENCES:
-        for aggregation in AGGREGATIONS:
-            case = f"{rule_name}/{divergence}/{aggregation} {dtype} T={problem['temperature']}"
-            loss = DistillationLoss(
-                rule,
-                temperature=problem["temperature"],
-                divergence=divergence,
-                aggregation=aggregation,
+    for name, loss in every_loss(rule, problem["temperature"]):
+        case = f"{rule_name}/{name} {dtype} T={problem['temperature']}"
+        low_student = student.clone().requires_grad_(True)
+        torch.manual_seed(0)  # the random-teacher rule draws the same teacher twice
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            low = loss(low_student, teachers, problem["labels"])
+        torch.manual_seed(0)
+        high_student = student.float().requires_grad_(True)
+        high = loss(high_student, teachers.float(), problem["labels"])
+        for term in ("loss", "hard", "soft"):
+            assert getattr(low, term).dtype == torch.float32, (case, term)
+            torch.testing.assert_close(
+                getattr(low, term), getattr(high, term), rtol=1e-6, atol=1e-6, msg=case
             )
-            low_student = student.clone().requires_grad_(True)
-            torch.manual_seed(0)  # the random-teacher rule draws the same teacher twice
-            with torch.autocast("cpu", dtype=dtype, enabled=autocast):
-                low = loss(low_student, teachers, problem["labels"])
-            torch.manual_seed(0)
-            high_student = student.float().requires_grad_(True)
-            high = loss(high_student, teachers.float(), problem["labels"])
-            for term in ("loss", "hard", "soft"):
-                assert getattr(low, term).dtype == torch.float32, (case, term)
-                torch.testing.assert_close(
-                    getattr(low, term), getattr(high, term), rtol=1e-6, atol=1e-6, msg=case
-                )
-            assert low.weights.dtype == torch.float32, case
-            torch.testing.assert_close(low.weights, high.weights, rtol=1e-6, atol=1e-7)
-            (low_grad,) = torch.autograd.grad(low.soft, low_student)
-            (high_grad,) = torch.autograd.grad(high.soft, high_student)
-            assert low_grad.dtype == dtype, case
-            assert torch.isfinite(low_grad).all(), case
-            torch.testing.assert_close(low_grad, high_grad.to(dtype), msg=case)
+        assert low.weights.dtype == torch.float32, case
+        torch.testing.assert_close(low.weights, high.weights, rtol=1e-6, atol=1e-7)
+        (low_grad,) = torch.autograd.grad(low.soft, low_student)
+        (high_grad,) = torch.autograd.grad(high.soft, high_student)
+        assert low_grad.dtype == dtype, case
+        assert torch.isfinite(low_grad).all(), case
+        torch.testing.assert_close(low_grad, high_grad.to(dtype), msg=case)

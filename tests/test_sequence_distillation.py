@@ -11,32 +11,23 @@ from torch import Tensor
 
 from kd_lightning import DistillationLoss, DistillationModule, TeacherAgreementCallback
 from kd_lightning.data import SequenceDataModule
-from kd_lightning.fusion import GradientSpaceWeights, StaticWeights
+from kd_lightning.fusion import GradientSpaceWeights, LearnedWeights
 from kd_lightning.metrics import TeacherAgreement
 from kd_lightning.models import TinyTransformerTagger
 
 from .conftest import make_trainer
+from .reference import FUSIONS_BY_NAME, np_kl, np_log_softmax
 
 IGNORE = -100
 B, L, V, K = 3, 5, 6, 3
 LENGTHS = (5, 3, 1)  # real tokens per sequence; the rest is padding
 
-FUSIONS = (
-    "mean_probs",
-    "mean_logits",
-    "entropy",
-    "confidence",
-    "correct_only",
-    "vote",
-    "random",
-    "static",
-    "aekd",
-)
+FUSIONS = (*FUSIONS_BY_NAME, "learned", "aekd")
 
 
 def build_rule(name: str):
-    if name == "static":
-        return StaticWeights(num_teachers=K, learnable=True)
+    if name == "learned":
+        return LearnedWeights(num_teachers=K)
     if name == "aekd":
         return GradientSpaceWeights()
     return name
@@ -51,17 +42,6 @@ def padded_batch() -> tuple[Tensor, Tensor, Tensor]:
     for row, length in enumerate(LENGTHS):
         labels[row, length:] = IGNORE
     return student, teachers, labels
-
-
-def np_log_softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
-    z = z / t
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_kl(p: np.ndarray, s: np.ndarray, t: float) -> np.ndarray:
-    """T² Σ_c p (log p − log q) at every position."""
-    return t**2 * (p * (np.log(p) - np_log_softmax(s, t))).sum(-1)
 
 
 def np_reference(student, teachers, labels, fusion, aggregation, alpha, t):
@@ -170,7 +150,7 @@ def test_learnable_fusion_parameters_get_no_gradient_from_padding(padded_batch):
     student, teachers, labels = padded_batch
     grads = []
     for s, z in ((student, teachers), garbage_at_padding(student, teachers, labels)):
-        loss = DistillationLoss(StaticWeights(num_teachers=K, learnable=True), aggregation="loss")
+        loss = DistillationLoss(LearnedWeights(num_teachers=K), aggregation="loss")
         loss(s, z, labels).loss.backward()
         grads.append(next(loss.parameters()).grad)
     assert torch.equal(grads[0], grads[1])

@@ -28,6 +28,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from kd_lightning.bench.workloads import Workload, build_workload, make_teachers, training_data
+from kd_lightning.models import MLP
+
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
@@ -67,27 +70,18 @@ def probe(
     seed: int,
 ) -> dict[str, Any]:
     """Build workload ``name`` as ``kd-bench`` does, train it one epoch here, report its memory."""
-    from kd_lightning.bench import run as bench  # the benchmark imports this module
-
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    datamodule = bench.MNIST1DDataModule(
-        data_dir=str(bench.cache_dir() / "data"),
-        num_samples=num_samples,
-        val_size=min(500, num_samples // 10),
-        batch_size=batch_size,
-    )
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    workload = bench._Workload(name, device, total_epochs=1)
+    datamodule = training_data(batch_size, num_samples)
+    workload = Workload(name, device, total_epochs=1)
     workload.turns = _NoTurns()  # type: ignore[assignment]
-    train = bench._build(
+    train = build_workload(
         name, workload, teachers, datamodule.train_dataloader(), limit_batches, seed
     )
     torch.manual_seed(seed)
-    student_bytes = tensor_bytes(bench.MLP())
+    student_bytes = tensor_bytes(MLP())
     live = name in ("live", "handwritten", "aekd")
-    teacher_bytes = sum(tensor_bytes(model) for model in bench._teachers(teachers).values())
+    teacher_bytes = sum(tensor_bytes(model) for model in make_teachers(teachers).values())
 
     saved = {"bytes": 0, "steps": 0}
 
@@ -132,6 +126,29 @@ class _NoTurns:
 
     def end_turn(self) -> None:
         pass
+
+
+def memory_table(probes: dict[str, dict[str, Any]]) -> list[str]:
+    """The lines of a table of :func:`probe` reports, one row per workload."""
+    header = (
+        f"{'workload':<18} {'peak MiB':>9} {'saved KiB/step':>15} {'student MiB':>12} "
+        f"{'teachers MiB':>13}"
+    )
+    lines = [
+        "memory, each workload alone for one epoch in a fresh process: peak growth over the "
+        "built models (RSS, or CUDA allocated), autograd's saved tensors per step, weights",
+        header,
+        "-" * len(header),
+    ]
+    for name, probe in probes.items():
+        peak = probe["peak_cuda_growth_bytes"] or probe["peak_rss_growth_bytes"]
+        peak_text = "n/a" if peak is None else f"{peak / 2**20:.1f}"
+        lines.append(
+            f"{name:<18} {peak_text:>9} {probe['autograd_saved_bytes_per_step'] / 2**10:>15.1f} "
+            f"{probe['student_weight_bytes'] / 2**20:>12.2f} "
+            f"{probe['teacher_weight_bytes'] / 2**20:>13.2f}"
+        )
+    return lines
 
 
 def probe_in_subprocess(name: str, **settings: Any) -> dict[str, Any]:

@@ -39,276 +39,33 @@ import resource
 import statistics
 import sys
 import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader
 
 from kd_lightning.bench.fast_paths import CALLS, ROUNDS, format_fast_paths, time_fast_paths
-from kd_lightning.bench.memory import probe_in_subprocess
-from kd_lightning.data import MNIST1DDataModule
-from kd_lightning.data.indexed import indexed_loader
-from kd_lightning.fusion import GradientSpaceWeights
-from kd_lightning.losses.distillation import DistillationLoss
-from kd_lightning.models import CNN1D, MLP, GRUClassifier
-from kd_lightning.modules import ClassifierModule, DistillationModule
-from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.teachers.cache.build import build_output_cache
-from kd_lightning.teachers.cache.store import CachedTeachers
-
-WORKLOADS = (
-    "plain",
-    "live",
-    "handwritten",
-    "aekd",
-    "plain_handwritten",
-    "cached",
-    "cached_handwritten",
+from kd_lightning.bench.memory import memory_table, probe_in_subprocess
+from kd_lightning.bench.workloads import (
+    ALPHA,
+    TEMPERATURE,
+    WORKLOADS,
+    Workload,
+    build_workload,
+    make_teachers,
+    training_data,
 )
-LR = 0.01  # the project's default optimizer: Adam, lr 0.01
-ALPHA = 0.5  # the project's default method (conf/method/ensemble.yaml)
-TEMPERATURE = 4.0
-TEACHER_FACTORIES: dict[str, Callable[[], nn.Module]] = {
-    "cnn": CNN1D,
-    "gru": GRUClassifier,
-    "mlp": partial(MLP, hidden=512, dropout=0.2),
-}
+
 NOTE = (
     "teachers are randomly initialised (an epoch's cost does not depend on their weights); "
     "times are training epochs only (no validation), from one run in one process"
 )
 
 
-def cache_dir() -> Path:
-    """``$KD_LIGHTNING_CACHE``, or ``~/.cache/kd_lightning``."""
-    return Path(os.environ.get("KD_LIGHTNING_CACHE", Path.home() / ".cache" / "kd_lightning"))
-
-
-class _Aborted(Exception):
-    """Raised in a workload thread when the benchmark stops early."""
-
-
-class _Turns:
-    """Hands one workload thread the turn at a time; the thread gives it back at each epoch end."""
-
-    def __init__(self) -> None:
-        self.go = threading.Event()
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        self.aborted = False
-
-    def wait_turn(self) -> None:
-        self.go.wait()
-        self.go.clear()
-        if self.aborted:
-            raise _Aborted
-
-    def end_turn(self) -> None:
-        self.done.set()
-
-    def run_turn(self, thread: threading.Thread) -> None:
-        """Called by the scheduler: let the thread run until it ends its turn (or dies)."""
-        self.go.set()
-        while not self.done.wait(timeout=0.5):
-            if not thread.is_alive():
-                break
-        self.done.clear()
-
-
-@dataclass
-class _Workload:
-    name: str
-    device: torch.device
-    total_epochs: int
-    turns: _Turns = field(default_factory=_Turns)
-    times: list[float] = field(default_factory=list)
-    cpu_times: list[float] = field(default_factory=list)
-    peak_bytes: int = 0
-    report: list[float] = field(default_factory=list)  # a hand-written loop's epoch means
-    _start: float = 0.0
-    _cpu_start: float = 0.0
-
-    def epoch_start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._start = time.perf_counter()
-        self._cpu_start = time.thread_time()
-
-    def epoch_end(self) -> None:
-        """Record the epoch, give the turn back, and wait for the next one (also after the last
-        epoch: the scheduler's final turn lets the workload finish and tear down alone)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter() - self._start)
-        self.cpu_times.append(time.thread_time() - self._cpu_start)
-        if self.device.type == "cuda":
-            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
-        self.turns.end_turn()
-        self.turns.wait_turn()
-
-
-class _EpochTimer(L.Callback):
-    def __init__(self, workload: _Workload) -> None:
-        self.workload = workload
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.workload.epoch_start()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.workload.epoch_end()
-
-
-def _batches(loader: DataLoader, limit: int | None) -> Iterator[Any]:
-    for index, batch in enumerate(loader):
-        if limit is not None and index >= limit:
-            return
-        yield batch
-
-
-def handwritten_kd(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The workloads' objective in plain torch ops: ``(loss, CE, KD)``, the same values as
-    ``DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)``."""
-    target = torch.softmax(teacher_logits / TEMPERATURE, -1).mean(0)
-    log_student = F.log_softmax(logits / TEMPERATURE, -1)
-    soft = TEMPERATURE**2 * F.kl_div(log_student, target, reduction="batchmean")
-    hard = F.cross_entropy(logits, labels)
-    return (1.0 - ALPHA) * hard + ALPHA * soft, hard, soft
-
-
-def _handwritten_loop(
-    workload: _Workload,
-    student: nn.Module,
-    loader: DataLoader,
-    limit: int | None,
-    teachers: Sequence[nn.Module] | CachedTeachers | None = None,
-) -> None:
-    """A minimal training loop: Adam on cross-entropy, or with ``teachers`` on
-    :func:`handwritten_kd`, the teachers in eval under ``no_grad`` (or their logits read from a
-    cache by the batch's sample indices).
-
-    Like the modules, it reports the epoch's mean loss (and CE and KD terms) and accuracy: summed on
-    the device each step, read once at the end of the epoch.
-    """
-    cache = teachers if isinstance(teachers, CachedTeachers) else None
-    models: Sequence[nn.Module] = () if isinstance(teachers, CachedTeachers) else teachers or ()
-    device = workload.device
-    student.to(device).train()
-    for teacher in models:
-        teacher.to(device).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(student.parameters(), lr=LR)
-    for _ in range(workload.total_epochs):
-        workload.epoch_start()
-        sums = torch.zeros(5, device=device)  # loss, CE, KD (each × batch size), correct, samples
-        for batch in _batches(loader, limit):
-            inputs, labels = batch[0].to(device), batch[1].to(device)
-            logits = student(inputs)
-            if teachers is None:
-                loss = hard = F.cross_entropy(logits, labels)
-                soft = torch.zeros((), device=device)
-            else:
-                if cache is not None:
-                    teacher_logits = cache.logits("train", batch[2]).to(device)
-                else:
-                    with torch.no_grad():
-                        teacher_logits = torch.stack([teacher(inputs) for teacher in models])
-                loss, hard, soft = handwritten_kd(logits, teacher_logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums[:3] += torch.stack([loss.detach(), hard.detach(), soft.detach()]) * len(labels)
-            sums[3] += (logits.detach().argmax(-1) == labels).sum()
-            sums[4] += len(labels)
-        workload.report = (sums[:4] / sums[4]).tolist()  # the one read per epoch
-        workload.epoch_end()
-
-
-def _trainer(workload: _Workload, limit: int | None) -> L.Trainer:
-    return L.Trainer(
-        accelerator="gpu" if workload.device.type == "cuda" else "cpu",
-        devices=1,
-        max_epochs=workload.total_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        limit_train_batches=limit if limit is not None else 1.0,
-        callbacks=[_EpochTimer(workload)],
-    )
-
-
-def _teachers(names: Sequence[str]) -> dict[str, nn.Module]:
-    unknown = [name for name in names if name not in TEACHER_FACTORIES]
-    if unknown:
-        raise ValueError(f"unknown teachers {unknown}; choose from {list(TEACHER_FACTORIES)}")
-    return {name: TEACHER_FACTORIES[name]() for name in names}
-
-
-def _build(
-    name: str,
-    workload: _Workload,
-    teachers: Sequence[str],
-    loader: DataLoader,
-    limit: int | None,
-    seed: int,
-) -> Callable[[], None]:
-    """Build the models of workload ``name`` (seeded) and return the function that trains it."""
-    torch.manual_seed(seed)
-    student = MLP()
-    adam = partial(torch.optim.Adam, lr=LR)
-    if name == "plain_handwritten":
-        return lambda: _handwritten_loop(workload, student, loader, limit)
-    if name == "handwritten":
-        models = list(_teachers(teachers).values())
-        return lambda: _handwritten_loop(workload, student, loader, limit, models)
-    if name == "cached_handwritten":
-        cache, indexed = _cache(teachers, loader), indexed_loader(loader)
-        return lambda: _handwritten_loop(workload, student, indexed, limit, cache)
-    module: L.LightningModule
-    if name == "plain":
-        module = ClassifierModule(student, optimizer=adam)
-    elif name == "live":
-        loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
-        module = DistillationModule(student, TeacherEnsemble(_teachers(teachers)), loss, adam)
-    elif name == "aekd":
-        loss = DistillationLoss(
-            GradientSpaceWeights(), alpha=ALPHA, temperature=TEMPERATURE, aggregation="loss"
-        )
-        module = DistillationModule(student, TeacherEnsemble(_teachers(teachers)), loss, adam)
-    elif name == "cached":
-        loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
-        module = DistillationModule(student, _cache(teachers, loader), loss, adam)
-        loader = indexed_loader(loader)
-    else:
-        raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
-    trainer = _trainer(workload, limit)
-    return lambda: trainer.fit(module, train_dataloaders=loader)
-
-
-def _cache(teachers: Sequence[str], loader: DataLoader) -> CachedTeachers:
-    """The teacher-output cache of ``teachers`` over the loader's dataset (built on first use)."""
-    return build_output_cache(
-        TeacherEnsemble(_teachers(teachers)),
-        {"train": loader.dataset},
-        cache_dir() / "outputs",
-        batch_size=loader.batch_size or 1,
-    )
-
-
-def _thread_body(workload: _Workload, train: Callable[[], None], threads: int) -> None:
+def _thread_body(workload: Workload, train: Callable[[], None], threads: int) -> None:
     # The intra-op thread count is per thread (OpenMP): set it in every workload thread.
     torch.set_num_threads(threads)
     try:
@@ -376,25 +133,20 @@ def run_benchmark(
         if threads < 1:
             raise ValueError(f"threads must be positive, got {threads}")
         torch.set_num_threads(threads)
-    _teachers(teachers)  # unknown names fail here, before any thread starts
+    make_teachers(teachers)  # unknown names fail here, before any thread starts
     num_threads = torch.get_num_threads()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    datamodule = MNIST1DDataModule(
-        data_dir=str(cache_dir() / "data"),
-        num_samples=num_samples,
-        val_size=min(500, num_samples // 10),
-        batch_size=batch_size,
-    )
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = training_data(batch_size, num_samples)
 
     total = warmup + epochs
     runs = []
     for name in workloads:
-        workload = _Workload(name, device, total)
+        workload = Workload(name, device, total)
         # Each workload gets its own loader over the same training set.
-        train = _build(name, workload, teachers, datamodule.train_dataloader(), limit_batches, seed)
+        train = build_workload(
+            name, workload, teachers, datamodule.train_dataloader(), limit_batches, seed
+        )
         thread = threading.Thread(
             target=_thread_body,
             args=(workload, train, num_threads),
@@ -534,31 +286,9 @@ def format_report(report: dict[str, Any]) -> str:
         )
     probes = {n: e["memory"] for n, e in report["workloads"].items() if "memory" in e}
     if probes:
-        lines += _memory_table(probes)
+        lines += memory_table(probes)
     lines.append(f"note: {report['note']}")
     return "\n".join(lines)
-
-
-def _memory_table(probes: dict[str, dict[str, Any]]) -> list[str]:
-    header = (
-        f"{'workload':<18} {'peak MiB':>9} {'saved KiB/step':>15} {'student MiB':>12} "
-        f"{'teachers MiB':>13}"
-    )
-    lines = [
-        "memory, each workload alone for one epoch in a fresh process: peak growth over the "
-        "built models (RSS, or CUDA allocated), autograd's saved tensors per step, weights",
-        header,
-        "-" * len(header),
-    ]
-    for name, probe in probes.items():
-        peak = probe["peak_cuda_growth_bytes"] or probe["peak_rss_growth_bytes"]
-        peak_text = "n/a" if peak is None else f"{peak / 2**20:.1f}"
-        lines.append(
-            f"{name:<18} {peak_text:>9} {probe['autograd_saved_bytes_per_step'] / 2**10:>15.1f} "
-            f"{probe['student_weight_bytes'] / 2**20:>12.2f} "
-            f"{probe['teacher_weight_bytes'] / 2**20:>13.2f}"
-        )
-    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,6 +7,9 @@ accuracy and where its weights are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import hydra
 import lightning as L
 from hydra.utils import instantiate
@@ -17,13 +20,24 @@ from kd_lightning.cli.config import CONFIG_DIR
 from kd_lightning.cli.teacher_checkpoints import build_teachers, teacher_checkpoint
 from kd_lightning.cli.validation import validate_config
 from kd_lightning.modules import ClassifierModule
+from kd_lightning.teachers import TeacherEnsemble
+
+
+def command(task: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """``task`` as a ``kd-*`` command: Hydra composes the ``train`` config from the command line."""
+    return hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(task)
+
+
+def data_and_teachers(cfg: DictConfig) -> tuple[LightningDataModule, TeacherEnsemble]:
+    """The data module of ``cfg.data`` and the teachers of ``cfg``, trained first where missing."""
+    datamodule: LightningDataModule = instantiate(cfg.data)
+    return datamodule, build_teachers(cfg, datamodule)
 
 
 def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
     """Make sure every teacher of ``cfg`` has weights; return ``{name: {checkpoint, test_acc}}``."""
     validate_config(cfg, needs_teachers=True)
-    datamodule: LightningDataModule = instantiate(cfg.data)
-    teachers = build_teachers(cfg, datamodule)
+    datamodule, teachers = data_and_teachers(cfg)
     report: dict[str, dict[str, float | str]] = {}
     for name in teachers.names:
         trainer = L.Trainer(
@@ -46,10 +60,7 @@ def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    """The ``kd-teachers`` command."""
-    train_teachers(cfg)
+main = command(train_teachers)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kd_lightning.models.checks import check_non_negative
+
 
 def augment_mnist1d(
     x: Tensor,
@@ -38,9 +40,7 @@ def augment_mnist1d(
         raise ValueError(
             f"x must be a float tensor of shape (B, L), got {x.dtype} {tuple(x.shape)}"
         )
-    for name, value in (("max_shift", max_shift), ("scale", scale), ("noise", noise)):
-        if value < 0:
-            raise ValueError(f"{name} must be non-negative, got {value}")
+    check_non_negative(max_shift=max_shift, scale=scale, noise=noise)
     batch, length = x.shape
     shifts = torch.randint(
         -max_shift, max_shift + 1, (batch, 1), generator=generator, device=x.device

@@ -8,12 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from kd_lightning.data.augment import augment_mnist1d
+from kd_lightning.data.base import SplitDataModule
+from kd_lightning.models.checks import check_non_negative, check_positive
 
 _ARRAY_KEYS = ("x", "y", "x_test", "y_test")
 
@@ -53,7 +54,7 @@ def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-class MNIST1DDataModule(L.LightningDataModule):
+class MNIST1DDataModule(SplitDataModule[TensorDataset]):
     """MNIST-1D splits: the generator's 80/20 train/test split, the last training samples as validation.
 
     The data is generated with ``mnist1d.data.make_dataset`` (never downloaded); when
@@ -89,28 +90,20 @@ class MNIST1DDataModule(L.LightningDataModule):
         num_workers: int = 0,
         augment: bool = False,
     ) -> None:
-        super().__init__()
         if num_samples < 10:
             raise ValueError(f"num_samples must be at least 10 (one per class), got {num_samples}")
-        if val_size < 0:
-            raise ValueError(f"val_size must be non-negative, got {val_size}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be non-negative, got {num_workers}")
+        check_non_negative(val_size=val_size)
+        check_positive(batch_size=batch_size)
+        check_non_negative(num_workers=num_workers)
+        super().__init__(batch_size, num_workers)
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.num_samples = num_samples
         self.seed = seed
         self.val_size = val_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.augment = augment
         self.num_classes = 10
         self.in_features = 40
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
     @property
     def cache_path(self) -> Path | None:
@@ -135,10 +128,9 @@ class MNIST1DDataModule(L.LightningDataModule):
         if self.cache_path is not None:
             self._load_arrays()
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build all three splits, whatever ``stage``; later calls return immediately."""
-        if self.train_set is not None:
-            return
+    def build_splits(self) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+        """Train on the generator's training samples but the last ``val_size``, which validate;
+        test on its test samples."""
         arrays = self._load_arrays()
         x, y = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
         if self.val_size >= len(x):
@@ -146,31 +138,11 @@ class MNIST1DDataModule(L.LightningDataModule):
                 f"val_size={self.val_size} must be smaller than the {len(x)} training samples"
             )
         split = len(x) - self.val_size
-        self.train_set = TensorDataset(x[:split], y[:split])
-        self.val_set = TensorDataset(x[split:], y[split:])
-        self.test_set = TensorDataset(
-            torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])
+        return (
+            TensorDataset(x[:split], y[:split]),
+            TensorDataset(x[split:], y[split:]),
+            TensorDataset(torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])),
         )
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before requesting a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment ``(x, y)`` training batches when ``augment`` is on; pass others through."""

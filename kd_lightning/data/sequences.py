@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
-from kd_lightning.data.synthetic import _DictDataset
+from kd_lightning.data.base import GeneratedDataModule
+from kd_lightning.models.checks import check_positive
 
 IGNORE_INDEX = -100
 
 
-class SequenceDataModule(L.LightningDataModule):
+class SequenceDataModule(GeneratedDataModule):
     """Variable-length token sequences padded with ``pad_id``, one label per token, from ``seed``.
 
     Each sequence has a length drawn uniformly from ``[min_len, max_len]``, real tokens drawn
@@ -66,16 +65,13 @@ class SequenceDataModule(L.LightningDataModule):
         test_fraction: float = 0.25,
         pad_id: int = 0,
     ) -> None:
-        super().__init__()
-        for name, value in (
-            ("num_samples", num_samples),
-            ("num_classes", num_classes),
-            ("min_len", min_len),
-            ("max_len", max_len),
-            ("batch_size", batch_size),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+        check_positive(
+            num_samples=num_samples,
+            num_classes=num_classes,
+            min_len=min_len,
+            max_len=max_len,
+            batch_size=batch_size,
+        )
         if vocab_size < 2:
             raise ValueError(
                 f"vocab_size must be at least 2 (padding and one token), got {vocab_size}"
@@ -84,30 +80,13 @@ class SequenceDataModule(L.LightningDataModule):
             raise ValueError(f"min_len={min_len} exceeds max_len={max_len}")
         if not 0 <= pad_id < vocab_size:
             raise ValueError(f"pad_id must lie in [0, {vocab_size}), got {pad_id}")
-        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= fraction < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {fraction}")
-        num_val = round(num_samples * val_fraction)
-        num_test = round(num_samples * test_fraction)
-        if num_val + num_test >= num_samples:
-            raise ValueError(
-                f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no "
-                f"training samples out of num_samples={num_samples}"
-            )
+        super().__init__(num_samples, batch_size, seed, val_fraction, test_fraction)
         self.save_hyperparameters()
-        self.num_samples = num_samples
         self.vocab_size = vocab_size
         self.num_classes = num_classes
         self.min_len = min_len
         self.max_len = max_len
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_val = num_val
-        self.num_test = num_test
         self.pad_id = pad_id
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     def generate(self) -> tuple[Tensor, Tensor]:
         """All ``num_samples`` sequences: tokens and labels, both ``(num_samples, max_len)`` int64."""
@@ -124,28 +103,3 @@ class SequenceDataModule(L.LightningDataModule):
         previous = torch.nn.functional.pad(tokens[:, :-1], (1, 0), value=self.pad_id)
         labels = torch.where(real, (tokens + previous) % self.num_classes, IGNORE_INDEX)
         return tokens, labels
-
-    def setup(self, stage: str | None = None) -> None:
-        """Generate the three splits, whatever ``stage``; later calls return immediately."""
-        if self.train_set is not None:
-            return
-        tokens, labels = self.generate()
-        val_start = self.num_samples - self.num_val - self.num_test
-        test_start = self.num_samples - self.num_test
-        self.train_set = _DictDataset(tokens[:val_start], labels[:val_start])
-        self.val_set = _DictDataset(tokens[val_start:test_start], labels[val_start:test_start])
-        self.test_set = _DictDataset(tokens[test_start:], labels[test_start:])
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before requesting a dataloader")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

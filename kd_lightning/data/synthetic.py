@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
+
+from kd_lightning.data.base import DictDataset, GeneratedDataModule
+from kd_lightning.models.checks import check_non_negative, check_positive
 
 # Expected norm of each class mean: with noise=1 neighbouring clusters overlap.
 _MEAN_NORM = 2.0
 
 
-class _DictDataset(Dataset[dict[str, Tensor]]):
-    """Samples as ``{"input": x, "target": y}`` dicts."""
-
-    def __init__(self, x: Tensor, y: Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"input": self.x[index], "target": self.y[index]}
-
-
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(GeneratedDataModule):
     """Balanced Gaussian clusters ``mean[y] + noise * N(0, I)``, deterministic from ``seed``.
 
     Class means are drawn from ``N(0, (4 / in_features) I)`` (norm about 2), so with
@@ -66,48 +55,26 @@ class SyntheticDataModule(L.LightningDataModule):
         as_dict: bool = False,
         noise: float = 1.0,
     ) -> None:
-        super().__init__()
-        for name, value in (
-            ("num_samples", num_samples),
-            ("in_features", in_features),
-            ("num_classes", num_classes),
-            ("batch_size", batch_size),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
-        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= fraction < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {fraction}")
-        num_val = round(num_samples * val_fraction)
-        num_test = round(num_samples * test_fraction)
-        if num_val + num_test >= num_samples:
-            raise ValueError(
-                f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no "
-                f"training samples out of num_samples={num_samples}"
-            )
-        if noise < 0:
-            raise ValueError(f"noise must be non-negative, got {noise}")
+        check_positive(
+            num_samples=num_samples,
+            in_features=in_features,
+            num_classes=num_classes,
+            batch_size=batch_size,
+        )
+        super().__init__(num_samples, batch_size, seed, val_fraction, test_fraction)
+        check_non_negative(noise=noise)
         self.save_hyperparameters()
-        self.num_samples = num_samples
         self.in_features = in_features
         self.num_classes = num_classes
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_val = num_val
-        self.num_test = num_test
         self.as_dict = as_dict
         self.noise = noise
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
-    def _dataset(self, x: Tensor, y: Tensor) -> Dataset:
-        return _DictDataset(x, y) if self.as_dict else TensorDataset(x, y)
+    def make_dataset(self, x: Tensor, y: Tensor) -> Dataset:
+        """A split as ``{"input", "target"}`` dicts with ``as_dict``, else as ``(x, y)`` tuples."""
+        return DictDataset(x, y) if self.as_dict else TensorDataset(x, y)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Generate the three splits, whatever ``stage``; later calls return immediately."""
-        if self.train_set is not None:
-            return
+    def generate(self) -> tuple[Tensor, Tensor]:
+        """All ``num_samples`` inputs ``(num_samples, in_features)`` and labels, from ``seed``."""
         generator = torch.Generator().manual_seed(self.seed)
         means = torch.randn(self.num_classes, self.in_features, generator=generator)
         means *= _MEAN_NORM / math.sqrt(self.in_features)
@@ -116,22 +83,4 @@ class SyntheticDataModule(L.LightningDataModule):
         x = means[y] + self.noise * torch.randn(
             self.num_samples, self.in_features, generator=generator
         )
-        val_start = self.num_samples - self.num_val - self.num_test
-        test_start = self.num_samples - self.num_test
-        self.train_set = self._dataset(x[:val_start], y[:val_start])
-        self.val_set = self._dataset(x[val_start:test_start], y[val_start:test_start])
-        self.test_set = self._dataset(x[test_start:], y[test_start:])
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before requesting a dataloader")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return x, y

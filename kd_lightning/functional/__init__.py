@@ -45,6 +45,7 @@ from kd_lightning.functional.regimes import (
     virtual_teacher_logits,
     virtual_teacher_probs,
 )
+from kd_lightning.functional.targets import probability_shift
 
 __all__ = [
     "attention_targets",
@@ -65,6 +66,7 @@ __all__ = [
     "pairwise_agreement",
     "per_teacher_accuracy",
     "pool_features",
+    "probability_shift",
     "prokt_student_loss",
     "prokt_teacher_loss",
     "reverse_kl_divergence",

@@ -48,6 +48,16 @@ def _check_same_shape(student_logits: Tensor, other: Tensor, other_name: str) ->
         )
 
 
+def _student_log_probs(
+    student_logits: Tensor, target_probs: Tensor, temperature: float, reduction: str
+) -> Tensor:
+    """Check the arguments of a divergence to ``target_probs``; return ``log_softmax(s / T)``."""
+    _check_reduction(reduction)
+    _check_temperature(temperature)
+    _check_same_shape(student_logits, target_probs, "target_probs")
+    return F.log_softmax(student_logits.float() / temperature, dim=-1)
+
+
 def _reduce(per_position: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return per_position
@@ -81,11 +91,8 @@ def kl_divergence(
         >>> round(kl_divergence(s, p).item(), 4)  # 1 · (log 1 - log ½) = log 2
         0.6931
     """
-    _check_reduction(reduction)
-    _check_temperature(temperature)
-    _check_same_shape(student_logits, target_probs, "target_probs")
+    student_log_probs = _student_log_probs(student_logits, target_probs, temperature, reduction)
     p = target_probs.float()
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     # kl_div is Σ xlogy(p, p) − p · log q in one kernel, with one autograd node
     per_position = F.kl_div(student_log_probs, p, reduction="none").sum(dim=-1)
     return _reduce(temperature**2 * per_position, reduction)
@@ -117,10 +124,7 @@ def reverse_kl_divergence(
         >>> round(reverse_kl_divergence(s, p).item(), 4)
         0.0
     """
-    _check_reduction(reduction)
-    _check_temperature(temperature)
-    _check_same_shape(student_logits, target_probs, "target_probs")
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    student_log_probs = _student_log_probs(student_logits, target_probs, temperature, reduction)
     target_log_probs = target_probs.float().clamp_min(_FLOAT32_TINY).log()
     per_position = (student_log_probs.exp() * (student_log_probs - target_log_probs)).sum(dim=-1)
     return _reduce(temperature**2 * per_position, reduction)
@@ -151,11 +155,8 @@ def js_divergence(
         >>> round(js_divergence(s, p).item(), 4)  # disjoint supports: log 2
         0.6931
     """
-    _check_reduction(reduction)
-    _check_temperature(temperature)
-    _check_same_shape(student_logits, target_probs, "target_probs")
+    student_log_probs = _student_log_probs(student_logits, target_probs, temperature, reduction)
     p = target_probs.float()
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     q = student_log_probs.exp()
     log_m = ((p + q) / 2).clamp_min(_FLOAT32_TINY).log()
     kl_p_m = (torch.xlogy(p, p) - p * log_m).sum(dim=-1)
@@ -189,10 +190,7 @@ def soft_cross_entropy(
         >>> round(soft_cross_entropy(s, p).item(), 4)  # -log ½
         0.6931
     """
-    _check_reduction(reduction)
-    _check_temperature(temperature)
-    _check_same_shape(student_logits, target_probs, "target_probs")
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    student_log_probs = _student_log_probs(student_logits, target_probs, temperature, reduction)
     per_position = -(target_probs.float() * student_log_probs).sum(dim=-1)
     return _reduce(temperature**2 * per_position, reduction)
 

@@ -26,6 +26,12 @@ def _check_peers(logits: Tensor, minimum: int = 2) -> None:
         )
 
 
+def _group_cross_entropy(members: Tensor, head_logits: Tensor, labels: Tensor) -> Tensor:
+    """``Σ_i CE(y, z_i) + CE(y, z_head)`` over a group's ``(K, B, C)`` logits and its head's."""
+    ce = sum(F.cross_entropy(z.float(), labels) for z in members)
+    return ce + F.cross_entropy(head_logits.float(), labels)
+
+
 def dml_peer_loss(
     logits: Tensor,
     other_logits: Tensor,
@@ -146,8 +152,7 @@ def okddip_loss(
         3.2958
     """
     _check_peers(peer_logits)
-    ce = sum(F.cross_entropy(z.float(), labels) for z in peer_logits)
-    ce = ce + F.cross_entropy(leader_logits.float(), labels)
+    ce = _group_cross_entropy(peer_logits, leader_logits, labels)
     peers_kl = sum(
         kd_loss(z, t, temperature) for z, t in zip(peer_logits, peer_targets, strict=True)
     )
@@ -176,8 +181,7 @@ def ffl_loss(
     """
     _check_peers(logits, minimum=1)
     fused_target = fused_logits.detach()
-    ce = sum(F.cross_entropy(z.float(), labels) for z in logits)
-    ce = ce + F.cross_entropy(fused_logits.float(), labels)
+    ce = _group_cross_entropy(logits, fused_logits, labels)
     to_subnetworks = sum(kd_loss(z, fused_target, temperature) for z in logits)
     to_fused = kd_loss(fused_logits, logits.detach().mean(0), temperature)
     return ce + weight * (to_subnetworks + to_fused)

@@ -14,6 +14,12 @@ from torch import Tensor
 from kd_lightning.functional.divergences import kl_divergence
 
 
+def _kl_to_detached(logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
+    """``T²·KL(sg softmax(t / T) ‖ softmax(z / T))``: no gradient reaches ``target_logits``."""
+    target = torch.softmax(target_logits.detach().float() / temperature, -1)
+    return kl_divergence(logits, target, temperature)
+
+
 def prokt_teacher_loss(
     teacher_logits: Tensor,
     student_logits: Tensor,
@@ -43,9 +49,8 @@ def prokt_teacher_loss(
     """
     if not 0.0 <= constraint <= 1.0:
         raise ValueError(f"constraint (λ) must lie in [0, 1], got {constraint}")
-    student_target = torch.softmax(student_logits.detach().float() / temperature, -1)
     hard = F.cross_entropy(teacher_logits.float(), labels)
-    constraint_term = kl_divergence(teacher_logits, student_target, temperature)
+    constraint_term = _kl_to_detached(teacher_logits, student_logits, temperature)
     return (1.0 - constraint) * hard + constraint * constraint_term
 
 
@@ -62,8 +67,7 @@ def prokt_student_loss(
         >>> round(prokt_student_loss(s, t).item(), 4)  # KL([1/4, 3/4] ‖ [1/2, 1/2])
         0.1308
     """
-    teacher_target = torch.softmax(teacher_logits.detach().float() / temperature, -1)
-    return kl_divergence(student_logits, teacher_target, temperature)
+    return _kl_to_detached(student_logits, teacher_logits, temperature)
 
 
 def virtual_teacher_probs(labels: Tensor, num_classes: int, correct_prob: float = 0.99) -> Tensor:

@@ -15,10 +15,10 @@ from kd_lightning.functional import (
     js_divergence,
     kl_divergence,
     logit_mse,
+    probability_shift,
     reverse_kl_divergence,
     soft_cross_entropy,
 )
-from kd_lightning.functional.targets import probability_shift
 from kd_lightning.fusion import FusionRule, build_fusion
 
 PROBABILITY_DIVERGENCES = {
@@ -83,7 +83,7 @@ class DistillationLoss(nn.Module):
         ignore_index: the label of padded positions, as in :func:`torch.nn.functional.cross_entropy`.
         probability_shift: correct each teacher before fusion wherever its top-1 is wrong, by
             swapping its top logit with the true class's
-            (:func:`~kd_lightning.functional.targets.probability_shift`, Wen et al. 2019); the
+            (:func:`~kd_lightning.functional.probability_shift`, Wen et al. 2019); the
             fusion rule and the KD term see the corrected teachers, the returned weights come from
             them too.
 

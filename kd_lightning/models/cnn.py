@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kd_lightning.models.checks import check_positive
+
 _STRIDE = 2
 _PADDING = 1
 
@@ -44,9 +46,7 @@ class CNN1D(nn.Module):
 
     def __init__(self, in_features: int = 40, num_classes: int = 10, channels: int = 25) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("channels", channels)):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+        check_positive(num_classes=num_classes, channels=channels)
         self.in_features = in_features
         self.conv1 = _conv_relu(1, channels, kernel_size=5)
         self.conv2 = _conv_relu(channels, channels, kernel_size=3)

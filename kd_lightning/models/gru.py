@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kd_lightning.models.checks import check_positive
+
 
 class GRUClassifier(nn.Module):
     """Bidirectional one-layer GRU whose outputs at all steps feed a linear head (Greydanus 2020).
@@ -30,13 +32,7 @@ class GRUClassifier(nn.Module):
 
     def __init__(self, in_features: int = 40, num_classes: int = 10, hidden: int = 6) -> None:
         super().__init__()
-        for name, value in (
-            ("in_features", in_features),
-            ("num_classes", num_classes),
-            ("hidden", hidden),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+        check_positive(in_features=in_features, num_classes=num_classes, hidden=hidden)
         self.in_features = in_features
         self.gru = nn.GRU(input_size=1, hidden_size=hidden, batch_first=True, bidirectional=True)
         self.head = nn.Linear(in_features * 2 * hidden, num_classes)

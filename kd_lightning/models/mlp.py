@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kd_lightning.models.checks import check_positive
+
 
 class _ResidualLayer(nn.Module):
     """Hidden layer ``h + dropout(ReLU(Linear(h)))``."""
@@ -54,13 +56,7 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_features", in_features),
-            ("num_classes", num_classes),
-            ("hidden", hidden),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+        check_positive(in_features=in_features, num_classes=num_classes, hidden=hidden)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.input = nn.Sequential(nn.Linear(in_features, hidden), *_activation(dropout))

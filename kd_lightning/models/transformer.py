@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kd_lightning.models.checks import check_positive
+
 
 class TinyTransformerTagger(nn.Module):
     """Token-level classifier: embedding + learned positions, a Transformer encoder, a linear head.
@@ -47,16 +49,14 @@ class TinyTransformerTagger(nn.Module):
         pad_id: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("num_classes", num_classes),
-            ("d_model", d_model),
-            ("nhead", nhead),
-            ("num_layers", num_layers),
-            ("max_len", max_len),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+        check_positive(
+            vocab_size=vocab_size,
+            num_classes=num_classes,
+            d_model=d_model,
+            nhead=nhead,
+            num_layers=num_layers,
+            max_len=max_len,
+        )
         if d_model % nhead:
             raise ValueError(f"nhead={nhead} must divide d_model={d_model}")
         if not 0 <= pad_id < vocab_size:
