@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+from kd_lightning.callbacks import agreement_log_dict
 from kd_lightning.metrics import TeacherAgreement
 
 
@@ -84,3 +87,83 @@ def test_reset_and_wrong_shapes(data):
         TeacherAgreement(num_teachers=2).update(student, teachers, labels)
     with pytest.raises(ValueError, match="num_teachers must be at least 1"):
         TeacherAgreement(num_teachers=0)
+
+
+def test_batches_of_some_teachers_count_exactly_the_teachers_that_ran(data):
+    """Per-teacher values over the batches each teacher ran in, pairs over those where both did,
+    the ensemble over the batches where all ran; columns of weights follow the indices."""
+    student, teachers, labels, weights = data
+    ran = {(0, 10): [0, 1, 2], (10, 25): [2], (25, 40): [0, 2], (40, 50): [1]}
+    metric = TeacherAgreement(num_teachers=3)
+    for (start, stop), rows in ran.items():
+        metric.update(
+            student[start:stop],
+            teachers[rows, start:stop],
+            labels[start:stop],
+            weights[start:stop][:, rows],
+            teacher_indices=torch.tensor(rows),
+        )
+    result = metric.compute()
+
+    z_top, s_top, y = teachers.argmax(-1).numpy(), student.argmax(-1).numpy(), labels.numpy()
+    p, q = np_softmax(teachers.double().numpy()), np_softmax(student.double().numpy())
+
+    def positions(*ks: int) -> np.ndarray:
+        chosen = [np.arange(a, b) for (a, b), rows in ran.items() if set(ks) <= set(rows)]
+        return np.concatenate(chosen)
+
+    for k in range(3):
+        seen = positions(k)
+        assert metric.teacher_total[k].item() == len(seen)
+        assert result["teacher_accuracy"][k].item() == pytest.approx(
+            (z_top[k, seen] == y[seen]).mean()
+        )
+        agree = (z_top[k, seen] == s_top[seen]).mean()
+        assert result["student_agreement"][k].item() == pytest.approx(agree)
+        kl = (p[k, seen] * (np.log(p[k, seen]) - np.log(q[seen]))).sum(-1).mean()
+        assert result["student_kl"][k].item() == pytest.approx(kl, rel=1e-5)
+        weight = weights[seen, k].double().numpy().mean()
+        assert result["fusion_weight"][k].item() == pytest.approx(weight, rel=1e-5)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        both = positions(a, b)
+        expected = (z_top[a, both] == z_top[b, both]).mean()
+        assert result["pairwise_agreement"][a, b].item() == pytest.approx(expected)
+        assert result["pairwise_agreement"][b, a].item() == pytest.approx(expected)
+    pairs = result["pairwise_agreement"]
+    expected_disagreement = np.mean([1 - pairs[0, 1], 1 - pairs[0, 2], 1 - pairs[1, 2]])
+    assert result["disagreement"].item() == pytest.approx(expected_disagreement, rel=1e-6)
+    full = np.arange(0, 10)
+    assert metric.ensemble_total.item() == len(full)
+    ensemble_top = p[:, full].mean(0).argmax(-1)
+    assert result["ensemble_accuracy"].item() == pytest.approx((ensemble_top == y[full]).mean())
+    jsd = (np_entropy(p[:, full].mean(0)) - np_entropy(p[:, full]).mean(0)).mean()
+    assert result["ensemble_jsd"].item() == pytest.approx(jsd, rel=1e-5)
+    assert result["student_accuracy"].item() == pytest.approx((s_top == y).mean())
+
+
+def test_a_teacher_or_ensemble_never_measured_is_nan_and_counts_merge_exactly(data):
+    student, teachers, labels, _ = data
+    halves = [TeacherAgreement(num_teachers=3) for _ in range(2)]
+    for metric, (start, stop), k in zip(halves, ((0, 20), (20, 50)), (0, 2), strict=True):
+        metric.update(
+            student[start:stop], teachers[[k], start:stop], labels[start:stop], teacher_indices=[k]
+        )
+    alone = copy.deepcopy(halves[0]).compute()
+    assert alone["teacher_accuracy"][1:].isnan().all() and not alone["teacher_accuracy"][0].isnan()
+    assert alone["ensemble_accuracy"].isnan() and alone["disagreement"].isnan()
+    logged = agreement_log_dict("train", ["a", "b", "c"], alone)
+    assert set(logged) == {
+        "train/agreement/student_vs_a",
+        "train/teacher_acc/a",
+        "train/kl/a_to_student",
+    }
+    whole = TeacherAgreement(num_teachers=3)
+    whole.update(student[:20], teachers[[0], :20], labels[:20], teacher_indices=[0])
+    whole.update(student[20:], teachers[[2], 20:], labels[20:], teacher_indices=[2])
+    halves[0].merge_state(halves[1])  # what the sum over DDP processes does
+    for key, value in whole.compute().items():
+        torch.testing.assert_close(halves[0].compute()[key], value, equal_nan=True, msg=key)
+    with pytest.raises(ValueError, match="2 teacher_indices for 1 rows"):
+        whole.update(student, teachers[[0]], labels, teacher_indices=[0, 1])
+    with pytest.raises(ValueError, match="pass teacher_indices when only some teachers ran"):
+        whole.update(student, teachers[[0]], labels)

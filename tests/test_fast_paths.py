@@ -1,10 +1,11 @@
-"""Teacher fast paths (autocast, inference mode, compile, stacked, one drawn teacher) and the
+"""Teacher fast paths (autocast, inference mode, compile, stacked, teachers drawn per step) and the
 module's epoch means, checked for correctness on CPU against plain computations."""
 
 from __future__ import annotations
 
 from functools import partial
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +13,10 @@ from torch import nn
 
 from kd_lightning import DistillationLoss, DistillationModule, TeacherAgreementCallback
 from kd_lightning.errors import TeacherOutputError
-from kd_lightning.fusion import RandomTeacher
+from kd_lightning.fusion import StaticWeights
 from kd_lightning.losses.hints import FeatureHintLoss
 from kd_lightning.metrics.running_means import RunningMeans
-from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.teachers import DrawnTeachers, TeacherEnsemble, TeacherSource
 
 from .conftest import NUM_CLASSES, NUM_FEATURES, make_trainer, small_mlp
 
@@ -117,51 +118,129 @@ def test_only_runs_the_named_teachers_and_one_check_names_a_nan_teacher():
         ensemble(x, only=[3])
 
 
-def test_drawn_teacher_alone_gives_the_default_random_teacher_loss():
-    teachers = same_architecture()
-    ensemble = TeacherEnsemble(teachers)
+def test_drawn_teacher_alone_gives_that_teachers_loss_under_any_fusion_rule():
+    ensemble = TeacherEnsemble(same_architecture())
+    drawn = DrawnTeachers(ensemble, per_step=1)
     x, y = torch.randn(8, NUM_FEATURES), torch.randint(0, NUM_CLASSES, (8,))
     student_logits = torch.randn(8, NUM_CLASSES)
-    for seed in range(4):
+    seen = set()
+    for seed in range(8):
         torch.manual_seed(seed)
-        full = DistillationLoss(RandomTeacher(), alpha=0.5)(student_logits, ensemble(x), y)
+        outputs = drawn.outputs(x, batch=None, stage="train")
         torch.manual_seed(seed)
-        rule = RandomTeacher(run_drawn_only=True)
-        [drawn] = rule.teachers_to_run(len(ensemble))
-        alone = DistillationLoss(rule, alpha=0.5)(student_logits, ensemble(x, only=[drawn]), y)
-        assert full.weights[0].argmax().item() == drawn
-        torch.testing.assert_close(alone.loss, full.loss)
+        assert drawn.outputs(x, batch=None, stage="train").ran == outputs.ran  # seeded draws
+        [k] = outputs.ran
+        seen.add(k)
+        one_hot = StaticWeights([float(k == j) for j in range(len(ensemble))])
+        alone = DistillationLoss(one_hot, alpha=0.5)(student_logits, ensemble(x), y)
+        for rule in ("mean_probs", "random", "confidence"):
+            fused = DistillationLoss(rule, alpha=0.5)(student_logits, outputs.logits, y)
+            torch.testing.assert_close(fused.loss, alone.loss)
+            assert fused.weights.shape == (8, 1)
+    assert seen == {0, 1, 2}
 
 
-def test_module_runs_only_the_drawn_teacher_in_training(tmp_path, datamodule):
+def test_drawn_teachers_draw_per_step_without_repeats_and_run_all_outside_training():
+    ensemble = TeacherEnsemble(same_architecture(4))
+    drawn = DrawnTeachers(ensemble, per_step=2)
+    x = torch.randn(3, NUM_FEATURES)
+    for _ in range(5):
+        outputs = drawn.outputs(x, batch=None, stage="train")
+        assert len(set(outputs.ran)) == 2 and list(outputs.ran) == sorted(outputs.ran)
+        torch.testing.assert_close(outputs.logits, ensemble(x)[list(outputs.ran)])
+    for stage in ("val", "test"):
+        everyone = drawn.outputs(x, batch=None, stage=stage)
+        assert everyone.ran == (0, 1, 2, 3)
+        torch.testing.assert_close(everyone.logits, ensemble(x))
+    assert isinstance(drawn, TeacherSource) and drawn.names == ensemble.names
+    assert drawn.networks()["t1"] is ensemble.teachers["t1"]
+    for per_step in (0, 5, 1.5, True):
+        with pytest.raises(ValueError, match="per_step must be an integer from 1 to"):
+            DrawnTeachers(ensemble, per_step=per_step)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="need every teacher at every step"):
+        drawn.tap({"t0": "0"})
+    with pytest.raises(ValueError, match="draw teachers or shard them, not both"):
+        drawn.shard(0, 1)
+
+
+class RecordDraws(L.Callback):
+    """The teacher indices of every training step's outputs."""
+
+    def __init__(self) -> None:
+        self.draws: list[list[int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        assert outputs["teacher_logits"].shape[0] == len(outputs["teacher_indices"])
+        assert outputs["fusion_weights"].shape[-1] == len(outputs["teacher_indices"])
+        self.draws.append(outputs["teacher_indices"].tolist())
+
+
+def test_module_runs_only_the_drawn_teacher_in_training_and_logs_its_agreement(
+    tmp_path, datamodule
+):
     teachers = same_architecture()
     batches: dict[str, int] = {name: 0 for name in teachers}
     for name, model in teachers.items():
         model.register_forward_hook(
             lambda m, i, o, name=name: batches.__setitem__(name, batches[name] + 1)
         )
-    loss = DistillationLoss(RandomTeacher(run_drawn_only=True), alpha=0.5)
-    module = DistillationModule(small_mlp(), teachers, loss)
-    trainer = make_trainer(
-        tmp_path,
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-        callbacks=[TeacherAgreementCallback()],
-    )
-    trainer.fit(module, datamodule=datamodule)
-    assert sum(batches.values()) == 3 + 3 * 2  # one teacher per training step, all in validation
-    assert "val/agreement/student_vs_t0" in trainer.callback_metrics
-    assert "train/agreement/student_vs_t0" not in trainer.callback_metrics
-    with pytest.raises(ValueError, match="run_drawn_only"):
-        DistillationModule(small_mlp(), teachers, loss, hints=FeatureHintLoss("0", {"t0": "0"}))
+    drawn = DrawnTeachers(TeacherEnsemble(teachers), per_step=1)
+
+    def fit(seed: int) -> tuple[L.Trainer, list[list[int]]]:
+        L.seed_everything(seed, verbose=False)
+        module = DistillationModule(small_mlp(), drawn, DistillationLoss(alpha=0.5))
+        record = RecordDraws()
+        trainer = make_trainer(
+            tmp_path,
+            max_epochs=1,
+            limit_val_batches=2,
+            num_sanity_val_steps=0,
+            callbacks=[TeacherAgreementCallback(), record],
+        )
+        trainer.fit(module, datamodule=datamodule)
+        return trainer, record.draws
+
+    trainer, draws = fit(0)
+    assert len(draws) == len(datamodule.train_dataloader()) and all(len(d) == 1 for d in draws)
+    assert sum(batches.values()) == len(draws) + 3 * 2  # one teacher per training step, all in val
+    assert fit(0)[1] == draws  # seeded runs draw the same teachers
+    metrics = trainer.callback_metrics
+    names = list(teachers)
+    for index, name in enumerate(names):
+        assert (f"train/agreement/student_vs_{name}" in metrics) == ([index] in draws)
+        assert f"val/agreement/student_vs_{name}" in metrics
+    assert "train/ensemble/accuracy" not in metrics  # never did every teacher run
+    assert "val/ensemble/accuracy" in metrics and "val/agreement/t0_vs_t2" in metrics
+    hints = FeatureHintLoss("0", dict.fromkeys(teachers, "0"))
+    with pytest.raises(ValueError, match="need every teacher at every step"):
+        DistillationModule(small_mlp(), drawn, hints=hints)
     with pytest.raises(ValueError, match="stacked=False"):
         DistillationModule(
-            small_mlp(),
-            TeacherEnsemble(same_architecture(), stacked=True),
-            hints=FeatureHintLoss("0", {"t0": "0"}),
+            small_mlp(), TeacherEnsemble(same_architecture(), stacked=True), hints=hints
         )
+
+
+def test_teacher_source_of_a_config_draws_when_asked(tmp_path):
+    from kd_lightning.cli.logit_cache import check_cacheable
+    from kd_lightning.cli.teacher_checkpoints import build_teachers, teacher_source
+
+    from .app_helpers import FAST, compose_config
+
+    ensemble = TeacherEnsemble(same_architecture())
+    cfg = compose_config(tmp_path, FAST)
+    assert cfg.teacher_runtime.draw_per_step is None
+    assert teacher_source(cfg, ensemble) is ensemble
+    cfg = compose_config(tmp_path, [*FAST, "teacher_runtime.draw_per_step=1"])
+    source = teacher_source(cfg, ensemble)
+    assert isinstance(source, DrawnTeachers) and source.ensemble is ensemble
+    assert source.per_step == 1
+    with pytest.raises(ValueError, match=r"cache=true with teacher_runtime\.draw_per_step=1"):
+        check_cacheable(
+            compose_config(tmp_path, [*FAST, "cache=true", "teacher_runtime.draw_per_step=1"])
+        )
+    cfg = compose_config(tmp_path, [*FAST, "teacher_runtime.draw_per_step=9"])
+    with pytest.raises(ValueError, match=r"draw_per_step=9: must be null or an integer from 1"):
+        build_teachers(cfg, datamodule=None)  # before any teacher is trained
 
 
 def test_feature_hints_train_with_teachers_in_inference_mode(tmp_path, datamodule):
@@ -170,7 +249,7 @@ def test_feature_hints_train_with_teachers_in_inference_mode(tmp_path, datamodul
     module = DistillationModule(small_mlp(), ensemble, hints=hints)
     trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     datamodule.setup("fit")
-    module.materialize_hints(next(iter(datamodule.train_dataloader())))
+    module.materialize(next(iter(datamodule.train_dataloader())))
     before = [p.detach().clone() for p in hints.parameters()]
     trainer.fit(module, datamodule=datamodule)
     assert torch.isfinite(trainer.callback_metrics["train/hint"])
@@ -217,7 +296,7 @@ def test_running_means_reduce_sums_before_dividing():
 
 
 def test_gpu_accelerators_run_teachers_in_bf16_inference_mode(tmp_path):
-    from kd_lightning.cli.teacher_checkpoints import build_teachers
+    from kd_lightning.cli.teacher_checkpoints import STEP_OPTIONS, build_teachers
 
     from .app_helpers import FAST, compose_config
 
@@ -227,7 +306,7 @@ def test_gpu_accelerators_run_teachers_in_bf16_inference_mode(tmp_path):
         assert cfg.teacher_runtime.autocast_dtype == "bf16" and cfg.teacher_runtime.inference_mode
     cfg = compose_config(tmp_path, FAST)
     assert cfg.teacher_runtime.autocast_dtype is None and not cfg.teacher_runtime.inference_mode
-    options = {k: v for k, v in cfg.teacher_runtime.items() if k != "shard_across_ranks"}
+    options = {k: v for k, v in cfg.teacher_runtime.items() if k not in STEP_OPTIONS}
     ensemble = TeacherEnsemble(same_architecture(), **options)
     assert ensemble.autocast_dtype is None and not ensemble.stacked
     cfg = compose_config(tmp_path, [*FAST, "+teacher_runtime.fastest=true"])

@@ -584,3 +584,25 @@ def test_build_fusion_passes_kwargs_and_refuses_unknown_names() -> None:
 def test_fusion_rule_is_abstract() -> None:
     with pytest.raises(TypeError):
         FusionRule()  # type: ignore[abstract]
+
+
+# --- teachers that ran: a subset, by index ------------------------------------------------------
+
+
+def test_per_teacher_rules_read_the_teachers_that_ran() -> None:
+    teachers, _ = make_batch((2, 4, 3), seed=21)  # the rows are teachers 2 and 0 of three
+    static = StaticWeights([1.0, 2.0, 3.0])(teachers, teacher_indices=(2, 0)).weights
+    torch.testing.assert_close(static, torch.tensor([[0.75, 0.25]]).expand(4, 2))
+    learned = LearnedWeights(weights=[1.0, 2.0, 3.0])
+    weights = learned(teachers, teacher_indices=(2, 0)).weights
+    torch.testing.assert_close(weights, torch.tensor([[0.75, 0.25]]).expand(4, 2))
+    gate = LearnedGate(num_teachers=3, feature_dim=3)
+    with torch.no_grad():
+        gate.gate.normal_()
+    student = torch.randn(4, 3)
+    subset = gate(teachers, student_logits=student, teacher_indices=(2, 0)).weights
+    full = gate(torch.cat([teachers[1:], teachers[:1], teachers[:1]]), student_logits=student)
+    expected = full.weights[:, [2, 0]] / full.weights[:, [2, 0]].sum(-1, keepdim=True)
+    torch.testing.assert_close(subset, expected)
+    with pytest.raises(ValueError, match=r"teacher_indices \[1\] name 1 teachers but .* K = 2"):
+        StaticWeights()(teachers, teacher_indices=(1,))

@@ -221,7 +221,7 @@ def test_hint_loss_is_weighted_by_the_fusion_rule(tmp_path, teachers, datamodule
         small_mlp(), teachers, loss, hints=FeatureHintLoss("1", layers, weight=2.0)
     )
     batch = next(iter(_loader(datamodule)))
-    module.materialize_hints(batch)
+    module.materialize(batch)
     assert module.hints.adapters["c"].proj.weight.shape == (4, 16)
     total = module.training_step(batch, 0)["loss"]
     total.backward()
@@ -236,18 +236,19 @@ def _loader(datamodule):
     return datamodule.train_dataloader()
 
 
-def test_fit_without_datamodule_asks_for_materialize_hints(tmp_path, datamodule):
+def test_fit_without_datamodule_asks_for_materialize(tmp_path, datamodule):
     module = DistillationModule(
         small_mlp(), {"a": small_mlp()}, hints=FeatureHintLoss("1", {"a": "1"})
     )
-    with pytest.raises(RuntimeError, match="materialize_hints"):
+    with pytest.raises(RuntimeError, match="materialize"):
         make_trainer(tmp_path, max_epochs=1).fit(module, train_dataloaders=_loader(datamodule))
-    module.materialize_hints(next(iter(_loader(datamodule))))
+    module.materialize(next(iter(_loader(datamodule))))
     make_trainer(tmp_path, max_epochs=1).fit(module, train_dataloaders=_loader(datamodule))
     assert module.hints.materialized
 
 
 def test_hydra_method_ensemble_hints_trains(tmp_path):
+    from kd_lightning.cli.config import method_name
     from kd_lightning.cli.train import train
 
     cfg = compose_config(
@@ -262,7 +263,7 @@ def test_hydra_method_ensemble_hints_trains(tmp_path):
             "trainer.max_epochs=1",
         ],
     )
-    assert cfg.method.name == "ensemble_hints"
+    assert method_name(cfg) == "ensemble_hints"
     assert cfg.method.hints.teacher_layers.gru == "gru"
     _, objects = train(cfg)
     module = objects["module"]
@@ -368,7 +369,7 @@ def test_camkd_step_weights_come_through_the_heads():
     data = synthetic_data()
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    module.materialize_hints(batch)
+    module.materialize(batch)
     heads = {name: module.teachers.teachers[name].head for name in LAYERS}
     snapshot = {n: [p.clone() for p in h.parameters()] for n, h in heads.items()}
     total = module.training_step(batch, 0)["loss"]

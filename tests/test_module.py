@@ -19,7 +19,9 @@ from kd_lightning import (
 )
 from kd_lightning.errors import BatchFormatError, TeacherOutputError
 from kd_lightning.functional import per_teacher_accuracy, student_teacher_agreement
-from kd_lightning.fusion import StaticWeights
+from kd_lightning.fusion import LearnedGate, LearnedWeights
+from kd_lightning.losses.hints import FeatureHintLoss
+from kd_lightning.teachers import TeacherOutputs, TeacherSource
 
 from .conftest import NUM_CLASSES, NUM_FEATURES, make_trainer, small_mlp
 
@@ -50,7 +52,7 @@ def test_fit_trains_the_student_and_leaves_teachers_untouched(tmp_path, teachers
 
 
 def test_learnable_fusion_weights_are_optimised_and_checkpointed(tmp_path, teachers, datamodule):
-    loss = DistillationLoss(StaticWeights(num_teachers=3, learnable=True), alpha=1.0)
+    loss = DistillationLoss(LearnedWeights(num_teachers=3), alpha=1.0)
     module = DistillationModule(
         small_mlp(), teachers, loss, optimizer=partial(torch.optim.SGD, lr=1.0)
     )
@@ -198,3 +200,70 @@ def test_agreement_callback_needs_teachers(tmp_path, datamodule):
     trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[TeacherAgreementCallback()])
     with pytest.raises(TypeError, match="BoringModel has no `teacher_names`"):
         trainer.fit(BoringModel())
+
+
+class FirstAndLast:
+    """A user's own teacher source (neither a TeacherEnsemble nor an nn.Module): the first and
+    last teachers in training steps, every teacher otherwise."""
+
+    def __init__(self, teachers: dict[str, torch.nn.Module]) -> None:
+        self.models = teachers
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def outputs(self, inputs, batch, stage) -> TeacherOutputs:
+        ran = (0, len(self.models) - 1) if stage == "train" else tuple(range(len(self.models)))
+        models = list(self.models.values())
+        with torch.no_grad():
+            return TeacherOutputs(torch.stack([models[k](inputs) for k in ran]), ran)
+
+    def tap(self, layers) -> None:
+        raise ValueError("no taps here")
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return self.models
+
+    def shard(self, rank: int, world_size: int) -> FirstAndLast:
+        return self
+
+
+def test_any_teacher_source_serves_the_module_and_its_rows_are_named(
+    tmp_path, teachers, datamodule
+):
+    source = FirstAndLast(teachers)
+    assert isinstance(source, TeacherSource)
+    module = DistillationModule(small_mlp(), source)
+    x, y = torch.randn(6, NUM_FEATURES), torch.randint(0, NUM_CLASSES, (6,))
+    step = module.training_step((x, y), 0)
+    assert step["teacher_indices"].tolist() == [0, 2] and step["teacher_logits"].shape[0] == 2
+    assert step["fusion_weights"].shape == (6, 2)
+    step = module.validation_step((x, y), 0)
+    assert step["teacher_indices"].tolist() == [0, 1, 2] and step["fusion_weights"].shape == (6, 3)
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[TeacherAgreementCallback()])
+    trainer.fit(module, datamodule=datamodule)
+    metrics = trainer.callback_metrics
+    assert {"train/agreement/student_vs_a", "train/agreement/a_vs_c"} <= set(metrics)
+    assert "train/agreement/student_vs_b" not in metrics and "train/agreement/a_vs_b" not in metrics
+    assert {"val/agreement/student_vs_b", "val/agreement/a_vs_b", "val/ensemble/jsd"} <= set(
+        metrics
+    )
+
+
+def test_the_student_layers_of_the_fusion_rule_and_the_hints_are_tapped_together(teachers):
+    gate = LearnedGate(num_teachers=len(teachers), student_layer="0")
+    hints = FeatureHintLoss("1", {"a": "1", "b": "1", "c": "0"})
+    module = DistillationModule(small_mlp(), teachers, DistillationLoss(gate), hints=hints)
+    batch = (torch.randn(6, NUM_FEATURES), torch.randint(0, NUM_CLASSES, (6,)))
+    with pytest.raises(RuntimeError, match=r"call materialize\(student_feature"):
+        module.training_step(batch, 0)
+    module.materialize(batch)
+    assert gate.theta.shape == (3, 16) and set(hints.adapters) == {"a", "b", "c"}
+    step = module.training_step(batch, 0)
+    step["loss"].backward()
+    assert gate.theta.grad is not None and hints.adapters["a"].proj.weight.grad is not None
+    with pytest.raises(ValueError, match="has no submodule 'hidden'"):
+        DistillationModule(
+            small_mlp(), teachers, hints=FeatureHintLoss("hidden", dict.fromkeys(teachers, "0"))
+        )

@@ -21,7 +21,8 @@ from kd_lightning.bench.run import format_report, run_benchmark
 from kd_lightning.data import SyntheticDataModule
 from kd_lightning.data.augmented_views import AugmentedViewsDataModule
 from kd_lightning.data.indexed import IndexedDataModule
-from kd_lightning.teachers import ReverseSequence
+from kd_lightning.losses.hints import FeatureHintLoss
+from kd_lightning.teachers import ReverseSequence, TeacherSource
 from kd_lightning.teachers.cache.build import (
     MANIFEST,
     PARTIAL_PREFIX,
@@ -64,15 +65,45 @@ def test_cached_logits_are_the_ensemble_outputs(tmp_path):
     torch.testing.assert_close(cache.logits("val", [3]), teachers(data["val"][3][0][None]))
     assert cache.names == ["wide", "pair", "flip"]
     assert cache.logits("train", indices).dtype == torch.float32
-    with pytest.raises(IndexError, match="outside split 'train' of 37"):
+    with pytest.raises(IndexError, match="outside the 'train' split of 37"):
         cache.logits("train", [37])
-    with pytest.raises(KeyError, match="split 'test' is not cached"):
+    with pytest.raises(KeyError, match="stage 'test' is not cached"):
         cache.logits("test", [0])
+    assert cache.stages == ["train", "val"]
     # A second build finds it; a pickled copy (DDP spawn, workers) reopens its arrays lazily.
     again = build_output_cache(teachers, splits(), tmp_path, batch_size=8)
     assert again.path == cache.path
     copy = pickle.loads(pickle.dumps(cache))
     torch.testing.assert_close(copy.logits("train", indices), cache.logits("train", indices))
+
+
+def test_the_cache_as_a_teacher_source_reads_the_batch_indices(tmp_path):
+    teachers, data = ensemble(), splits()
+    cache = build_output_cache(teachers, data, tmp_path, batch_size=8)
+    assert isinstance(cache, TeacherSource)
+    x = data["train"].tensors[0]  # type: ignore[attr-defined]
+    indices = torch.tensor([4, 30, 2])
+    for batch in ((x[indices], None, indices), {"input": x[indices], "index": indices}):
+        outputs = cache.outputs(x[indices], batch, "train")
+        torch.testing.assert_close(outputs.logits, teachers(x[indices]))
+        assert outputs.ran == (0, 1, 2) and outputs.features == {}
+    val = cache.outputs(None, (None, None, torch.tensor([3])), "val")
+    torch.testing.assert_close(val.logits, teachers(data["val"][3][0][None]))
+    with pytest.raises(ValueError, match="the batch carries no sample indices"):
+        cache.outputs(x[:2], (x[:2], torch.zeros(2)), "train")
+    with pytest.raises(ValueError, match="logits only, no layer outputs"):
+        cache.tap({"wide": "0"})
+    cache.tap({})  # nothing asked, nothing refused
+    with pytest.raises(ValueError, match="no networks"):
+        cache.networks()
+    with pytest.raises(ValueError, match="runs no teachers, so there is none to shard"):
+        cache.shard(0, 1)
+    with pytest.raises(ValueError, match="logits only, no layer outputs"):
+        DistillationModule(
+            nn.Linear(6, 5), cache, hints=FeatureHintLoss("", dict.fromkeys(cache.names, "0"))
+        )
+    with pytest.raises(ValueError, match="none to shard"):
+        DistillationModule(nn.Linear(6, 5), cache, shard_teachers=True)
 
 
 def test_changed_teacher_or_data_is_never_read_and_is_named(tmp_path):

@@ -13,10 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from kd_lightning import DistillationLoss, DistillationModule
-from kd_lightning.fusion import RandomTeacher
+from kd_lightning import DistillationModule
 from kd_lightning.losses.hints import FeatureHintLoss
-from kd_lightning.teachers import TeacherEnsemble
+from kd_lightning.teachers import DrawnTeachers, TeacherEnsemble, TeacherSource
 from kd_lightning.teachers.sharded import ShardedTeachers, teacher_shard
 
 from .app_helpers import FAST, compose_config
@@ -88,10 +87,30 @@ def test_sharded_teachers_refuse_another_group_size_and_non_tensor_inputs(tmp_pa
         alone = ShardedTeachers(heterogeneous_teachers(), rank=0, world_size=1)
         with pytest.raises(TypeError, match="need a tensor, got dict"):
             alone({"x": torch.randn(2, NUM_FEATURES)})
-        with pytest.raises(ValueError, match="cannot be combined with sharding"):
-            alone(torch.randn(2, NUM_FEATURES), only=[0])
+        x = torch.randn(2, NUM_FEATURES)
+        outputs = alone.outputs(x, batch=None, stage="train")
+        torch.testing.assert_close(outputs.logits, heterogeneous_teachers()(x))
+        assert outputs.ran == (0, 1, 2) and outputs.features == {}
     finally:
         dist.destroy_process_group()
+
+
+def test_the_ensemble_shards_itself_and_sharded_teachers_refuse_what_they_cannot_do():
+    ensemble = heterogeneous_teachers()
+    assert ensemble.shard(0, 1) is ensemble  # one rank: nothing to shard
+    sharded = ensemble.shard(1, 2)
+    assert isinstance(sharded, ShardedTeachers) and isinstance(sharded, TeacherSource)
+    assert sharded.local.names == ["b"] and sharded.names == ["a", "b", "c"]
+    assert sharded.shard(1, 2) is sharded  # a second setup keeps it
+    with pytest.raises(ValueError, match="already sharded for rank 1 of 2, not rank 0 of 3"):
+        sharded.shard(0, 3)
+    with pytest.raises(ValueError, match="each rank holds only its own teachers"):
+        sharded.tap({"a": "0"})
+    with pytest.raises(ValueError, match=r"rank 1 holds only \['b'\]"):
+        sharded.networks()
+    ensemble.tap({"a": "0"})
+    with pytest.raises(ValueError, match="cannot serve tapped layers"):
+        ensemble.shard(0, 2)
 
 
 class RecordHeldTeachers(L.Callback):
@@ -155,12 +174,9 @@ def test_sharding_refuses_what_needs_every_teacher_on_every_rank(teachers):
         )
     with pytest.raises(ValueError, match="save_teachers=True"):
         DistillationModule(small_mlp(), teachers, save_teachers=True, shard_teachers=True)
-    with pytest.raises(ValueError, match="RandomTeacher runs a subset"):
+    with pytest.raises(ValueError, match="DrawnTeachers runs a subset of the teachers"):
         DistillationModule(
-            small_mlp(),
-            teachers,
-            DistillationLoss(RandomTeacher(run_drawn_only=True)),
-            shard_teachers=True,
+            small_mlp(), DrawnTeachers(TeacherEnsemble(teachers)), shard_teachers=True
         )
 
 
@@ -183,12 +199,15 @@ def test_config_problems_of_sharding_are_reported_with_their_keys(tmp_path):
             "teachers=[mlp,cnn]",
             "cache=true",
             "trainer.devices=3",
-            "fusion=random",
-            "fusion.run_drawn_only=true",
+            "teacher_runtime.draw_per_step=1",
         ],
     )
     problems = sharding_problems(cfg)
-    expected = ["cache=true reads", "fusion.run_drawn_only=true runs", "3 ranks (trainer.devices"]
+    expected = [
+        "cache=true reads",
+        "teacher_runtime.draw_per_step=1 runs",
+        "3 ranks (trainer.devices",
+    ]
     assert len(problems) == len(expected)
     for problem, start in zip(problems, expected, strict=True):
         assert problem.split(": ", 1)[1].startswith(start), problem

@@ -13,7 +13,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kd_lightning.errors import TeacherLoadError, TeacherOutputError
-from kd_lightning.teachers import TeacherEnsemble, load_teacher, read_state_dict
+from kd_lightning.teachers import (
+    TeacherEnsemble,
+    TeacherOutputs,
+    TeacherSource,
+    load_teacher,
+    read_state_dict,
+)
 
 from .conftest import NUM_CLASSES, NUM_FEATURES, make_trainer, small_mlp
 
@@ -245,3 +251,41 @@ def test_non_state_dict_content_is_refused(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(TeacherLoadError, match="is not a state dict"):
         read_state_dict(tmp_path / "list.pt")
+
+
+def test_the_ensemble_as_a_teacher_source_runs_every_teacher_and_taps_named_layers(teachers):
+    ensemble = TeacherEnsemble(teachers)
+    assert isinstance(ensemble, TeacherSource)
+    x = torch.randn(5, NUM_FEATURES)
+    for stage in ("train", "val", "test"):
+        outputs = ensemble.outputs(x, batch=None, stage=stage)
+        torch.testing.assert_close(outputs.logits, ensemble(x))
+        assert outputs.ran == (0, 1, 2) and outputs.features == {}
+    ensemble.tap({"a": "1", "c": "0"})
+    outputs = ensemble.outputs(x, batch=None, stage="train")
+    assert list(outputs.features) == ["a", "c"]
+    torch.testing.assert_close(outputs.features["a"], torch.relu(teachers["a"][0](x)))
+    torch.testing.assert_close(outputs.features["c"], teachers["c"][0](x))
+    assert not any(model._forward_hooks for model in ensemble.modules())  # hooks only while running
+    assert ensemble.networks() == dict(teachers)
+    with pytest.raises(ValueError, match=r"cannot tap unknown teachers \['z'\]"):
+        ensemble.tap({"z": "0"})
+    with pytest.raises(ValueError, match="has no submodule 'nope'"):
+        ensemble.tap({"a": "nope"})
+    ensemble.tap({})
+    assert ensemble.outputs(x, batch=None, stage="val").features == {}
+
+
+def test_tapped_features_leave_inference_mode_and_stacked_ensembles_refuse_taps(teachers):
+    ensemble = TeacherEnsemble(teachers, inference_mode=True)
+    ensemble.tap({"b": "0"})
+    outputs = ensemble.outputs(torch.randn(3, NUM_FEATURES), batch=None, stage="train")
+    assert not outputs.features["b"].is_inference() and not outputs.logits.is_inference()
+    same = {f"t{k}": small_mlp() for k in range(2)}
+    with pytest.raises(ValueError, match="build the TeacherEnsemble with stacked=False"):
+        TeacherEnsemble(same, stacked=True).tap({"t0": "0"})
+
+
+def test_teacher_outputs_need_one_index_per_row():
+    with pytest.raises(ValueError, match="2 indices in `ran` for 1 rows"):
+        TeacherOutputs(torch.zeros(1, 2, 3), ran=(0, 1))

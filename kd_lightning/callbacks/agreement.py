@@ -13,15 +13,102 @@ from kd_lightning.metrics import TeacherAgreement, with_teacher_dims
 STAGES = ("train", "val", "test")
 
 
-class TeacherAgreementCallback(Callback):
+class StageCallback(Callback):
+    """A callback for some of the ``train``/``val``/``test`` stages: Lightning's batch-end and
+    epoch-end hooks of those stages call :meth:`on_stage_batch_end` and :meth:`on_stage_epoch_end`
+    with the stage's name; the sanity check's validation calls neither.
+
+    Args:
+        stages: the stages to follow.
+        allowed: the stages this callback can follow.
+
+    Raises:
+        ValueError: for a stage not in ``allowed``.
+
+    Example:
+        >>> class Report(StageCallback):
+        ...     def on_stage_epoch_end(self, stage, trainer, pl_module):
+        ...         print(f"{stage} epoch {trainer.current_epoch} ended")
+        >>> Report(stages=("val", "test")).stages
+        ('val', 'test')
+        >>> Report(stages=("predict",))
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown stages ['predict']; choose from ['train', 'val', 'test']
+    """
+
+    def __init__(self, stages: Sequence[str], allowed: Sequence[str] = STAGES) -> None:
+        unknown = set(stages) - set(allowed)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {list(allowed)}")
+        self.stages = tuple(stages)
+
+    def on_stage_batch_end(
+        self, stage: str, trainer: Trainer, pl_module: LightningModule, outputs: Any
+    ) -> None:
+        """A batch of ``stage`` ended with the step's ``outputs``; does nothing by default."""
+
+    def on_stage_epoch_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        """An epoch of ``stage`` ended; does nothing by default."""
+
+    def _batch_end(
+        self, stage: str, trainer: Trainer, pl_module: LightningModule, outputs: Any
+    ) -> None:
+        if stage in self.stages and not trainer.sanity_checking:
+            self.on_stage_batch_end(stage, trainer, pl_module, outputs)
+
+    def _epoch_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage in self.stages and not trainer.sanity_checking:
+            self.on_stage_epoch_end(stage, trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_end("train", trainer, pl_module, outputs)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end("val", trainer, pl_module, outputs)
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end("test", trainer, pl_module, outputs)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_end("train", trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_end("val", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_end("test", trainer, pl_module)
+
+
+class TeacherAgreementCallback(StageCallback):
     """Log per-teacher agreement statistics at the end of each epoch, to any Lightning logger.
 
     Works with any module whose steps return a dict with ``student_logits``, ``teacher_logits``
-    and ``labels`` (and optionally ``fusion_weights`` and, for token-level outputs, a ``mask`` of
-    real tokens), and that names the teachers (or peers) in ``teacher_names`` — as
-    :class:`~kd_lightning.DistillationModule` does. Counts are accumulated in a
-    :class:`~kd_lightning.metrics.TeacherAgreement`, so values are exact under DDP. Keys, for a
-    teacher ``cnn`` in stage ``val``:
+    and ``labels`` (and optionally ``teacher_indices`` when only some teachers ran,
+    ``fusion_weights`` and, for token-level outputs, a ``mask`` of real tokens), and that names the
+    teachers (or peers) in ``teacher_names`` — as :class:`~kd_lightning.DistillationModule` does.
+    Counts are accumulated in a :class:`~kd_lightning.metrics.TeacherAgreement`, so values are
+    exact under DDP, and each teacher's count only the teachers that ran (e.g. the teachers a
+    :class:`~kd_lightning.teachers.DrawnTeachers` drew). Keys, for a teacher ``cnn`` in stage
+    ``val``:
 
     * ``val/agreement/student_vs_cnn`` — top-1 agreement of the student with the teacher;
     * ``val/agreement/cnn_vs_gru`` — top-1 agreement between two teachers (each pair once);
@@ -30,9 +117,10 @@ class TeacherAgreementCallback(Callback):
     * ``val/fusion_weight/cnn`` — the teacher's mean fusion weight;
     * ``val/ensemble/{accuracy,disagreement,jsd}`` — the ensemble as a whole.
 
-    The last computed statistics of each stage stay in ``latest[stage]`` (the dict of
-    :meth:`TeacherAgreement.compute`, with ``(K,)`` and ``(K, K)`` shapes even for one teacher),
-    for plots and summaries.
+    A value with nothing counted in the epoch (a teacher never drawn, a pair never drawn together,
+    the ensemble when never all teachers ran) is not logged. The last computed statistics of each
+    stage stay in ``latest[stage]`` (the dict of :meth:`TeacherAgreement.compute`, with ``(K,)``
+    and ``(K, K)`` shapes even for one teacher), for plots and summaries.
 
     Args:
         stages: which of ``"train"``, ``"val"``, ``"test"`` to log.
@@ -43,10 +131,7 @@ class TeacherAgreementCallback(Callback):
     """
 
     def __init__(self, stages: Sequence[str] = STAGES) -> None:
-        unknown = set(stages) - set(STAGES)
-        if unknown:
-            raise ValueError(f"unknown stages {sorted(unknown)}; choose from {list(STAGES)}")
-        self.stages = tuple(stages)
+        super().__init__(stages)
         self.metrics: dict[str, TeacherAgreement] = {}
         self.names: list[str] = []
         self.latest: dict[str, dict[str, Tensor]] = {}
@@ -63,48 +148,12 @@ class TeacherAgreementCallback(Callback):
             name: TeacherAgreement(len(self.names)).to(pl_module.device) for name in self.stages
         }
 
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_stage_batch_end(
+        self, stage: str, trainer: Trainer, pl_module: LightningModule, outputs: Any
     ) -> None:
-        self._update("train", outputs)
-
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not trainer.sanity_checking:
-            self._update("val", outputs)
-
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._update("test", outputs)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log("train", pl_module)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._log("val", pl_module)
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log("test", pl_module)
-
-    def _update(self, stage: str, outputs: Any) -> None:
-        metric = self.metrics.get(stage)
-        if metric is None or not isinstance(outputs, Mapping) or "teacher_logits" not in outputs:
+        if not isinstance(outputs, Mapping) or "teacher_logits" not in outputs:
             return
+        metric = self.metrics[stage]
         metric.to(outputs["student_logits"].device)
         metric.update(
             outputs["student_logits"],
@@ -112,11 +161,12 @@ class TeacherAgreementCallback(Callback):
             outputs["labels"],
             outputs.get("fusion_weights"),
             mask=outputs.get("mask"),
+            teacher_indices=outputs.get("teacher_indices"),
         )
 
-    def _log(self, stage: str, pl_module: LightningModule) -> None:
-        metric = self.metrics.get(stage)
-        if metric is None or not metric.update_called:
+    def on_stage_epoch_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        metric = self.metrics[stage]
+        if not metric.update_called:
             return
         computed = {key: value.detach().cpu() for key, value in metric.compute().items()}
         self.latest[stage] = with_teacher_dims(computed, len(self.names))
@@ -128,7 +178,8 @@ class TeacherAgreementCallback(Callback):
 def agreement_log_dict(
     stage: str, names: Sequence[str], values: Mapping[str, Tensor]
 ) -> dict[str, float]:
-    """Flatten :meth:`TeacherAgreement.compute` output into ``stage/group/name`` log keys.
+    """Flatten :meth:`TeacherAgreement.compute` output into ``stage/group/name`` log keys,
+    leaving out the values with nothing counted (NaN).
 
     Example:
         >>> import torch
@@ -145,16 +196,15 @@ def agreement_log_dict(
         shaped["fusion_weight"],
         shaped["pairwise_agreement"],
     )
-    logs: dict[str, float] = {}
+    logs: dict[str, Tensor] = {}
     for index, name in enumerate(names):
-        logs[f"{stage}/agreement/student_vs_{name}"] = agreement[index].item()
-        logs[f"{stage}/teacher_acc/{name}"] = accuracy[index].item()
-        logs[f"{stage}/kl/{name}_to_student"] = kl[index].item()
-        if not weights[index].isnan():  # NaN when no fusion weights were given
-            logs[f"{stage}/fusion_weight/{name}"] = weights[index].item()
+        logs[f"{stage}/agreement/student_vs_{name}"] = agreement[index]
+        logs[f"{stage}/teacher_acc/{name}"] = accuracy[index]
+        logs[f"{stage}/kl/{name}_to_student"] = kl[index]
+        logs[f"{stage}/fusion_weight/{name}"] = weights[index]
         for other in range(index + 1, k):
-            logs[f"{stage}/agreement/{name}_vs_{names[other]}"] = pairwise[index, other].item()
-    logs[f"{stage}/ensemble/accuracy"] = values["ensemble_accuracy"].item()
-    logs[f"{stage}/ensemble/disagreement"] = values["disagreement"].item()
-    logs[f"{stage}/ensemble/jsd"] = values["ensemble_jsd"].item()
-    return logs
+            logs[f"{stage}/agreement/{name}_vs_{names[other]}"] = pairwise[index, other]
+    logs[f"{stage}/ensemble/accuracy"] = values["ensemble_accuracy"]
+    logs[f"{stage}/ensemble/disagreement"] = values["disagreement"]
+    logs[f"{stage}/ensemble/jsd"] = values["ensemble_jsd"]
+    return {key: value.item() for key, value in logs.items() if not value.isnan()}

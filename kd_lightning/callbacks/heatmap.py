@@ -9,13 +9,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
-from kd_lightning.callbacks.agreement import TeacherAgreementCallback
+from kd_lightning.callbacks.agreement import StageCallback, TeacherAgreementCallback
 from kd_lightning.reporting.plots import agreement_heatmap
 
 HEATMAP_STAGES = ("val", "test")
 
 
-class AgreementHeatmapCallback(Callback):
+class AgreementHeatmapCallback(StageCallback):
     """Save and log a heatmap of the pairwise teacher agreement at the end of each epoch.
 
     Reads the statistics that a :class:`TeacherAgreementCallback` computed for the same epoch, so
@@ -40,12 +40,7 @@ class AgreementHeatmapCallback(Callback):
     """
 
     def __init__(self, stages: Sequence[str] = HEATMAP_STAGES, dirpath: str | None = None) -> None:
-        unknown = set(stages) - set(HEATMAP_STAGES)
-        if unknown:
-            raise ValueError(
-                f"unknown stages {sorted(unknown)}; choose from {list(HEATMAP_STAGES)}"
-            )
-        self.stages = tuple(stages)
+        super().__init__(stages, HEATMAP_STAGES)
         self.dirpath = dirpath
         self._agreement: TeacherAgreementCallback | None = None
         self._resolved_dirpath = Path(".")
@@ -62,15 +57,8 @@ class AgreementHeatmapCallback(Callback):
         # trainer.log_dir broadcasts, so it is resolved here, on every process
         self._resolved_dirpath = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._draw("val", trainer)
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._draw("test", trainer)
-
-    def _draw(self, stage: str, trainer: Trainer) -> None:
-        if stage not in self.stages or not trainer.is_global_zero or self._agreement is None:
+    def on_stage_epoch_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero or self._agreement is None:
             return
         values = self._agreement.latest.get(stage)
         if values is None:  # no batch reached the agreement callback in this stage

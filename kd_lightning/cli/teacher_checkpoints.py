@@ -21,7 +21,7 @@ from kd_lightning.batch import BatchAdapter
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.cli.config import show_progress
 from kd_lightning.modules import ClassifierModule
-from kd_lightning.teachers import TeacherEnsemble, load_teacher
+from kd_lightning.teachers import DrawnTeachers, TeacherEnsemble, load_teacher
 from kd_lightning.teachers.runtime import RUNTIME_OPTIONS
 
 # Data settings that do not change the data itself, left out of a teacher's key.
@@ -30,6 +30,9 @@ IRRELEVANT_DATA_KEYS = ("data_dir", "num_workers")
 IGNORE_INDEX = -100
 # Teacher names become cache file names and module keys: no path separator, no dot.
 TEACHER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# teacher_runtime keys that decide which teachers run at each step, not how the ensemble runs:
+# sharding is DistillationModule's shard_teachers, draws are teacher_source's DrawnTeachers.
+STEP_OPTIONS = ("shard_across_ranks", "draw_per_step")
 
 
 def teacher_key(name: str, cfg: DictConfig) -> str:
@@ -173,12 +176,45 @@ def teacher_class_map(teacher: DictConfig) -> list[int] | None:
     return list(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
 
 
+def draws_per_step(cfg: DictConfig) -> int | None:
+    """``teacher_runtime.draw_per_step``, checked: ``None`` or from 1 to the number of teachers.
+
+    Example:
+        >>> cfg = OmegaConf.create({"teachers": {"a": {}, "b": {}}, "teacher_runtime": {"draw_per_step": 1}})
+        >>> draws_per_step(cfg)
+        1
+        >>> draws_per_step(OmegaConf.merge(cfg, {"teacher_runtime": {"draw_per_step": 3}}))
+        Traceback (most recent call last):
+        ...
+        ValueError: teacher_runtime.draw_per_step=3: must be null or an integer from 1 to the number of teachers (2)
+    """
+    value = (cfg.get("teacher_runtime") or {}).get("draw_per_step")
+    if value is None:
+        return None
+    count = len(cfg.get("teachers") or {})
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= count:
+        raise ValueError(
+            f"teacher_runtime.draw_per_step={value}: must be null or an integer from 1 to the "
+            f"number of teachers ({count})"
+        )
+    return value
+
+
+def teacher_source(cfg: DictConfig, ensemble: TeacherEnsemble) -> TeacherEnsemble | DrawnTeachers:
+    """The teachers a training run reads each step: ``ensemble``, or with
+    ``teacher_runtime.draw_per_step=N`` a :class:`~kd_lightning.teachers.DrawnTeachers` running
+    N teachers drawn per training step (every teacher in validation and test)."""
+    per_step = draws_per_step(cfg)
+    return ensemble if per_step is None else DrawnTeachers(ensemble, per_step)
+
+
 def build_teachers(cfg: DictConfig, datamodule: LightningDataModule) -> TeacherEnsemble:
     """The config's teachers, trained first where missing, loaded safely, as a frozen ensemble.
 
     Each teacher's ``input_transform`` and ``class_map`` go to the ensemble; when a teacher has a
     class map, the top-level ``num_classes`` (the student's class count) does too. The ensemble is
-    built (and its settings checked) before any teacher is trained.
+    built (and its settings checked, the per-step options of :func:`teacher_source` too) before any
+    teacher is trained.
     """
     missing = missing_teachers(cfg)
     models: dict[str, nn.Module] = {}
@@ -204,15 +240,15 @@ def build_teachers(cfg: DictConfig, datamodule: LightningDataModule) -> TeacherE
             class_maps[name] = class_map
     num_classes = cfg.get("num_classes") if class_maps else None
     runtime: dict[str, Any] = OmegaConf.to_container(cfg.get("teacher_runtime") or {})  # type: ignore[assignment]
-    runtime.pop(
-        "shard_across_ranks", None
-    )  # the module's option (DistillationModule.shard_teachers)
+    for option in STEP_OPTIONS:
+        runtime.pop(option, None)
     unknown = sorted(set(runtime) - set(RUNTIME_OPTIONS))
     if unknown:
         raise ValueError(
             f"unknown teacher_runtime keys {unknown}; choose from "
-            f"{[*RUNTIME_OPTIONS, 'shard_across_ranks']}"
+            f"{[*RUNTIME_OPTIONS, *STEP_OPTIONS]}"
         )
+    draws_per_step(cfg)  # checked before any teacher is trained
     ensemble = TeacherEnsemble(models, adapters, transforms, class_maps, num_classes, **runtime)
     for name in missing:
         train_teacher(name, cfg, datamodule)

@@ -7,12 +7,19 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from torch.utils.data.dataloader import default_collate
 
-#: The key of the sample indices in dict batches.
-INDEX_KEY = "index"
+from kd_lightning.teachers.cache.indices import INDEX_KEY, sample_indices
+
+__all__ = [
+    "INDEX_KEY",
+    "IndexedCollate",
+    "IndexedDataModule",
+    "IndexedDataset",
+    "indexed_loader",
+    "sample_indices",
+]
 
 
 class IndexedDataset(Dataset[tuple[Any, int]]):
@@ -39,7 +46,8 @@ class IndexedCollate:
 
     A tuple batch ``(x, y)`` becomes ``(x, y, indices)``: :class:`~kd_lightning.BatchAdapter`
     ignores the extra item, so the module's usual batch adapter still finds inputs and labels.
-    A dict batch gains the key ``"index"``.
+    A dict batch gains the key ``"index"``. :func:`sample_indices` reads them back (as a
+    :class:`~kd_lightning.teachers.CachedTeachers` does).
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -65,18 +73,6 @@ class IndexedCollate:
         )
 
 
-def sample_indices(batch: Any) -> Tensor:
-    """The indices :class:`IndexedCollate` added: the last tuple item or ``batch["index"]``."""
-    if isinstance(batch, Mapping) and INDEX_KEY in batch:
-        return batch[INDEX_KEY]
-    if isinstance(batch, Sequence) and len(batch) >= 3 and isinstance(batch[-1], Tensor):
-        return batch[-1]
-    raise ValueError(
-        "the batch carries no sample indices: teachers read from a cache need batches from "
-        "kd_lightning.data.indexed.IndexedDataModule (or IndexedDataset with IndexedCollate)"
-    )
-
-
 def indexed_loader(loader: DataLoader) -> DataLoader:
     """The same loader (batch size, sampler, workers, collate) over ``(sample, index)`` pairs."""
     custom = not isinstance(loader.sampler, RandomSampler | SequentialSampler)
@@ -97,7 +93,7 @@ class IndexedDataModule(L.LightningDataModule):
     """Wrap a DataModule so its train/val/test batches also carry each sample's index.
 
     Indices are positions in the split's dataset, the keys of a
-    :class:`~kd_lightning.teachers.cache.build.CachedTeachers` cache built over the same splits.
+    :class:`~kd_lightning.teachers.CachedTeachers` cache built over the same splits.
     Set-up and the batch-transfer hooks are delegated to the wrapped DataModule.
 
     Args:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,6 +46,9 @@ class FusionContext:
             :attr:`FusionRule.student_layers`, by layer name (a
             :class:`~kd_lightning.DistillationModule` taps them with
             :class:`~kd_lightning.models.taps.FeatureTaps`).
+        teacher_indices: Which teachers the rows of the logits are, when only some of them ran
+            (e.g. drawn per step); ``None``: all, in order. Rules with one parameter or weight per
+            teacher read theirs at these indices.
 
     Example:
         >>> FusionContext(temperature=2.0).student_features
@@ -56,6 +59,7 @@ class FusionContext:
     temperature: float = 1.0
     student_logits: Tensor | None = None
     student_features: Mapping[str, Tensor] = field(default_factory=dict)
+    teacher_indices: tuple[int, ...] | None = None
 
 
 class FusionRule(nn.Module, ABC):
@@ -111,6 +115,7 @@ class FusionRule(nn.Module, ABC):
         temperature: float = 1.0,
         student_logits: Tensor | None = None,
         student_features: Mapping[str, Tensor] | None = None,
+        teacher_indices: Sequence[int] | None = None,
     ) -> Fusion:
         """Fuse the teachers.
 
@@ -123,6 +128,7 @@ class FusionRule(nn.Module, ABC):
                 ``needs_student``, ignored by the others. Cast to float32.
             student_features: The outputs of the layers in :attr:`student_layers`, by name;
                 required by rules that name any.
+            teacher_indices: The teachers the ``K`` rows are, when only some ran; ``None``: all.
 
         Returns:
             The weights ``(*batch, K)`` and the target ``(*batch, C)``.
@@ -168,11 +174,18 @@ class FusionRule(nn.Module, ABC):
                 f"{rule} reads the student's {missing} layer outputs: pass them as "
                 f"student_features (a DistillationModule taps them)"
             )
+        if teacher_indices is not None and len(teacher_indices) != teacher_logits.shape[0]:
+            raise ValueError(
+                f"{rule}: teacher_indices {list(teacher_indices)} name "
+                f"{len(teacher_indices)} teachers but teacher_logits has K = "
+                f"{teacher_logits.shape[0]}"
+            )
         context = FusionContext(
             labels=labels,
             temperature=float(temperature),
             student_logits=None if student_logits is None else student_logits.float(),
             student_features=features,
+            teacher_indices=None if teacher_indices is None else tuple(teacher_indices),
         )
         logits = teacher_logits.float()
         weights = self.weights(logits, context)

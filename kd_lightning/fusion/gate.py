@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from kd_lightning.fusion.base import FusionContext, FusionRule
+from kd_lightning.fusion.static import of_teachers
 
 
 class LearnedGate(FusionRule, name="learned_gate"):
@@ -28,7 +29,8 @@ class LearnedGate(FusionRule, name="learned_gate"):
     move its features to change the weights. ``θ`` ``(K, D)`` and ``W`` ``(D,)`` are
     ``nn.Parameter`` s, so they sit in ``loss.parameters()``, hence in the optimizer and the
     checkpoint of a ``DistillationModule``. ``W`` starts near zero, so the weights start near
-    uniform. Weights sum to one per sample; the target is ``Σ_k μ_k p_k``.
+    uniform. Weights sum to one per sample (over the teachers that ran, when only some did); the
+    target is ``Σ_k μ_k p_k``.
 
     Caution: trained on the distillation loss alone, the gate drifts toward the teacher the
     student already matches best, since that lowers the loss.
@@ -77,12 +79,6 @@ class LearnedGate(FusionRule, name="learned_gate"):
 
     def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """``softmax_k((β ⊙ θ_k)ᵀ W)``, ``(*batch, K)``."""
-        num_teachers = teacher_logits.shape[0]
-        if num_teachers != self.num_teachers:
-            raise ValueError(
-                f"LearnedGate has num_teachers={self.num_teachers} but teacher_logits has "
-                f"K = {num_teachers} teachers"
-            )
         beta = self._beta(context)
         if isinstance(self.theta, UninitializedParameter):
             self._initialise(beta.shape[-1], device=beta.device)
@@ -91,7 +87,8 @@ class LearnedGate(FusionRule, name="learned_gate"):
                 f"LearnedGate has feature_dim={self.theta.shape[1]} but the student gives "
                 f"features of width {beta.shape[-1]}"
             )
-        scores = torch.einsum("...d,kd,d->...k", beta, self.theta, self.gate)
+        theta = of_teachers(self.theta, teacher_logits, context, type(self).__name__)
+        scores = torch.einsum("...d,kd,d->...k", beta, theta, self.gate)
         return F.softmax(scores, dim=-1)
 
     def _beta(self, context: FusionContext) -> Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.fusion.base import FusionContext, FusionRule
-from kd_lightning.fusion.static import broadcast_per_teacher, normalised_weights
+from kd_lightning.fusion.static import broadcast, normalised_weights, of_teachers
 
 
 class LearnedWeights(FusionRule, name="learned"):
@@ -18,7 +18,8 @@ class LearnedWeights(FusionRule, name="learned"):
     ``weights`` (zeros, i.e. uniform, with only ``num_teachers``). It trains with whichever
     optimizer holds this module's parameters (a :class:`~kd_lightning.DistillationModule`
     optimises the loss's parameters with the student's) and is saved in its ``state_dict``. The
-    weights sum to one; the target is ``Σ_k w_k p_k``.
+    weights sum to one; the target is ``Σ_k w_k p_k``. When only some teachers ran, the softmax
+    is taken over theirs.
 
     Caution: trained on the distillation loss alone, the weights drift toward the teacher the
     student already matches best, since that lowers the loss.
@@ -46,8 +47,8 @@ class LearnedWeights(FusionRule, name="learned"):
 
     def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """``softmax(θ)`` broadcast over the batch, ``(*batch, K)``."""
-        per_teacher = F.softmax(self.weight_logits, dim=0)
-        return broadcast_per_teacher(per_teacher, teacher_logits, type(self).__name__)
+        logits = of_teachers(self.weight_logits, teacher_logits, context, type(self).__name__)
+        return broadcast(F.softmax(logits, dim=0), teacher_logits)
 
     def extra_repr(self) -> str:
         return f"num_teachers={self.weight_logits.shape[0]}"

@@ -42,17 +42,34 @@ class StaticWeights(FusionRule, name="static"):
         """The per-teacher weights, broadcast over the batch; see :class:`FusionRule`."""
         if self.fixed_weights is None:
             return uniform_weights(teacher_logits)
-        return broadcast_per_teacher(self.fixed_weights, teacher_logits, type(self).__name__)
+        per_teacher = of_teachers(self.fixed_weights, teacher_logits, context, type(self).__name__)
+        return broadcast(per_teacher / per_teacher.sum(), teacher_logits)
 
 
-def broadcast_per_teacher(per_teacher: Tensor, teacher_logits: Tensor, rule: str) -> Tensor:
-    """One weight per teacher ``(K,)`` broadcast to ``(*batch, K)``, checked against ``K``."""
-    num_teachers, *batch_shape, _ = teacher_logits.shape
-    if per_teacher.shape[0] != num_teachers:
+def of_teachers(
+    per_teacher: Tensor, teacher_logits: Tensor, context: FusionContext, rule: str
+) -> Tensor:
+    """The entries of a per-teacher tensor ``(K_all, ...)`` for the teachers that ran, checked
+    against their number: all of them, or those at ``context.teacher_indices``."""
+    num_teachers = teacher_logits.shape[0]
+    indices = context.teacher_indices
+    if indices is None:
+        if per_teacher.shape[0] != num_teachers:
+            raise ValueError(
+                f"{rule} has {per_teacher.shape[0]} weights but teacher_logits has "
+                f"K = {num_teachers} teachers"
+            )
+        return per_teacher
+    if max(indices) >= per_teacher.shape[0]:
         raise ValueError(
-            f"{rule} has {per_teacher.shape[0]} weights but teacher_logits has "
-            f"K = {num_teachers} teachers"
+            f"{rule} has {per_teacher.shape[0]} weights but is given teacher {max(indices)}"
         )
+    return per_teacher[list(indices)]
+
+
+def broadcast(per_teacher: Tensor, teacher_logits: Tensor) -> Tensor:
+    """One weight per teacher ``(K,)`` broadcast to ``(*batch, K)`` on the logits' device."""
+    num_teachers, *batch_shape, _ = teacher_logits.shape
     return per_teacher.to(teacher_logits.device).expand(*batch_shape, num_teachers)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -147,10 +147,13 @@ class DistillationLoss(nn.Module):
         teacher_logits: Tensor,
         labels: Tensor,
         student_features: Mapping[str, Tensor] | None = None,
+        teacher_indices: Sequence[int] | None = None,
     ) -> DistillationOutput:
         """Compute the objective from student logits ``(*batch, C)``, teacher logits
         ``(K, *batch, C)`` and labels ``(*batch)``; labels equal to ``ignore_index`` are padding.
-        ``student_features`` holds the outputs of the layers in :attr:`student_layers`."""
+        ``student_features`` holds the outputs of the layers in :attr:`student_layers`;
+        ``teacher_indices`` says which of the rule's teachers the rows of ``teacher_logits`` are
+        when only some ran (e.g. drawn by :class:`~kd_lightning.teachers.DrawnTeachers`)."""
         padded = check_shapes(student_logits, teacher_logits, labels, self.ignore_index)
         real = labels != self.ignore_index if padded else None  # None: no mask, fewer kernels
         with _float32_region(student_logits.device.type):
@@ -169,6 +172,7 @@ class DistillationLoss(nn.Module):
                 self.temperature,
                 student_logits=student,
                 student_features=student_features,
+                teacher_indices=teacher_indices,
             )
             hard_sum = F.cross_entropy(
                 student.reshape(-1, student.shape[-1]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -13,6 +15,12 @@ class TeacherAgreement(Metric):
     ``update`` adds integer counts and float sums; ``compute`` divides once, after the sums were
     reduced across processes, so results on N processes equal those of one process on the same data.
 
+    A batch may hold a subset of the teachers (``update``'s ``teacher_indices``, e.g. the teachers
+    drawn for a training step): each statistic counts exactly the teachers that ran. Per-teacher
+    values are over the positions where that teacher ran, pairwise ones over the positions where
+    both did, and the ensemble's (``ensemble_jsd``, ``ensemble_accuracy``) over the batches where
+    every teacher ran. A value with nothing counted is NaN.
+
     ``compute`` returns:
 
     * ``teacher_accuracy`` (K,): top-1 accuracy of each teacher.
@@ -20,11 +28,11 @@ class TeacherAgreement(Metric):
       where student and teacher argmax agree.
     * ``student_kl`` (K,): mean KL(p_teacher ‖ p_student) at T = 1, the quantity KD drives down.
     * ``pairwise_agreement`` (K, K): top-1 agreement between teachers (diagonal 1).
-    * ``disagreement``: mean over teacher pairs of 1 − agreement (0 for one teacher).
+    * ``disagreement``: mean over the measured teacher pairs of 1 − agreement (0 for one teacher).
     * ``fusion_weight`` (K,): mean fusion weight per teacher (NaN if weights were never given).
     * ``ensemble_jsd``: mean of H(p̄) − mean_k H(p_k), the diversity of the ensemble.
     * ``ensemble_accuracy``: accuracy of the mean-of-probabilities ensemble.
-    * ``student_accuracy``: accuracy of the student.
+    * ``student_accuracy``: accuracy of the student, over every batch.
 
     Args:
         num_teachers: K.
@@ -36,6 +44,14 @@ class TeacherAgreement(Metric):
         >>> metric.update(student, teachers, torch.tensor([0, 1]))
         >>> metric.compute()["student_agreement"]
         tensor([0.5000, 0.5000])
+
+        Then a batch where only teacher 1 ran: it alone gets two more samples.
+
+        >>> metric.update(student, teachers[1:], torch.tensor([0, 1]), teacher_indices=[1])
+        >>> metric.compute()["student_agreement"]
+        tensor([0.5000, 0.5000])
+        >>> metric.teacher_total.tolist(), metric.ensemble_total.item()
+        ([2, 4], 2)
     """
 
     full_state_update = False
@@ -43,7 +59,10 @@ class TeacherAgreement(Metric):
     higher_is_better = None
 
     total: Tensor
-    weighted_total: Tensor
+    ensemble_total: Tensor
+    teacher_total: Tensor
+    pair_total: Tensor
+    weight_total: Tensor
     student_correct: Tensor
     ensemble_correct: Tensor
     teacher_correct: Tensor
@@ -59,16 +78,22 @@ class TeacherAgreement(Metric):
             raise ValueError(f"num_teachers must be at least 1, got {num_teachers}")
         self.num_teachers = num_teachers
         k = num_teachers
-        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("weighted_total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("student_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("ensemble_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("teacher_correct", torch.zeros(k, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("student_agree", torch.zeros(k, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("pairwise_agree", torch.zeros(k, k, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("kl_sum", torch.zeros(k, dtype=torch.float32), dist_reduce_fx="sum")
-        self.add_state("weight_sum", torch.zeros(k, dtype=torch.float32), dist_reduce_fx="sum")
-        self.add_state("jsd_sum", torch.tensor(0.0, dtype=torch.float32), dist_reduce_fx="sum")
+        counts = {
+            "total": (),
+            "ensemble_total": (),
+            "teacher_total": (k,),
+            "pair_total": (k, k),
+            "weight_total": (k,),
+            "student_correct": (),
+            "ensemble_correct": (),
+            "teacher_correct": (k,),
+            "student_agree": (k,),
+            "pairwise_agree": (k, k),
+        }
+        for name, shape in counts.items():
+            self.add_state(name, torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum")
+        for name, shape in {"kl_sum": (k,), "weight_sum": (k,), "jsd_sum": ()}.items():
+            self.add_state(name, torch.zeros(shape, dtype=torch.float32), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -77,20 +102,30 @@ class TeacherAgreement(Metric):
         labels: Tensor,
         weights: Tensor | None = None,
         mask: Tensor | None = None,
+        teacher_indices: Tensor | Sequence[int] | None = None,
     ) -> None:
-        """Add a batch: student ``(*batch, C)``, teachers ``(K, *batch, C)``, labels ``(*batch)``,
-        weights ``(*batch, K)``, e.g. ``(B, C)`` or token-level ``(B, L, V)``.
+        """Add a batch: student ``(*batch, C)``, teachers ``(K', *batch, C)``, labels ``(*batch)``,
+        weights ``(*batch, K')``, e.g. ``(B, C)`` or token-level ``(B, L, V)``.
 
-        ``mask`` ``(*batch)``, true at real positions (tokens), restricts every statistic to
-        those; ``None`` counts every position.
+        ``teacher_indices`` ``(K',)``: which teachers the rows of ``teacher_logits`` (and the
+        columns of ``weights``) are, distinct indices in ``[0, K)``; ``None`` means all ``K`` in
+        order. ``mask`` ``(*batch)``, true at real positions (tokens), restricts every statistic
+        to those; ``None`` counts every position.
         """
-        if (
-            teacher_logits.shape[0] != self.num_teachers
-            or teacher_logits.shape[1:] != student_logits.shape
-        ):
+        ran = teacher_logits.shape[0]
+        if teacher_indices is None and ran != self.num_teachers:
             raise ValueError(
                 f"expected teacher logits of shape ({self.num_teachers}, *{tuple(student_logits.shape)}), "
-                f"got {tuple(teacher_logits.shape)}"
+                f"got {tuple(teacher_logits.shape)}; pass teacher_indices when only some teachers ran"
+            )
+        if teacher_logits.shape[1:] != student_logits.shape:
+            raise ValueError(
+                f"expected teacher logits of shape (K', *{tuple(student_logits.shape)}), got "
+                f"{tuple(teacher_logits.shape)}"
+            )
+        if teacher_indices is not None and len(teacher_indices) != ran:
+            raise ValueError(
+                f"{len(teacher_indices)} teacher_indices for {ran} rows of teacher logits"
             )
         if mask is not None:
             if mask.shape != student_logits.shape[:-1]:
@@ -108,39 +143,54 @@ class TeacherAgreement(Metric):
         log_q = torch.log_softmax(student_logits, -1)
         log_p = torch.log_softmax(teacher_logits, -1)
         p = log_p.exp()
-        mean_p = p.mean(0)
+        positions = labels.numel()
 
-        self.total += labels.numel()
+        self.total += positions
         self.student_correct += (student_top1 == labels).sum()
-        self.ensemble_correct += (mean_p.argmax(-1) == labels).sum()
-        self.teacher_correct += (teacher_top1 == labels).flatten(1).sum(1)
-        self.student_agree += (teacher_top1 == student_top1).flatten(1).sum(1)
-        self.pairwise_agree += (teacher_top1[:, None] == teacher_top1[None]).flatten(2).sum(2)
-        self.kl_sum += (torch.xlogy(p, p) - p * log_q).sum(-1).flatten(1).sum(1)
-        entropy_of_mean = -torch.xlogy(mean_p, mean_p).sum(-1)
-        mean_entropy = -torch.xlogy(p, p).sum(-1).mean(0)
-        self.jsd_sum += (entropy_of_mean - mean_entropy).sum()
+        if teacher_indices is None:
+            rows = torch.arange(ran, device=self.teacher_total.device)
+        else:
+            rows = torch.as_tensor(
+                teacher_indices, dtype=torch.long, device=self.teacher_total.device
+            )
+        pairs = (rows[:, None], rows[None])
+        self.teacher_total[rows] += positions
+        self.pair_total[pairs] += positions
+        self.teacher_correct[rows] += (teacher_top1 == labels).flatten(1).sum(1)
+        self.student_agree[rows] += (teacher_top1 == student_top1).flatten(1).sum(1)
+        self.pairwise_agree[pairs] += (
+            (teacher_top1[:, None] == teacher_top1[None]).flatten(2).sum(2)
+        )
+        self.kl_sum[rows] += (torch.xlogy(p, p) - p * log_q).sum(-1).flatten(1).sum(1)
+        if ran == self.num_teachers:  # the whole ensemble ran (the indices are distinct)
+            mean_p = p.mean(0)
+            self.ensemble_total += positions
+            self.ensemble_correct += (mean_p.argmax(-1) == labels).sum()
+            entropy_of_mean = -torch.xlogy(mean_p, mean_p).sum(-1)
+            mean_entropy = -torch.xlogy(p, p).sum(-1).mean(0)
+            self.jsd_sum += (entropy_of_mean - mean_entropy).sum()
         if weights is not None:
-            self.weighted_total += labels.numel()
-            self.weight_sum += weights.float().reshape(-1, self.num_teachers).sum(0)
+            self.weight_total[rows] += positions
+            self.weight_sum[rows] += weights.float().reshape(-1, ran).sum(0)
 
     def compute(self) -> dict[str, Tensor]:
         """Divide the accumulated counts; see the class docstring for the keys."""
-        total = self.total.clamp_min(1).float()
+        per_teacher = self.teacher_total.float()
+        pairwise = self.pairwise_agree.float() / self.pair_total.float()
         k = self.num_teachers
-        pairwise = self.pairwise_agree.float() / total
         off_diagonal = ~torch.eye(k, dtype=torch.bool, device=pairwise.device)
-        disagreement = (1 - pairwise[off_diagonal]).mean() if k > 1 else pairwise.new_zeros(())
+        disagreement = (1 - pairwise[off_diagonal]).nanmean() if k > 1 else pairwise.new_zeros(())
+        ensemble = self.ensemble_total.float()
         return {
-            "teacher_accuracy": self.teacher_correct.float() / total,
-            "student_agreement": self.student_agree.float() / total,
-            "student_kl": self.kl_sum / total,
+            "teacher_accuracy": self.teacher_correct.float() / per_teacher,
+            "student_agreement": self.student_agree.float() / per_teacher,
+            "student_kl": self.kl_sum / per_teacher,
             "pairwise_agreement": pairwise,
             "disagreement": disagreement,
-            "fusion_weight": self.weight_sum / self.weighted_total.float(),
-            "ensemble_jsd": self.jsd_sum / total,
-            "ensemble_accuracy": self.ensemble_correct.float() / total,
-            "student_accuracy": self.student_correct.float() / total,
+            "fusion_weight": self.weight_sum / self.weight_total.float(),
+            "ensemble_jsd": self.jsd_sum / ensemble,
+            "ensemble_accuracy": self.ensemble_correct.float() / ensemble,
+            "student_accuracy": self.student_correct.float() / self.total.clamp_min(1).float(),
         }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -11,28 +11,33 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from kd_lightning.batch import BatchAdapter
-from kd_lightning.data.indexed import sample_indices
 from kd_lightning.losses.distillation import DistillationLoss
 from kd_lightning.losses.hints import FeatureHintLoss
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.epoch_means import EpochMeans, Stage
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
-from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.teachers.cache.store import CachedTeachers
-from kd_lightning.teachers.sharded import ShardedTeachers
+from kd_lightning.teachers import TeacherEnsemble, TeacherSource
 
 
 class DistillationModule(EpochMeans):
     """Train ``student`` against frozen ``teachers`` with a :class:`~kd_lightning.DistillationLoss`.
 
-    Each train/val/test step runs the teachers once and returns the detached student logits,
-    teacher logits, labels and fusion weights, so callbacks (e.g.
-    :class:`~kd_lightning.callbacks.TeacherAgreementCallback`) never run a teacher again. Logged:
-    ``{stage}/loss``, ``{stage}/ce``, ``{stage}/kd`` and ``{stage}/acc``.
+    Each train/val/test step asks the teacher source once for the logits of the teachers that run
+    in it (:meth:`~kd_lightning.teachers.TeacherSource.outputs`) and returns the detached student
+    logits, those teacher logits (``teacher_logits``, ``(K', *batch, C)``), their indices into
+    :attr:`teacher_names` (``teacher_indices``, ``(K',)``), the labels and the fusion weights
+    (``fusion_weights``, ``(*batch, K')``), so callbacks (e.g.
+    :class:`~kd_lightning.callbacks.TeacherAgreementCallback`) never run a teacher again. ``K' = K``
+    unless the source runs a subset (:class:`~kd_lightning.teachers.DrawnTeachers` in training).
+    Logged: ``{stage}/loss``, ``{stage}/ce``, ``{stage}/kd`` and ``{stage}/acc``.
 
     Token-level outputs work too: logits ``(B, L, V)`` with labels ``(B, L)`` whose padded
     positions hold the loss's ``ignore_index``; accuracy then counts real tokens only, and the
     step also returns ``"mask"`` ``(B, L)``, true at real tokens.
+
+    The student layers that the loss's fusion rule reads (``loss.student_layers``, e.g. a learned
+    gate's) are tapped with :class:`~kd_lightning.models.taps.FeatureTaps` during the student's
+    forward pass and passed to the loss as ``student_features``.
 
     Only the student and the loss's learnable parameters (e.g. learnable fusion weights) are
     optimised. Checkpoints hold no teacher weights unless ``save_teachers=True``; loading a
@@ -40,10 +45,12 @@ class DistillationModule(EpochMeans):
 
     Args:
         student: the network being trained.
-        teachers: a :class:`~kd_lightning.teachers.TeacherEnsemble` or a ``name → model`` mapping;
-            or :class:`~kd_lightning.teachers.CachedTeachers`, whose logits are read
-            by sample index (batches from :class:`~kd_lightning.data.indexed.IndexedDataModule`;
-            the stage names the split) instead of running teachers.
+        teachers: any :class:`~kd_lightning.teachers.TeacherSource` — a
+            :class:`~kd_lightning.teachers.TeacherEnsemble`, a
+            :class:`~kd_lightning.teachers.DrawnTeachers`, or a
+            :class:`~kd_lightning.teachers.CachedTeachers` (logits read by the sample indices the
+            batches carry, from :class:`~kd_lightning.data.indexed.IndexedDataModule`) — or a
+            ``name → model`` mapping, run as a ``TeacherEnsemble``.
         loss: the objective; defaults to ``DistillationLoss()`` (mean of probabilities, α = 0.9, T = 4).
         optimizer: called with the trainable parameters, e.g. ``functools.partial(torch.optim.Adam, lr=1e-2)``.
         scheduler: called with the optimizer (and ``total_steps=trainer.estimated_stepping_batches``
@@ -53,29 +60,34 @@ class DistillationModule(EpochMeans):
         save_teachers: keep teacher weights in checkpoints.
         hints: a :class:`~kd_lightning.losses.hints.FeatureHintLoss`: the student's and teachers' named
             layers are tapped by forward hooks during the usual forward passes (the teachers
-            still run once per step) and ``hints.weight · hint`` is added to the loss, weighted
-            per sample by the fusion weights (or, with ``hints.confidence_heads``, CA-MKD's
-            confidence through each teacher's head); logged as ``{stage}/hint``. Its adapters are
-            created in ``setup("fit")`` from one batch of ``trainer.datamodule`` (or earlier by
-            :meth:`materialize_hints`), so they are optimised and checkpointed (under ``hints.``).
+            still run once per step; the source must be able to tap them) and
+            ``hints.weight · hint`` is added to the loss, weighted per sample by the fusion weights
+            (or, with ``hints.confidence_heads``, CA-MKD's confidence through each teacher's head);
+            logged as ``{stage}/hint``. Its adapters are created in ``setup("fit")`` from one batch
+            of ``trainer.datamodule`` (or earlier by :meth:`materialize`), so they are optimised
+            and checkpointed (under ``hints.``).
         shard_teachers: under data-parallel training with ``W`` ranks, each rank keeps only every
             ``W``-th teacher and runs it on the global batch; the ranks exchange logits
-            (:class:`~kd_lightning.teachers.sharded.ShardedTeachers`), so teacher memory per rank
+            (:meth:`~kd_lightning.teachers.TeacherSource.shard`,
+            :class:`~kd_lightning.teachers.sharded.ShardedTeachers`), so teacher memory per rank
             falls by about ``W``. Applied in ``setup``, before the teachers move to the device;
-            a no-op on one process. Needs live teachers, at least ``W`` of them, and every
-            teacher each step (no hints, no per-step teacher selection, no ``save_teachers``).
-            The sharded module then runs only in a group of the same size.
+            a no-op on one process. The source must be able to shard (live teachers, at least
+            ``W`` of them, every one at every step: no hints, no draws) and ``save_teachers`` be
+            off. The sharded module then runs only in a group of the same size.
 
     Example:
         >>> module = DistillationModule(nn.Linear(4, 3), {"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
         >>> module(torch.randn(2, 4)).shape
         torch.Size([2, 3])
+        >>> step = module.validation_step((torch.randn(2, 4), torch.tensor([0, 2])), 0)
+        >>> step["teacher_logits"].shape, step["teacher_indices"].tolist()
+        (torch.Size([2, 2, 3]), [0, 1])
     """
 
     def __init__(
         self,
         student: nn.Module,
-        teachers: TeacherEnsemble | CachedTeachers | Mapping[str, nn.Module],
+        teachers: TeacherSource | Mapping[str, nn.Module],
         loss: DistillationLoss | None = None,
         optimizer: OptimizerFactory = torch.optim.Adam,
         scheduler: SchedulerFactory | None = None,
@@ -98,32 +110,31 @@ class DistillationModule(EpochMeans):
             ]
         )
         self.student = student
-        self.teachers: TeacherEnsemble | CachedTeachers | ShardedTeachers = (
-            teachers
-            if isinstance(teachers, TeacherEnsemble | CachedTeachers)
-            else TeacherEnsemble(teachers)
+        self.teachers: TeacherSource = (
+            teachers if isinstance(teachers, TeacherSource) else TeacherEnsemble(teachers)
         )
         self.loss = loss if loss is not None else DistillationLoss()
-        self.loss.fusion.bind_student(self.student)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
         self.hints = hints
+        hinted = () if hints is None else (hints.student_layer,)
+        self._student_layers = tuple(dict.fromkeys((*self.loss.student_layers, *hinted)))
+        FeatureTaps(self.student, self._student_layers).remove()  # names checked early
         if hints is not None:
-            if not isinstance(self.teachers, TeacherEnsemble):
-                raise ValueError("feature hints tap the teachers' layers: they need live teachers")
-            self._check_hints_runtime()
-            self._teacher_layers = hints.layers_for(self.teachers.names)
-            FeatureTaps(self.student, [hints.student_layer]).remove()  # names checked early
-            for name, layer in self._teacher_layers.items():
-                FeatureTaps(self.teachers.teachers[name], [layer]).remove()
-            self._hint_heads = hints.heads_for(dict(self.teachers.teachers.items()))
+            self.teachers.tap(hints.layers_for(self.teachers.names))
+            self._hint_heads = hints.heads_for(self.teachers.networks())
         if shard_teachers:
-            self._check_shardable()
+            if save_teachers:
+                raise ValueError(
+                    "shard_teachers=True cannot be combined with save_teachers=True: each rank "
+                    "holds only its own teachers, so rank 0 would save only its share"
+                )
+            self.teachers.shard(0, 1)  # a no-op for sources that can shard; the others refuse
 
     @property
     def teacher_names(self) -> list[str]:
-        """The teachers' names, in the order of ``teacher_logits``."""
+        """The teachers' names; ``teacher_indices`` of the step outputs index this list."""
         return list(self.teachers.names)
 
     def forward(self, inputs: Any) -> Tensor:
@@ -150,43 +161,50 @@ class DistillationModule(EpochMeans):
                 raise RuntimeError(
                     "DistillationModule must create its hint adapters or lazy loss parameters "
                     "before the optimizer is built: fit with a datamodule, or call "
-                    "module.materialize_hints(batch) on one training batch first"
+                    "module.materialize(batch) on one training batch first"
                 )
-            self.materialize_hints(next(iter(datamodule.train_dataloader())))
+            self.materialize(next(iter(datamodule.train_dataloader())))
         if self.hparams["shard_teachers"]:
             self._shard_teachers()
 
     def _shard_teachers(self) -> None:
         """Keep this rank's teachers only, before Lightning moves the module and wraps it in DDP."""
-        world_size = self.trainer.world_size
-        if world_size == 1 or isinstance(self.teachers, ShardedTeachers):
+        sharded = self.teachers.shard(self.trainer.global_rank, self.trainer.world_size)
+        if sharded is self.teachers:  # one process, or sharded by an earlier setup
             return
-        assert isinstance(self.teachers, TeacherEnsemble)
-        self.teachers = ShardedTeachers(self.teachers, self.trainer.global_rank, world_size)
+        self.teachers = sharded
         # Ranks hold different teachers: DDP must neither compare nor broadcast them.
         self._ddp_params_and_buffers_to_ignore = [
-            f"teachers.{name}"
-            for name, _ in (*self.teachers.named_parameters(), *self.teachers.named_buffers())
+            name
+            for name, _ in itertools.chain(self.named_parameters(), self.named_buffers())
+            if name.startswith("teachers.")
         ]
 
-    def materialize_hints(self, batch: Any) -> None:
-        """Create the hint adapters (and any lazy fusion parameters) with one dry run on ``batch``.
+    def materialize(self, batch: Any) -> None:
+        """Create what is built lazily from the first batch — the hint adapters, lazy fusion
+        parameters such as a learned gate's — with one dry run on ``batch``.
 
-        Runs the student, the teachers and the loss once under ``no_grad``; a no-op when nothing is
-        left to create.
+        Runs the student, the teachers (as in a training step) and the loss once under
+        ``no_grad``; a no-op when nothing is left to create.
         """
         if not self._needs_dry_run():
             return
         device = next(self.student.parameters()).device
-        inputs, labels = self.batch_adapter(move_data_to_device(batch, device))
-        with torch.no_grad(), self._taps() as taps:
-            student_logits = self.student(inputs)
-            teacher_logits = self._teacher_logits(inputs, batch, "train")
-            self.loss(student_logits, teacher_logits, labels)
-            if taps is not None and self.hints is not None:
-                student_taps, teacher_taps = taps
+        batch = move_data_to_device(batch, device)
+        inputs, labels = self.batch_adapter(batch)
+        with torch.no_grad():
+            student_logits, student_features = self._run_student(inputs)
+            teachers = self.teachers.outputs(inputs, batch, "train")
+            self.loss(
+                student_logits,
+                teachers.logits,
+                labels,
+                student_features=self._fusion_features(student_features),
+                teacher_indices=teachers.ran,
+            )
+            if self.hints is not None:
                 self.hints.materialize(
-                    student_taps[self.hints.student_layer], self._teacher_features(teacher_taps)
+                    student_features[self.hints.student_layer], teachers.features
                 )
 
     def _needs_dry_run(self) -> bool:
@@ -195,30 +213,14 @@ class DistillationModule(EpochMeans):
         )
         return lazy or (self.hints is not None and not self.hints.materialized)
 
-    @contextlib.contextmanager
-    def _taps(self):
-        """Hooks on the hinted layers for one step: ``(student_taps, teacher_taps)`` or ``None``."""
-        if self.hints is None:
-            yield None
-            return
-        student_taps = FeatureTaps(self.student, [self.hints.student_layer])
-        teacher_taps = {
-            name: FeatureTaps(self.teachers.teachers[name], [layer])
-            for name, layer in self._teacher_layers.items()
-        }
-        try:
-            yield student_taps, teacher_taps
-        finally:
-            student_taps.remove()
-            for taps in teacher_taps.values():
-                taps.remove()
+    def _run_student(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's logits, and the outputs of the layers the loss and the hints read."""
+        with FeatureTaps(self.student, self._student_layers) as taps:
+            logits = self.student(inputs)
+        return logits, taps.features
 
-    def _teacher_features(self, teacher_taps: dict[str, FeatureTaps]) -> dict[str, Tensor]:
-        features = {name: teacher_taps[name][layer] for name, layer in self._teacher_layers.items()}
-        if isinstance(self.teachers, TeacherEnsemble) and self.teachers.inference_mode:
-            # Read in inference mode: a clone is an ordinary tensor that backward may save.
-            return {name: feature.clone() for name, feature in features.items()}
-        return features
+    def _fusion_features(self, student_features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {layer: student_features[layer] for layer in self.loss.student_layers}
 
     def configure_optimizers(self) -> Any:
         hints = () if self.hints is None else tuple(self.hints.parameters())
@@ -238,18 +240,22 @@ class DistillationModule(EpochMeans):
 
     def _step(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
         inputs, labels = self.batch_adapter(batch)
-        with self._taps() as taps:
-            student_logits = self.student(inputs)
-            teacher_logits = self._teacher_logits(inputs, batch, stage)
-        self._check_classes(student_logits, teacher_logits)
-        out = self.loss(student_logits, teacher_logits, labels)
+        student_logits, student_features = self._run_student(inputs)
+        teachers = self.teachers.outputs(inputs, batch, stage)
+        self._check_classes(student_logits, teachers.logits)
+        out = self.loss(
+            student_logits,
+            teachers.logits,
+            labels,
+            student_features=self._fusion_features(student_features),
+            teacher_indices=teachers.ran,
+        )
         total = out.loss
         hint: Tensor | None = None
-        if taps is not None and self.hints is not None:
-            student_taps, teacher_taps = taps
+        if self.hints is not None:
             hint = self.hints(
-                student_taps[self.hints.student_layer],
-                self._teacher_features(teacher_taps),
+                student_features[self.hints.student_layer],
+                teachers.features,
                 out.weights,
                 labels=labels,
                 heads=self._hint_heads,
@@ -274,52 +280,14 @@ class DistillationModule(EpochMeans):
         outputs = {
             "loss": total,
             "student_logits": student_logits.detach(),
-            "teacher_logits": teacher_logits,
+            "teacher_logits": teachers.logits,
+            "teacher_indices": torch.tensor(teachers.ran, device=teachers.logits.device),
             "labels": labels,
             "fusion_weights": out.weights.detach(),
         }
         if labels.ndim > 1:  # sequence batches: which positions are real tokens
             outputs["mask"] = torch.ones_like(hits) if out.real is None else out.real
-        if teacher_logits.shape[0] != len(self.teacher_names):  # one drawn teacher ran alone
-            del outputs["teacher_logits"], outputs["fusion_weights"]
         return outputs
-
-    def _teacher_logits(self, inputs: Any, batch: Any, stage: Stage) -> Tensor:
-        """Run the teachers on ``inputs``, or read the cache at the batch's sample indices."""
-        if isinstance(self.teachers, CachedTeachers):
-            return self.teachers.logits(stage, sample_indices(batch)).to(self.device)
-        only = self.loss.fusion.teachers_to_run(len(self.teachers)) if stage == "train" else None
-        return self.teachers(inputs, only=only)
-
-    def _check_hints_runtime(self) -> None:
-        """Feature hints read every teacher's layers: refuse the fast paths that skip them."""
-        assert isinstance(self.teachers, TeacherEnsemble)
-        if self.teachers.stacked:
-            raise ValueError(
-                "feature hints read each teacher's layers, which a stacked (vmap) forward does not "
-                "run: build the TeacherEnsemble with stacked=False"
-            )
-        fusion = self.loss.fusion
-        if fusion.selects_teachers:
-            raise ValueError(
-                f"feature hints need every teacher's features, but {type(fusion).__name__} runs "
-                "a subset of the teachers per step (e.g. RandomTeacher(run_drawn_only=True))"
-            )
-
-    def _check_shardable(self) -> None:
-        """Sharding exchanges every teacher's logits each step: refuse what does not fit."""
-        if not isinstance(self.teachers, TeacherEnsemble):
-            raise ValueError("shard_teachers=True needs live teachers, not a teacher-output cache")
-        conflicts = {
-            "feature hints read the teachers' layers on every rank": self.hints is not None,
-            "save_teachers=True would save only rank 0's teachers": self.hparams["save_teachers"],
-            f"{type(self.loss.fusion).__name__} runs a subset of the teachers per step": (
-                self.loss.fusion.selects_teachers
-            ),
-        }
-        for reason, present in conflicts.items():
-            if present:
-                raise ValueError(f"shard_teachers=True cannot be combined with this: {reason}")
 
     def _check_classes(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
         student_classes, teacher_classes = student_logits.shape[-1], teacher_logits.shape[-1]

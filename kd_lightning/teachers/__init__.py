@@ -1,8 +1,9 @@
-"""Frozen teachers: the ensemble, input transforms, safe loading of their weights, and the
-teacher-output cache."""
+"""Frozen teachers: the ensemble, the sources a distillation step reads them from (live, drawn per
+step, sharded, cached), input transforms and safe loading of their weights."""
 
 from kd_lightning.teachers.cache import CachedTeachers, build_output_cache
 from kd_lightning.teachers.class_maps import MISSING_CLASS_LOGIT_GAP
+from kd_lightning.teachers.drawn import DrawnTeachers
 from kd_lightning.teachers.ensemble import (
     InputTransform,
     OutputAdapter,
@@ -10,16 +11,20 @@ from kd_lightning.teachers.ensemble import (
     attribute_adapter,
 )
 from kd_lightning.teachers.loading import load_teacher, read_state_dict
+from kd_lightning.teachers.source import TeacherOutputs, TeacherSource
 from kd_lightning.teachers.transforms import ReverseSequence, Standardize
 
 __all__ = [
     "MISSING_CLASS_LOGIT_GAP",
     "CachedTeachers",
+    "DrawnTeachers",
     "InputTransform",
     "OutputAdapter",
     "ReverseSequence",
     "Standardize",
     "TeacherEnsemble",
+    "TeacherOutputs",
+    "TeacherSource",
     "attribute_adapter",
     "build_output_cache",
     "load_teacher",

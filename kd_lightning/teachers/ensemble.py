@@ -12,10 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.errors import TeacherOutputError
+from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.teachers.class_maps import check_class_map, map_classes
 from kd_lightning.teachers.loading import load_teacher
 from kd_lightning.teachers.runtime import StackedForward, teacher_context
 from kd_lightning.teachers.runtime import autocast_dtype as _autocast_dtype
+from kd_lightning.teachers.source import Stage, TeacherOutputs, TeacherSource
 
 OutputAdapter = Callable[[Any], Tensor]
 InputTransform = Callable[[Any], Any]
@@ -68,14 +70,18 @@ class TeacherEnsemble(nn.Module):
         autocast_dtype: run the teachers under ``torch.autocast`` to ``bfloat16`` or ``float16``
             (on the teachers' device; CPU autocast supports both); logits still come back float32.
         inference_mode: run the teachers under ``torch.inference_mode`` rather than ``no_grad``
-            (no version counters or view tracking). The stacked logits are cloned out of it, so
-            they work anywhere; teacher features read by hooks (feature hints) would not, and a
-            :class:`~kd_lightning.DistillationModule` with hints refuses it.
+            (no version counters or view tracking). The stacked logits and the tapped features
+            (:meth:`tap`) are cloned out of it, so they work anywhere (e.g. saved for backward).
         compile_teachers: wrap each teacher in ``torch.compile`` (compiled at the first call;
             the weights and the state dict keys stay those of the plain teacher).
         stacked: run same-architecture teachers as one ``torch.func`` ``vmap`` over their stacked
             weights (:class:`~kd_lightning.teachers.runtime.StackedForward`) instead of a loop.
-            Needs teachers of one class and shape without input transforms or output adapters.
+            Needs teachers of one class and shape without input transforms or output adapters;
+            its layers cannot be tapped.
+
+    As a :class:`~kd_lightning.teachers.source.TeacherSource`, the ensemble runs every teacher at
+    every step; :meth:`tap` adds the outputs of named teacher layers (feature hints) and
+    :meth:`shard` splits it over data-parallel ranks.
 
     Example:
         >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
@@ -185,6 +191,8 @@ class TeacherEnsemble(nn.Module):
                     "cannot take input_transforms or output_adapters"
                 )
             self._stacked = StackedForward(teachers)
+        self._all = tuple(range(len(self.teachers)))
+        self._tapped: dict[str, str] = {}
         self.requires_grad_(False)
         self.train(False)
         self._register_load_state_dict_pre_hook(
@@ -266,14 +274,85 @@ class TeacherEnsemble(nn.Module):
             stacked=self.stacked,
         )
 
+    def outputs(self, inputs: Any, batch: Any = None, stage: Stage = "train") -> TeacherOutputs:
+        """Every teacher's logits on ``inputs``, with the tapped layers' outputs (:meth:`tap`).
+
+        ``batch`` and ``stage`` do not matter: live teachers run alike in every stage.
+
+        Example:
+            >>> b = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+            >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": b})
+            >>> ensemble.tap({"b": "0"})
+            >>> outputs = ensemble.outputs(torch.randn(5, 4))
+            >>> outputs.logits.shape, outputs.ran, outputs.features["b"].shape
+            (torch.Size([2, 5, 3]), (0, 1), torch.Size([5, 6]))
+        """
+        if not self._tapped:
+            return TeacherOutputs(self(inputs), self._all)
+        taps = {
+            name: FeatureTaps(self.teachers[name], [layer]) for name, layer in self._tapped.items()
+        }
+        try:
+            logits = self(inputs)
+        finally:
+            for tapped in taps.values():
+                tapped.remove()
+        features = {name: taps[name][layer] for name, layer in self._tapped.items()}
+        if self.inference_mode:  # a clone is an ordinary tensor, which backward may save
+            features = {name: feature.clone() for name, feature in features.items()}
+        return TeacherOutputs(logits, self._all, features)
+
+    def tap(self, layers: Mapping[str, str]) -> None:
+        """Return the output of submodule ``layers[name]`` of teacher ``name`` from :meth:`outputs`
+        (a layer returning a tuple, such as ``nn.GRU``, at element 0); ``{}`` stops tapping.
+
+        Raises:
+            ValueError: for an unknown teacher or submodule, or a stacked ensemble (its ``vmap``
+                forward runs no teacher's own layers).
+        """
+        if layers and self.stacked:
+            raise ValueError(
+                "tapped teacher layers (e.g. feature hints) are read from each teacher's own "
+                "forward, which a stacked (vmap) forward does not run: build the TeacherEnsemble "
+                "with stacked=False"
+            )
+        unknown = sorted(set(layers) - set(self.teachers))
+        if unknown:
+            raise ValueError(f"cannot tap unknown teachers {unknown}; teachers are {self.names}")
+        for name, layer in layers.items():
+            FeatureTaps(self.teachers[name], [layer]).remove()  # refuses a missing submodule
+        self._tapped = dict(layers)
+
+    def networks(self) -> Mapping[str, nn.Module]:
+        """Teacher name → teacher network (without its transform, adapter or class map)."""
+        return dict(self.teachers.items())
+
+    def shard(self, rank: int, world_size: int) -> TeacherSource:
+        """This rank's :class:`~kd_lightning.teachers.sharded.ShardedTeachers`; the ensemble
+        itself on one rank.
+
+        Raises:
+            ValueError: when layers are tapped: every rank would need every teacher.
+        """
+        if self._tapped:
+            raise ValueError(
+                "sharded teachers cannot serve tapped layers (e.g. feature hints): every rank "
+                "would need every teacher's features at every step"
+            )
+        if world_size == 1:
+            return self
+        from kd_lightning.teachers.sharded import ShardedTeachers  # sharded builds on this module
+
+        return ShardedTeachers(self, rank, world_size)
+
     def forward(self, inputs: Any, only: Sequence[int] | None = None) -> Tensor:
         """Run the teachers on ``inputs`` and return float32 logits of shape ``(K, B, C)``.
 
         Args:
             inputs: the batch inputs.
-            only: indices of the teachers to run (e.g. the one drawn by
-                :class:`~kd_lightning.fusion.RandomTeacher`); the others do not run and the result
-                has ``len(only)`` rows, in that order. ``None`` runs them all.
+            only: indices of the teachers to run (e.g. those drawn by
+                :class:`~kd_lightning.teachers.DrawnTeachers`); the others do not run and the
+                result has ``len(only)`` rows, in that order. ``None`` runs them all.
         """
         names = self.names if only is None else [self._name_at(index) for index in only]
         with teacher_context(self._device(), self.autocast_dtype, self.inference_mode):

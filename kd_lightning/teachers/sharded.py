@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kd_lightning.teachers.ensemble import TeacherEnsemble
+from kd_lightning.teachers.source import Stage, TeacherOutputs, TeacherSource
 
 
 def teacher_shard(num_teachers: int, rank: int, world_size: int) -> list[int]:
@@ -41,8 +42,11 @@ class ShardedTeachers(nn.Module):
     batch), and one ``all_to_all`` sends every rank its own samples' logits from every teacher. The
     result is what the whole ensemble gives on the local batch: ``(K, B, *S)``.
 
-    Every rank must call :meth:`forward` at the same steps, as data-parallel training does. Inputs
-    must be one tensor of the same shape on every rank but for the batch size.
+    Every rank must call :meth:`forward` (or :meth:`outputs`) at the same steps, as data-parallel
+    training does. Inputs must be one tensor of the same shape on every rank but for the batch
+    size. As a :class:`~kd_lightning.teachers.source.TeacherSource` it gives every teacher's logits
+    at every step; no rank holds every teacher, so none can tap their layers. Built by
+    :meth:`TeacherEnsemble.shard <kd_lightning.teachers.TeacherEnsemble.shard>`.
 
     Args:
         ensemble: every teacher; only this rank's shard is kept (the same modules, not copies).
@@ -58,8 +62,9 @@ class ShardedTeachers(nn.Module):
         >>> dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
         >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
         >>> x = torch.randn(5, 4)
-        >>> torch.allclose(ShardedTeachers(ensemble, rank=0, world_size=1)(x), ensemble(x))
-        True
+        >>> sharded = ShardedTeachers(ensemble, rank=0, world_size=1)
+        >>> torch.allclose(sharded(x), ensemble(x)), sharded.outputs(x).ran
+        (True, (0, 1))
         >>> dist.destroy_process_group()
     """
 
@@ -72,6 +77,7 @@ class ShardedTeachers(nn.Module):
     ) -> None:
         super().__init__()
         self.all_names = list(ensemble.names)
+        self._all = tuple(range(len(self.all_names)))
         self.rank, self.world_size, self.group = rank, world_size, group
         self.owned = teacher_shard(len(ensemble), rank, world_size)
         self.local = ensemble.select([self.all_names[index] for index in self.owned])
@@ -89,13 +95,35 @@ class ShardedTeachers(nn.Module):
         """Teachers are locked in eval mode: ``mode`` is ignored."""
         return super().train(False)
 
-    def forward(self, inputs: Any, only: Sequence[int] | None = None) -> Tensor:
-        """Every teacher's float32 logits on this rank's ``inputs``, ``(K, B, *S)``."""
-        if only is not None:
+    def outputs(self, inputs: Any, batch: Any = None, stage: Stage = "train") -> TeacherOutputs:
+        """Every teacher's logits on this rank's ``inputs``, in every stage."""
+        return TeacherOutputs(self(inputs), self._all)
+
+    def tap(self, layers: Mapping[str, str]) -> None:
+        """Refused: each rank holds only its own teachers."""
+        if layers:
             raise ValueError(
-                "ShardedTeachers runs every teacher: a fusion rule that picks teachers per step "
-                "(e.g. RandomTeacher(run_drawn_only=True)) cannot be combined with sharding"
+                "sharded teachers cannot serve tapped layers (e.g. feature hints): each rank "
+                "holds only its own teachers"
             )
+
+    def networks(self) -> Mapping[str, nn.Module]:
+        """Refused: each rank holds only its own teachers."""
+        raise ValueError(
+            f"sharded teachers: rank {self.rank} holds only {self.local.names} of {self.names}"
+        )
+
+    def shard(self, rank: int, world_size: int) -> TeacherSource:
+        """``self`` for the rank and group size it was sharded for; another is refused."""
+        if (rank, world_size) != (self.rank, self.world_size):
+            raise ValueError(
+                f"these teachers are already sharded for rank {self.rank} of {self.world_size}, "
+                f"not rank {rank} of {world_size}: shard the whole ensemble"
+            )
+        return self
+
+    def forward(self, inputs: Any) -> Tensor:
+        """Every teacher's float32 logits on this rank's ``inputs``, ``(K, B, *S)``."""
         if not dist.is_initialized() or dist.get_world_size(self.group) != self.world_size:
             running = dist.get_world_size(self.group) if dist.is_initialized() else 1
             raise RuntimeError(

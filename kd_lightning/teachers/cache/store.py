@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from kd_lightning.teachers.cache.indices import sample_indices
 from kd_lightning.teachers.cache.topk import TopKLogits, expand_topk
+from kd_lightning.teachers.source import Stage, TeacherOutputs, TeacherSource
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -28,10 +31,15 @@ class CorruptCacheError(RuntimeError):
 class CachedTeachers:
     """Teacher logits read from a cache by sample index: the offline stand-in for an ensemble.
 
-    ``logits(split, indices)`` returns what ``TeacherEnsemble(inputs)`` returned for those samples
-    when the cache was built: float32 ``(K, B, *S)`` (with ``top_k``, the logits rebuilt by
+    ``logits(stage, indices)`` returns what ``TeacherEnsemble(inputs)`` returned for those samples
+    of the split named ``stage`` (``"train"``, ``"val"``, ``"test"``) when the cache was built:
+    float32 ``(K, B, *S)`` (with ``top_k``, the logits rebuilt by
     :func:`~kd_lightning.teachers.cache.topk.expand_topk`). The arrays are memory-mapped lazily, after
     pickling too (DDP spawn, dataloader workers), so opening a cache costs only its manifest.
+
+    As a :class:`~kd_lightning.teachers.source.TeacherSource`, :meth:`outputs` reads the batch's
+    own sample indices (:func:`~kd_lightning.teachers.cache.indices.sample_indices`); no teacher
+    runs, so nothing can be tapped or sharded.
 
     Args:
         path: a cache directory written by :func:`build_output_cache`.
@@ -49,6 +57,9 @@ class CachedTeachers:
         ...     cache = CachedTeachers(built.path)
         ...     cache.names, cache.logits("train", [0, 3]).shape
         (['a'], torch.Size([1, 2, 3]))
+        >>> batch = (torch.zeros(2, 2), torch.zeros(2), torch.tensor([1, 2]))  # with its indices
+        >>> cache.outputs(batch[0], batch, stage="train").ran
+        (0,)
     """
 
     def __init__(self, path: str | os.PathLike[str], expected_fingerprint: str | None = None):
@@ -82,8 +93,8 @@ class CachedTeachers:
         return [teacher["name"] for teacher in self.manifest["teachers"]]
 
     @property
-    def splits(self) -> list[str]:
-        """The cached splits (e.g. ``["test", "train", "val"]``)."""
+    def stages(self) -> list[str]:
+        """The stages whose splits are cached (e.g. ``["test", "train", "val"]``)."""
         return sorted(self.manifest["splits"])
 
     def __len__(self) -> int:
@@ -119,22 +130,23 @@ class CachedTeachers:
                 arrays[split].append(opened)
         return arrays
 
-    def logits(self, split: str, indices: Tensor | np.ndarray | list[int]) -> Tensor:
-        """Float32 logits ``(K, B, *S)`` of the samples ``indices`` of ``split``."""
+    def logits(self, stage: str, indices: Tensor | np.ndarray | Sequence[int]) -> Tensor:
+        """Float32 logits ``(K, B, *S)`` of the samples ``indices`` of the ``stage`` split."""
         if self._arrays is None:
             self._arrays = self._open()
-        if split not in self._arrays:
-            raise KeyError(f"split {split!r} is not cached in {self.path}; cached: {self.splits}")
+        if stage not in self._arrays:
+            raise KeyError(f"stage {stage!r} is not cached in {self.path}; cached: {self.stages}")
         rows = np.asarray(
             indices.cpu().numpy() if isinstance(indices, Tensor) else indices, dtype=np.int64
         )
-        size = self.manifest["splits"][split]["num_samples"]
+        size = self.manifest["splits"][stage]["num_samples"]
         if rows.size and (rows.min() < 0 or rows.max() >= size):
             raise IndexError(
-                f"sample indices {rows.min()}..{rows.max()} outside split {split!r} of {size} samples"
+                f"sample indices {rows.min()}..{rows.max()} outside the {stage!r} split of "
+                f"{size} samples"
             )
         per_teacher = []
-        for files in self._arrays[split]:
+        for files in self._arrays[stage]:
             if self.top_k is None:
                 per_teacher.append(torch.from_numpy(files["logits"][rows]))
                 continue
@@ -142,13 +154,37 @@ class CachedTeachers:
                 values=torch.from_numpy(files["values"][rows]),
                 indices=torch.from_numpy(files["indices"][rows]),
                 tail_logsumexp=torch.from_numpy(files["tail"][rows]),
-                num_classes=self.manifest["splits"][split]["sample_shape"][-1],
+                num_classes=self.manifest["splits"][stage]["sample_shape"][-1],
             )
             per_teacher.append(expand_topk(packed))
         return torch.stack(per_teacher)
 
-    def __call__(self, indices: Tensor, split: str = "train") -> Tensor:
-        return self.logits(split, indices)
+    def outputs(self, inputs: Any, batch: Any, stage: Stage) -> TeacherOutputs:
+        """Every teacher's cached logits for the batch's samples (read from ``batch`` by
+        :func:`~kd_lightning.teachers.cache.indices.sample_indices`), on the indices' device;
+        ``inputs`` are not used."""
+        indices = sample_indices(batch)
+        logits = self.logits(stage, indices).to(indices.device)
+        return TeacherOutputs(logits, tuple(range(len(self))))
+
+    def tap(self, layers: Mapping[str, str]) -> None:
+        """Refused: the cache holds logits only."""
+        if layers:
+            raise ValueError(
+                "a teacher-output cache holds the teachers' logits only, no layer outputs: "
+                "tapped layers (e.g. feature hints) need live teachers"
+            )
+
+    def networks(self) -> Mapping[str, nn.Module]:
+        """Refused: the cache holds logits only."""
+        raise ValueError("a teacher-output cache holds the teachers' logits only, no networks")
+
+    def shard(self, rank: int, world_size: int) -> TeacherSource:
+        """Refused: no teacher runs, so there is nothing to shard."""
+        raise ValueError(
+            "a teacher-output cache runs no teachers, so there is none to shard across ranks: "
+            "sharding needs live teachers"
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_arrays": None}
