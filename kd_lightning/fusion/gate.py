@@ -20,9 +20,10 @@ class LearnedGate(FusionRule, name="learned_gate"):
     the output of the student layer named ``student_layer``, which the rule declares in
     :attr:`student_layers` and reads from ``student_features`` (a
     :class:`~kd_lightning.DistillationModule` taps that layer during the student's forward pass,
-    as it taps the layers of feature hints). A ``(B, D)`` output is used as it is; a
-    ``(B, D, *spatial)`` feature map is averaged over its spatial positions (global average
-    pooling, as in the paper); a layer returning a tuple (a GRU) is read at element 0. Without
+    as it taps the layers of feature hints). An output shaped like the logits, ``(*batch, D)``
+    (``(B, D)``, or ``(B, L, D)`` per token), is used as it is; a ``(B, D, *spatial)`` feature
+    map is averaged over its spatial positions (global average pooling, as in the paper); a layer
+    returning a tuple (a GRU) is read at element 0. Without
     ``student_layer``, ``β`` is the student's logits.
 
     ``β`` is detached: the gate learns from the distillation loss, the student is not pushed to
@@ -103,7 +104,9 @@ class LearnedGate(FusionRule, name="learned_gate"):
                 f"{features.shape[0]}, its logits {context.student_logits.shape[0]}: tap the "
                 f"layer during the same forward pass"
             )
-        return features.flatten(2).mean(-1) if features.ndim > 2 else features
+        if features.ndim > context.student_logits.ndim:  # a map (B, D, *spatial): average it
+            return features.flatten(context.student_logits.ndim).mean(-1)
+        return features  # (*batch, D), e.g. (B, L, D) per token
 
     def _initialise(self, feature_dim: int, device: torch.device | None = None) -> None:
         theta, gate = self.theta, self.gate

@@ -1,10 +1,11 @@
-"""MNIST-1D models of Greydanus 2020 ("Scaling down deep learning"), their registry, and a tiny
-token-level Transformer tagger for sequence outputs."""
+"""MNIST-1D models of Greydanus 2020 ("Scaling down deep learning"), their registry, a tiny
+token-level Transformer tagger for sequence outputs, and a small decoder-only causal LM."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from kd_lightning.models.causal_lm import CausalLM
 from kd_lightning.models.cnn import CNN1D
 from kd_lightning.models.gru import GRUClassifier
 from kd_lightning.models.mlp import MLP
@@ -12,4 +13,4 @@ from kd_lightning.models.transformer import TinyTransformerTagger
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN1D, "gru": GRUClassifier}
 
-__all__ = ["CNN1D", "MLP", "MODELS", "GRUClassifier", "TinyTransformerTagger"]
+__all__ = ["CNN1D", "MLP", "MODELS", "CausalLM", "GRUClassifier", "TinyTransformerTagger"]
