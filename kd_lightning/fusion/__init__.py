@@ -24,6 +24,7 @@ from kd_lightning.fusion.entropy import EntropyWeighted
 from kd_lightning.fusion.gate import LearnedGate
 from kd_lightning.fusion.learned import LearnedWeights
 from kd_lightning.fusion.random_teacher import RandomTeacher
+from kd_lightning.fusion.routed import RoutedTeachers
 from kd_lightning.fusion.static import StaticWeights
 from kd_lightning.fusion.vote import MajorityVote
 
@@ -66,6 +67,7 @@ __all__ = [
     "MeanLogits",
     "MeanProbabilities",
     "RandomTeacher",
+    "RoutedTeachers",
     "StaticWeights",
     "build_fusion",
 ]

@@ -49,6 +49,8 @@ class FusionContext:
         teacher_indices: Which teachers the rows of the logits are, when only some of them ran
             (e.g. drawn per step); ``None``: all, in order. Rules with one parameter or weight per
             teacher read theirs at these indices.
+        batch_fields: The batch fields the rule names in :attr:`FusionRule.batch_fields`, by
+            name (e.g. a teacher id per sample or per token).
 
     Example:
         >>> FusionContext(temperature=2.0).student_features
@@ -60,6 +62,7 @@ class FusionContext:
     student_logits: Tensor | None = None
     student_features: Mapping[str, Tensor] = field(default_factory=dict)
     teacher_indices: tuple[int, ...] | None = None
+    batch_fields: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 class FusionRule(nn.Module, ABC):
@@ -68,8 +71,9 @@ class FusionRule(nn.Module, ABC):
     Subclasses implement :meth:`weights`, which receives the teachers' logits and one
     :class:`FusionContext`. The default :meth:`target` mixes the teachers' temperature-scaled
     probabilities, ``Σ_k ŵ_k softmax(z_k / T)`` with ``ŵ = w / Σ_k w_k``. A rule declares what it
-    reads: ``needs_labels`` (the ground truth), ``needs_student`` (the student's logits), and
-    :attr:`student_layers` (outputs of named student layers, e.g. a learned gate's features).
+    reads: ``needs_labels`` (the ground truth), ``needs_student`` (the student's logits),
+    :attr:`student_layers` (outputs of named student layers, e.g. a learned gate's features) and
+    :attr:`batch_fields` (fields of the batch, e.g. a routed rule's teacher id).
 
     A subclass that passes ``name="..."`` (``class Rule(FusionRule, name="rule")``) can be built
     by that name, e.g. ``DistillationLoss("rule")`` (see :func:`build_fusion`).
@@ -108,6 +112,12 @@ class FusionRule(nn.Module, ABC):
         default."""
         return ()
 
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """The batch fields the rule reads from ``batch_fields`` (e.g. a routing id); none by
+        default."""
+        return ()
+
     def forward(
         self,
         teacher_logits: Tensor,
@@ -116,6 +126,7 @@ class FusionRule(nn.Module, ABC):
         student_logits: Tensor | None = None,
         student_features: Mapping[str, Tensor] | None = None,
         teacher_indices: Sequence[int] | None = None,
+        batch_fields: Mapping[str, Tensor] | None = None,
     ) -> Fusion:
         """Fuse the teachers.
 
@@ -129,6 +140,8 @@ class FusionRule(nn.Module, ABC):
             student_features: The outputs of the layers in :attr:`student_layers`, by name;
                 required by rules that name any.
             teacher_indices: The teachers the ``K`` rows are, when only some ran; ``None``: all.
+            batch_fields: The fields in :attr:`batch_fields`, by name; required by rules that
+                name any.
 
         Returns:
             The weights ``(*batch, K)`` and the target ``(*batch, C)``.
@@ -174,6 +187,13 @@ class FusionRule(nn.Module, ABC):
                 f"{rule} reads the student's {missing} layer outputs: pass them as "
                 f"student_features (a DistillationModule taps them)"
             )
+        fields = dict(batch_fields or {})
+        absent = [name for name in self.batch_fields if name not in fields]
+        if absent:
+            raise ValueError(
+                f"{rule} reads the batch fields {absent}: pass them as batch_fields (a "
+                f"DistillationModule takes them from its dict batches)"
+            )
         if teacher_indices is not None and len(teacher_indices) != teacher_logits.shape[0]:
             raise ValueError(
                 f"{rule}: teacher_indices {list(teacher_indices)} name "
@@ -186,6 +206,7 @@ class FusionRule(nn.Module, ABC):
             student_logits=None if student_logits is None else student_logits.float(),
             student_features=features,
             teacher_indices=None if teacher_indices is None else tuple(teacher_indices),
+            batch_fields=fields,
         )
         logits = teacher_logits.float()
         weights = self.weights(logits, context)

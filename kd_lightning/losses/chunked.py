@@ -133,27 +133,35 @@ class ChunkedDistillationLoss(DistillationLoss):
         teacher_logits: Tensor,
         labels: Tensor,
         student_features: Mapping[str, Tensor] | None = None,
+        teacher_indices: Sequence[int] | None = None,
+        batch_fields: Mapping[str, Tensor] | None = None,
     ) -> DistillationOutput:
-        """The objective of :meth:`DistillationLoss.forward`, chunk by chunk; see the class."""
+        """The objective of :meth:`DistillationLoss.forward`, chunk by chunk; see the class.
+        Batch fields (one per sample or per position) are split with the positions."""
         padded = check_shapes(student_logits, teacher_logits, labels, self.ignore_index)
         num_teachers, num_classes = teacher_logits.shape[0], student_logits.shape[-1]
         student = student_logits.reshape(-1, num_classes)
         teachers = teacher_logits.reshape(num_teachers, -1, num_classes)
         flat_labels = labels.reshape(-1)
         features = self._features(student_logits, student_features)
+        fields = {
+            name: _per_position(value, labels.shape) for name, value in (batch_fields or {}).items()
+        }
         size = self.chunk_size(num_teachers, num_classes)
         chunks = [
             (start, min(start + size, len(student))) for start in range(0, len(student), size)
         ]
         with _float32_region(student_logits.device.type):
             if any(is_lazy(parameter) for parameter in self.fusion.parameters()) and chunks:
-                self._materialise(student, teachers, flat_labels, features, padded)
+                self._materialise(student, teachers, flat_labels, features, padded, fields)
             plan = _Plan(
                 loss=self,
                 labels=flat_labels,
                 padded=padded,
                 chunks=chunks,
                 feature_names=tuple(features),
+                teacher_indices=None if teacher_indices is None else tuple(teacher_indices),
+                batch_fields=fields,
                 fixed_weights=self._batch_weights(student, teachers, flat_labels, padded, chunks),
                 parameters=tuple(p for p in self.fusion.parameters() if p.requires_grad),
             )
@@ -182,6 +190,8 @@ class ChunkedDistillationLoss(DistillationLoss):
         padded: bool,
         features: Mapping[str, Tensor],
         fixed_weights: Tensor | None = None,
+        teacher_indices: tuple[int, ...] | None = None,
+        batch_fields: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The summed cross-entropy, the summed KD term and the weights ``(n, K)`` of one chunk.
 
@@ -193,6 +203,8 @@ class ChunkedDistillationLoss(DistillationLoss):
             features: The chunk's rows of the student features the rule reads.
             fixed_weights: The chunk's rows of weights set for the whole batch (AE-KD, random
                 teacher), or ``None`` to call the rule on the chunk.
+            teacher_indices: Which teachers the rows of ``teachers`` are; ``None``: all.
+            batch_fields: The chunk's rows of the batch fields the rule reads.
         """
         student, teachers, rule_labels, real = self._prepare(student, teachers, labels, padded)
         if fixed_weights is None:
@@ -202,6 +214,8 @@ class ChunkedDistillationLoss(DistillationLoss):
                 self.temperature,
                 student_logits=student,
                 student_features=features,
+                teacher_indices=teacher_indices,
+                batch_fields=batch_fields,
             )
             weights, target = fusion.weights, fusion.target
         else:
@@ -266,6 +280,7 @@ class ChunkedDistillationLoss(DistillationLoss):
         labels: Tensor,
         features: Mapping[str, Tensor],
         padded: bool,
+        fields: Mapping[str, Tensor],
     ) -> None:
         """Let a rule with lazy parameters (``LearnedGate(feature_dim=None)``) create them on one
         position, before they are handed to the autograd function."""
@@ -276,6 +291,7 @@ class ChunkedDistillationLoss(DistillationLoss):
                 labels[:1],
                 padded,
                 {name: value[:1] for name, value in features.items()},
+                batch_fields={name: value[:1] for name, value in fields.items()},
             )
 
     def _batch_weights(
@@ -349,6 +365,8 @@ class _Plan:
     padded: bool
     chunks: list[tuple[int, int]]
     feature_names: tuple[str, ...]
+    teacher_indices: tuple[int, ...] | None
+    batch_fields: Mapping[str, Tensor]
     fixed_weights: Tensor | None
     parameters: tuple[nn.Parameter, ...]
 
@@ -363,6 +381,8 @@ class _Plan:
             self.padded,
             dict(zip(self.feature_names, features, strict=True)),
             None if self.fixed_weights is None else self.fixed_weights[start:stop],
+            self.teacher_indices,
+            {name: value[start:stop] for name, value in self.batch_fields.items()},
         )
 
 
@@ -446,3 +466,11 @@ class _ChunkedObjective(torch.autograd.Function):
                         if value is not None:
                             grad += value
         return (None, *grads, *parameter_grads)
+
+
+def _per_position(field: Tensor, batch_shape: torch.Size) -> Tensor:
+    """A batch field of one value per sample ``(B,)`` or per position ``(*batch)``, as one row
+    per position ``(N,)``."""
+    while field.ndim < len(batch_shape):
+        field = field.unsqueeze(-1)
+    return field.expand(batch_shape).reshape(-1)

@@ -141,6 +141,13 @@ class DistillationLoss(nn.Module):
         as ``student_features``); a :class:`~kd_lightning.DistillationModule` taps them."""
         return self.fusion.student_layers
 
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """The batch fields the fusion rule reads (pass them to :meth:`forward` as
+        ``batch_fields``), e.g. a routed rule's teacher id; a
+        :class:`~kd_lightning.DistillationModule` takes them from its dict batches."""
+        return self.fusion.batch_fields
+
     def forward(
         self,
         student_logits: Tensor,
@@ -148,12 +155,14 @@ class DistillationLoss(nn.Module):
         labels: Tensor,
         student_features: Mapping[str, Tensor] | None = None,
         teacher_indices: Sequence[int] | None = None,
+        batch_fields: Mapping[str, Tensor] | None = None,
     ) -> DistillationOutput:
         """Compute the objective from student logits ``(*batch, C)``, teacher logits
         ``(K, *batch, C)`` and labels ``(*batch)``; labels equal to ``ignore_index`` are padding.
         ``student_features`` holds the outputs of the layers in :attr:`student_layers`;
         ``teacher_indices`` says which of the rule's teachers the rows of ``teacher_logits`` are
-        when only some ran (e.g. drawn by :class:`~kd_lightning.teachers.DrawnTeachers`)."""
+        when only some ran (e.g. drawn by :class:`~kd_lightning.teachers.DrawnTeachers`);
+        ``batch_fields`` holds the fields in :attr:`batch_fields`."""
         padded = check_shapes(student_logits, teacher_logits, labels, self.ignore_index)
         real = labels != self.ignore_index if padded else None  # None: no mask, fewer kernels
         with _float32_region(student_logits.device.type):
@@ -173,6 +182,7 @@ class DistillationLoss(nn.Module):
                 student_logits=student,
                 student_features=student_features,
                 teacher_indices=teacher_indices,
+                batch_fields=batch_fields,
             )
             hard_sum = F.cross_entropy(
                 student.reshape(-1, student.shape[-1]),

@@ -11,12 +11,12 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from kd_lightning.batch import BatchAdapter
-from kd_lightning.losses.distillation import DistillationLoss
+from kd_lightning.losses.distillation import DistillationLoss, DistillationOutput
 from kd_lightning.losses.hints import FeatureHintLoss
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.epoch_means import EpochMeans, Stage
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
-from kd_lightning.teachers import TeacherEnsemble, TeacherSource
+from kd_lightning.teachers import TeacherEnsemble, TeacherOutputs, TeacherSource
 
 
 class DistillationModule(EpochMeans):
@@ -195,13 +195,7 @@ class DistillationModule(EpochMeans):
         with torch.no_grad():
             student_logits, student_features = self._run_student(inputs)
             teachers = self.teachers.outputs(inputs, batch, "train")
-            self.loss(
-                student_logits,
-                teachers.logits,
-                labels,
-                student_features=self._fusion_features(student_features),
-                teacher_indices=teachers.ran,
-            )
+            self._loss(batch, labels, student_logits, student_features, teachers)
             if self.hints is not None:
                 self.hints.materialize(
                     student_features[self.hints.student_layer], teachers.features
@@ -219,8 +213,36 @@ class DistillationModule(EpochMeans):
             logits = self.student(inputs)
         return logits, taps.features
 
-    def _fusion_features(self, student_features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {layer: student_features[layer] for layer in self.loss.student_layers}
+    def _loss(
+        self,
+        batch: Any,
+        labels: Tensor,
+        student_logits: Tensor,
+        student_features: Mapping[str, Tensor],
+        teachers: TeacherOutputs,
+    ) -> DistillationOutput:
+        """The loss on this step's outputs, with what its fusion rule reads: the tapped student
+        layers, the batch fields it names and which teachers ran."""
+        fields = self.loss.batch_fields
+        if fields and not isinstance(batch, Mapping):
+            raise ValueError(
+                f"{type(self.loss.fusion).__name__} reads the batch fields {list(fields)}: "
+                f"batches must be mappings holding them, got {type(batch).__name__}"
+            )
+        missing = [field for field in fields if field not in batch]
+        if missing:
+            raise ValueError(
+                f"{type(self.loss.fusion).__name__} reads the batch fields {missing}, which the "
+                f"batch lacks (it holds {sorted(batch)})"
+            )
+        return self.loss(
+            student_logits,
+            teachers.logits,
+            labels,
+            student_features={layer: student_features[layer] for layer in self.loss.student_layers},
+            teacher_indices=teachers.ran,
+            batch_fields={field: batch[field] for field in fields},
+        )
 
     def configure_optimizers(self) -> Any:
         hints = () if self.hints is None else tuple(self.hints.parameters())
@@ -243,13 +265,7 @@ class DistillationModule(EpochMeans):
         student_logits, student_features = self._run_student(inputs)
         teachers = self.teachers.outputs(inputs, batch, stage)
         self._check_classes(student_logits, teachers.logits)
-        out = self.loss(
-            student_logits,
-            teachers.logits,
-            labels,
-            student_features=self._fusion_features(student_features),
-            teacher_indices=teachers.ran,
-        )
+        out = self._loss(batch, labels, student_logits, student_features, teachers)
         total = out.loss
         hint: Tensor | None = None
         if self.hints is not None:
