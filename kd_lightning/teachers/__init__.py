@@ -1,7 +1,12 @@
 """Frozen teachers: the ensemble, the sources a distillation step reads them from (live, drawn per
 step, sharded, cached), input transforms and safe loading of their weights."""
 
-from kd_lightning.teachers.cache import CachedTeachers, build_output_cache
+from kd_lightning.teachers.cache import (
+    CachedTeachers,
+    SequenceCachedTeachers,
+    build_output_cache,
+    build_sequence_cache,
+)
 from kd_lightning.teachers.class_maps import MISSING_CLASS_LOGIT_GAP
 from kd_lightning.teachers.drawn import DrawnTeachers
 from kd_lightning.teachers.ensemble import (
@@ -21,12 +26,14 @@ __all__ = [
     "InputTransform",
     "OutputAdapter",
     "ReverseSequence",
+    "SequenceCachedTeachers",
     "Standardize",
     "TeacherEnsemble",
     "TeacherOutputs",
     "TeacherSource",
     "attribute_adapter",
     "build_output_cache",
+    "build_sequence_cache",
     "load_teacher",
     "read_state_dict",
 ]

@@ -49,8 +49,10 @@ class TeacherSource(Protocol):
     The module calls :meth:`outputs` once per step and never asks which kind of source it holds.
     Implementations: :class:`~kd_lightning.teachers.TeacherEnsemble` (live teachers, every one
     each step), :class:`~kd_lightning.teachers.DrawnTeachers` (a few drawn per training step),
-    :class:`~kd_lightning.teachers.sharded.ShardedTeachers` (split over data-parallel ranks) and
-    :class:`~kd_lightning.teachers.CachedTeachers` (logits read by sample index). A source that
+    :class:`~kd_lightning.teachers.sharded.ShardedTeachers` (split over data-parallel ranks),
+    :class:`~kd_lightning.teachers.CachedTeachers` (logits read by sample index) and
+    :class:`~kd_lightning.teachers.SequenceCachedTeachers` (K language models' sparse top-k
+    outputs, read by block and position). A source that
     cannot do what :meth:`tap`, :meth:`networks` or :meth:`shard` ask raises ``ValueError``
     saying why, when the module is configured rather than mid-training.
 
