@@ -130,3 +130,30 @@ def test_handwritten_objective_equals_distillation_loss():
     torch.testing.assert_close(
         torch.stack([loss, hard, soft]), torch.stack([out.loss, out.hard, out.soft])
     )
+
+
+def test_sync_costs_prints_and_writes_each_check_against_a_step(tmp_path, capsys, monkeypatch):
+    from functools import partial
+
+    from kd_lightning.bench.sync_costs import time_sync_costs
+
+    small = partial(time_sync_costs, steps=2, rounds=2)
+    monkeypatch.setattr(bench, "time_sync_costs", small)
+    path = tmp_path / "sync.json"
+    main(["--sync-costs", "--threads", "1", "--batch-size", "8", "--teachers", "mlp,cnn"])
+    main(["--sync-costs", "--batch-size", "8", "--teachers", "mlp", "--json", str(path)])
+    printed = capsys.readouterr().out
+    assert "teachers mlp+cnn" in printed and "| teacher logits finite |" in printed
+    assert "| label range |" in printed and "| under 1 % |" in printed
+    table = json.loads(path.read_text())["table"]
+    assert list(table["ms"]) == [
+        "step",
+        "step, check_finite='first_step'",
+        "teacher logits finite",
+        "label range",
+    ]
+    assert all(ms > 0 for ms in table["ms"].values())
+    shares = table["share_of_step"]
+    assert shares == {check: table["ms"][check] / table["ms"]["step"] for check in shares}
+    with pytest.raises(ValueError, match="unknown teachers"):
+        main(["--sync-costs", "--teachers", "nope"])

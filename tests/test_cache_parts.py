@@ -114,7 +114,7 @@ def test_two_ranks_build_the_single_process_cache_each_over_its_own_rows(tmp_pat
 def test_a_rank_alone_times_out_naming_the_missing_part_and_its_part_is_reused(tmp_path):
     with pytest.raises(MissingPartsError, match=r"rank 0 of 2: after 0.3 s, parts part1of2 are "):
         run_ranks(tmp_path, [0], wait_s=0.3)
-    key, _ = cache_fingerprint(ensemble(), splits())
+    key, _ = cache_fingerprint(ensemble(), splits(), batch_size=BATCH)
     parts = tmp_path / f"{PARTS_PREFIX}{key}"
     assert [path.name for path in parts.iterdir()] == ["part0of2"]
     assert not (tmp_path / key).exists()
@@ -127,7 +127,7 @@ def test_a_rank_alone_times_out_naming_the_missing_part_and_its_part_is_reused(t
 def test_a_part_without_its_manifest_is_never_merged_but_rebuilt(tmp_path):
     with pytest.raises(MissingPartsError):
         run_ranks(tmp_path, [0], wait_s=0.0)
-    key, _ = cache_fingerprint(ensemble(), splits())
+    key, _ = cache_fingerprint(ensemble(), splits(), batch_size=BATCH)
     killed = tmp_path / f"{PARTS_PREFIX}{key}" / "part0of2"
     (killed / PART_MANIFEST).unlink()  # as if killed after its arrays, before its manifest
     for array_file in killed.glob("*.npy"):

@@ -118,6 +118,49 @@ def test_only_runs_the_named_teachers_and_one_check_names_a_nan_teacher():
         ensemble(x, only=[3])
 
 
+def test_check_finite_checks_each_teacher_first_by_default_or_always_or_never(monkeypatch):
+    from kd_lightning.teachers import ensemble as ensemble_module
+    from kd_lightning.teachers.runtime import check_finite_logits
+
+    reads: list[list[str]] = []
+
+    def counted(names, logits):
+        reads.append(list(names))
+        check_finite_logits(names, logits)
+
+    monkeypatch.setattr(ensemble_module, "check_finite_logits", counted)
+    teachers = same_architecture()
+    x = torch.randn(3, NUM_FEATURES)
+    first = TeacherEnsemble(teachers)  # check_finite="first_step"
+    first(x, only=[1])
+    first(x)
+    first(x)
+    # t0 and t2 first ran in the second forward: checked there, with t1 (one reduction), then
+    # never again.
+    assert reads == [["t1"], ["t0", "t1", "t2"]]
+    always = TeacherEnsemble(teachers, check_finite="always")
+    reads.clear()
+    always(x)
+    always(x)
+    assert reads == [["t0", "t1", "t2"]] * 2
+
+    with torch.no_grad():
+        teachers["t1"][2].bias.fill_(float("nan"))
+    with pytest.raises(TeacherOutputError, match="'t1' produced NaN"):
+        TeacherEnsemble(teachers)(x)  # a broken teacher fails at its first step
+    with pytest.raises(TeacherOutputError, match="'t1' produced NaN"):
+        TeacherEnsemble(teachers).view("t1")(x)
+    with pytest.raises(TeacherOutputError, match="'t1' produced NaN"):
+        always(x)
+    assert first(x)[1].isnan().all()  # found finite once: not read again
+    reads.clear()
+    never = TeacherEnsemble(teachers, check_finite="never")
+    assert never(x)[1].isnan().all() and never.view("t1")(x).isnan().all()
+    assert reads == [] and never.select(["t0"]).check_finite == "never"
+    with pytest.raises(ValueError, match=r"teacher_runtime\.check_finite in kd-train\) must be"):
+        TeacherEnsemble(teachers, check_finite=True)  # type: ignore[arg-type]
+
+
 def test_drawn_teacher_alone_gives_that_teachers_loss_under_any_fusion_rule():
     ensemble = TeacherEnsemble(same_architecture())
     drawn = DrawnTeachers(ensemble, per_step=1)

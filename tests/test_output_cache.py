@@ -127,6 +127,22 @@ def test_changed_teacher_or_data_is_never_read_and_is_named(tmp_path):
     torch.testing.assert_close(rebuilt.logits("train", [2]), changed(x[[2]]))
 
 
+def test_a_cache_built_at_another_batch_size_is_rebuilt_or_refused(tmp_path):
+    """A row's last bits depend on the batch it was computed in, so the batch size is in the key."""
+    first = build_output_cache(ensemble(), splits(), tmp_path, batch_size=8)
+    assert json.loads((first.path / MANIFEST).read_text())["batch_size"] == 8
+    with pytest.raises(StaleCacheError, match=r"is stale: changed batch_size \(8 → 16\)\n"):
+        build_output_cache(ensemble(), splits(), tmp_path, batch_size=16, missing="error")
+    rebuilt = build_output_cache(ensemble(), splits(), tmp_path, batch_size=16)
+    assert rebuilt.path != first.path
+    found = build_output_cache(ensemble(), splits(), tmp_path, batch_size=8, missing="error")
+    assert found.path == first.path  # the first cache is still found at its own batch size
+    x = splits()["train"].tensors[0]  # type: ignore[attr-defined]
+    torch.testing.assert_close(rebuilt.logits("train", [30]), ensemble()(x[[30]]))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        build_output_cache(ensemble(), splits(), tmp_path, batch_size=0)
+
+
 class _RandomView(Dataset):
     def __len__(self) -> int:
         return 4

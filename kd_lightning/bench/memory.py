@@ -25,24 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from kd_lightning.bench.workloads import Workload, build_workload, make_teachers, training_data
 from kd_lightning.models import MLP
+from kd_lightning.teachers.offload import weight_bytes
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
-
-
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers.
-
-    Example:
-        >>> tensor_bytes(nn.Linear(3, 2))  # 6 weights and 2 biases, float32
-        32
-    """
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def _status_bytes(field: str) -> int:
@@ -79,9 +69,9 @@ def probe(
         name, workload, teachers, datamodule.train_dataloader(), limit_batches, seed
     )
     torch.manual_seed(seed)
-    student_bytes = tensor_bytes(MLP())
+    student_bytes = weight_bytes(MLP())
     live = name in ("live", "handwritten", "aekd")
-    teacher_bytes = sum(tensor_bytes(model) for model in make_teachers(teachers).values())
+    teacher_bytes = sum(weight_bytes(model) for model in make_teachers(teachers).values())
 
     saved = {"bytes": 0, "steps": 0}
 

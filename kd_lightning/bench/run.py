@@ -49,6 +49,9 @@ import torch
 
 from kd_lightning.bench.fast_paths import CALLS, ROUNDS, format_fast_paths, time_fast_paths
 from kd_lightning.bench.memory import memory_table, probe_in_subprocess
+from kd_lightning.bench.sync_costs import ROUNDS as SYNC_ROUNDS
+from kd_lightning.bench.sync_costs import STEPS as SYNC_STEPS
+from kd_lightning.bench.sync_costs import format_sync_costs, time_sync_costs
 from kd_lightning.bench.workloads import (
     ALPHA,
     TEMPERATURE,
@@ -319,10 +322,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="with --fast-paths: also time torch.compile"
     )
+    parser.add_argument(
+        "--sync-costs",
+        action="store_true",
+        help="instead, time the per-step checks that read a value back from the device",
+    )
     args = parser.parse_args(argv)
     if args.fast_paths:
         report = fast_paths_report(args.batch_size, args.threads, args.compile, args.seed)
         print(report["title"] + "\n\n" + format_fast_paths(report["ms_per_forward"]))
+    elif args.sync_costs:
+        teachers = [name for name in args.teachers.split(",") if name]
+        report = sync_costs_report(args.batch_size, args.threads, teachers, args.seed)
+        print(report["title"] + "\n\n" + format_sync_costs(report["table"]))
     else:
         report = epochs_report(args)
     if args.json is not None:
@@ -347,6 +359,27 @@ def fast_paths_report(
         f"{info['threads']} threads, device {device}"
     )
     return {"machine": info, "title": title, "ms_per_forward": table}
+
+
+def sync_costs_report(
+    batch_size: int, threads: int | None, teachers: Sequence[str], seed: int
+) -> dict[str, Any]:
+    """``kd-bench --sync-costs``: :func:`~kd_lightning.bench.sync_costs.time_sync_costs` with the
+    machine it ran on."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    make_teachers(teachers)  # unknown names fail here
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = time_sync_costs(device, batch_size=batch_size, teachers=teachers, seed=seed)
+    info = machine(torch.get_num_threads(), device)
+    title = (
+        f"per-step device reads against a training step: MNIST-1D, batch {batch_size}, MLP "
+        f"student, teachers {'+'.join(teachers)}; median of {SYNC_ROUNDS} rounds of "
+        f"{SYNC_STEPS} steps; "
+        f"{info.get('gpu', info['processor'])}, torch {info['torch']}, "
+        f"{info['threads']} threads, device {device}"
+    )
+    return {"machine": info, "title": title, "table": table}
 
 
 def epochs_report(args: argparse.Namespace) -> dict[str, Any]:

@@ -164,16 +164,10 @@ class DistillationModule(EpochMeans):
                     "module.materialize(batch) on one training batch first"
                 )
             self.materialize(next(iter(datamodule.train_dataloader())))
-        if self.hparams["shard_teachers"]:
-            self._shard_teachers()
-
-    def _shard_teachers(self) -> None:
-        """Keep this rank's teachers only, before Lightning moves the module and wraps it in DDP."""
-        sharded = self.teachers.shard(self.trainer.global_rank, self.trainer.world_size)
-        if sharded is self.teachers:  # one process, or sharded by an earlier setup
-            return
-        self.teachers = sharded
-        # Ranks hold different teachers: DDP must neither compare nor broadcast them.
+        if self.hparams["shard_teachers"]:  # this rank's teachers only, before the device move
+            self.teachers = self.teachers.shard(self.trainer.global_rank, self.trainer.world_size)
+        # Frozen teachers: DDP must neither compare nor broadcast them (sharded ones differ by
+        # rank; offloaded ones stay in host memory).
         self._ddp_params_and_buffers_to_ignore = [
             name
             for name, _ in itertools.chain(self.named_parameters(), self.named_buffers())

@@ -15,7 +15,14 @@ from kd_lightning.errors import TeacherOutputError
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.teachers.class_maps import check_class_map, map_classes
 from kd_lightning.teachers.loading import load_teacher
-from kd_lightning.teachers.runtime import StackedForward, teacher_context
+from kd_lightning.teachers.offload import TeacherOffload, on_host, peak_weight_bytes, weight_bytes
+from kd_lightning.teachers.runtime import (
+    CHECK_FINITE,
+    CheckFinite,
+    StackedForward,
+    check_finite_logits,
+    teacher_context,
+)
 from kd_lightning.teachers.runtime import autocast_dtype as _autocast_dtype
 from kd_lightning.teachers.source import Stage, TeacherOutputs, TeacherSource
 
@@ -44,7 +51,8 @@ class TeacherEnsemble(nn.Module):
     The ensemble stays in eval mode whatever its parent does: ``.train()`` on a parent module (as
     Lightning calls it each epoch) leaves BatchNorm statistics and dropout of the teachers untouched.
     Parameters have ``requires_grad=False``, so no optimizer or DDP gradient reducer ever sees them.
-    Outputs are checked: every teacher must give finite logits of the same shape.
+    Outputs are checked: every teacher must give logits of the same shape, and finite ones the
+    first time it runs (``check_finite``).
 
     Teachers may differ in preprocessing and in class layout. Each teacher ``k`` computes
     ``class_map_k(adapter_k(teacher_k(transform_k(inputs))))``: logits always come back in the
@@ -78,6 +86,23 @@ class TeacherEnsemble(nn.Module):
             weights (:class:`~kd_lightning.teachers.runtime.StackedForward`) instead of a loop.
             Needs teachers of one class and shape without input transforms or output adapters;
             its layers cannot be tapped.
+        offload: keep the teachers in host memory (moved there when built) and lend each one to
+            the compute device for its own forward only (:mod:`~kd_lightning.teachers.offload`):
+            the device holds the largest teacher instead of all of them
+            (:meth:`device_weight_bytes`), for one host-to-device copy of every teacher's weights
+            per forward. The compute device is where the ensemble is moved (``.to(device)``, as
+            Lightning moves its module): the teachers stay on the host, dtype changes still apply
+            to them, and the state dict keys do not change. Cannot be ``stacked``; composes with
+            autocast, inference mode and ``compile_teachers``. Code calling a teacher network
+            itself (:meth:`networks`) runs it on the host.
+        check_finite: when to check that the logits are finite, raising
+            :class:`~kd_lightning.errors.TeacherOutputError` naming the teacher
+            (:func:`~kd_lightning.teachers.runtime.check_finite_logits`: one reduction and one
+            device sync per forward). ``"first_step"``: the first time each teacher runs, so a
+            broken teacher, checkpoint or class map fails at once; ``"always"``: at every
+            forward, also catching a NaN that appears later (e.g. an fp16 overflow on one batch);
+            ``"never"``. Every step is opt-in: ``kd-bench --sync-costs`` measured the check at
+            1.1 to 2 % of a training step on a 2-core CPU, above the 1 % a step may spend on it.
 
     As a :class:`~kd_lightning.teachers.source.TeacherSource`, the ensemble runs every teacher at
     every step; :meth:`tap` adds the outputs of named teacher layers (feature hints) and
@@ -114,8 +139,11 @@ class TeacherEnsemble(nn.Module):
         inference_mode: bool = False,
         compile_teachers: bool = False,
         stacked: bool = False,
+        offload: bool = False,
+        check_finite: CheckFinite = "first_step",
     ) -> None:
         super().__init__()
+        self._offload = TeacherOffload() if offload else None
         if not teachers:
             raise ValueError("TeacherEnsemble needs at least one teacher")
         for name in teachers:
@@ -140,8 +168,21 @@ class TeacherEnsemble(nn.Module):
             or num_classes < 1
         ):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if check_finite not in CHECK_FINITE:
+            raise ValueError(
+                f"check_finite (teacher_runtime.check_finite in kd-train) must be one of "
+                f"{list(CHECK_FINITE)}, got {check_finite!r}"
+            )
+        if offload and stacked:
+            raise ValueError(
+                "offload=True (teacher_runtime.offload) lends the device one teacher at a time, "
+                "but stacked=True (teacher_runtime.stacked) runs every teacher at once from one "
+                "stacked copy of all their weights: choose one"
+            )
         self.num_classes = None if num_classes is None else int(num_classes)
         self.teachers = nn.ModuleDict(teachers)
+        if offload:
+            self.teachers.cpu()
         self.output_adapters: dict[str, OutputAdapter] = {
             name: attribute_adapter(adapter) if isinstance(adapter, str) else adapter
             for name, adapter in (output_adapters or {}).items()
@@ -183,6 +224,8 @@ class TeacherEnsemble(nn.Module):
             else {}
         )
         self.stacked = bool(stacked)
+        self.check_finite: CheckFinite = check_finite
+        self._finite: set[str] = set()  # teachers whose logits were found finite
         self._stacked: StackedForward | None = None
         if stacked:
             if transforms or self.output_adapters:
@@ -224,6 +267,35 @@ class TeacherEnsemble(nn.Module):
         """Teacher names, in the order of the stacked outputs."""
         return list(self.teachers.keys())
 
+    @property
+    def offload(self) -> bool:
+        """Whether the teachers stay on the host, lent to the device one at a time."""
+        return self._offload is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the teachers run: their weights' device, or with ``offload=True`` where the
+        ensemble was last moved (the weights stay on the host)."""
+        if self._offload is not None:
+            return self._offload.device
+        # The first tensor found; listing them all cost 0.1 ms a step for three small teachers.
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
+
+    def device_weight_bytes(self) -> int:
+        """Bytes of weights on the compute device at the peak of a forward: the input transform
+        modules' and every teacher's, or with ``offload=True`` only the largest teacher's.
+
+        Example:
+            >>> teachers = {"a": nn.Linear(4, 3), "b": nn.Linear(40, 3)}  # 60 and 492 bytes
+            >>> TeacherEnsemble(teachers).device_weight_bytes()
+            552
+            >>> TeacherEnsemble(teachers, offload=True).device_weight_bytes()
+            492
+        """
+        teachers = peak_weight_bytes(self.teachers.values(), self.offload)
+        return teachers + weight_bytes(self.input_transforms)
+
     def __len__(self) -> int:
         return len(self.teachers)
 
@@ -233,6 +305,17 @@ class TeacherEnsemble(nn.Module):
     def train(self, mode: bool = True) -> TeacherEnsemble:
         """Teachers are locked in eval mode: ``mode`` is ignored."""
         return super().train(False)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> TeacherEnsemble:
+        # With offload, a move sets the compute device and leaves the teachers on the host (a
+        # dtype change still applies to them); transforms and class indices follow the move.
+        if self._offload is None:
+            return super()._apply(fn, recurse)
+        self._offload.moved(fn)
+        if recurse:
+            for child in self.children():
+                child._apply(on_host(fn) if child is self.teachers else fn)
+        return super()._apply(fn, recurse=False)
 
     def input_transform(self, name: str) -> InputTransform | None:
         """The transform applied to the inputs of teacher ``name``, or ``None``."""
@@ -272,6 +355,8 @@ class TeacherEnsemble(nn.Module):
             inference_mode=self.inference_mode,
             compile_teachers=bool(self._compiled),
             stacked=self.stacked,
+            offload=self.offload,
+            check_finite=self.check_finite,
         )
 
     def outputs(self, inputs: Any, batch: Any = None, stage: Stage = "train") -> TeacherOutputs:
@@ -324,7 +409,8 @@ class TeacherEnsemble(nn.Module):
         self._tapped = dict(layers)
 
     def networks(self) -> Mapping[str, nn.Module]:
-        """Teacher name → teacher network (without its transform, adapter or class map)."""
+        """Teacher name → teacher network (without its transform, adapter or class map); with
+        ``offload=True`` they are in host memory, lent to the device only inside a forward."""
         return dict(self.teachers.items())
 
     def shard(self, rank: int, world_size: int) -> TeacherSource:
@@ -355,7 +441,7 @@ class TeacherEnsemble(nn.Module):
                 result has ``len(only)`` rows, in that order. ``None`` runs them all.
         """
         names = self.names if only is None else [self._name_at(index) for index in only]
-        with teacher_context(self._device(), self.autocast_dtype, self.inference_mode):
+        with teacher_context(self.device, self.autocast_dtype, self.inference_mode):
             if self._stacked is not None and only is None:
                 stacked = self._stacked(inputs).float()
                 logits = [
@@ -372,13 +458,8 @@ class TeacherEnsemble(nn.Module):
             raise IndexError(f"no teacher at index {index}: the ensemble has {len(self)} teachers")
         return self.names[index]
 
-    def _device(self) -> torch.device:
-        # The first tensor found; listing them all cost 0.1 ms a step for three small teachers.
-        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
-        return torch.device("cpu") if tensor is None else tensor.device
-
     def _stack_checked(self, names: Sequence[str], logits: Sequence[Tensor]) -> Tensor:
-        """Stack per-teacher logits after checking their shapes, with one finiteness check in all."""
+        """Stack per-teacher logits after checking their shapes, then their finiteness at once."""
         first_name, first = names[0], logits[0]
         for name, output in zip(names, logits, strict=True):
             if output.shape != first.shape:
@@ -388,16 +469,28 @@ class TeacherEnsemble(nn.Module):
                     + self._width_hint(first_name, name, first.shape[-1], output.shape[-1])
                 )
         stacked = torch.stack(list(logits))
-        if not torch.isfinite(stacked).all():  # one host sync for all teachers
-            culprit = next(n for n, z in zip(names, logits, strict=True) if not z.isfinite().all())
-            raise TeacherOutputError(f"teacher '{culprit}' produced NaN or inf logits")
+        self._check_finite(names, stacked)
         return stacked
 
-    def _teacher_logits(self, name: str, inputs: Any, check: bool = True) -> Tensor:
+    def _check_finite(self, names: Sequence[str], logits: Tensor) -> None:
+        """Check the logits ``(K', ...)`` of teachers ``names`` when ``check_finite`` says so."""
+        if self.check_finite == "always" or (
+            self.check_finite == "first_step" and not self._finite.issuperset(names)
+        ):
+            check_finite_logits(names, logits)
+            self._finite.update(names)
+
+    def _teacher_logits(self, name: str, inputs: Any, check: bool) -> Tensor:
+        # check: apply check_finite here (one teacher alone) rather than to the stacked logits.
         transform = self.input_transform(name)
         if transform is not None:
             inputs = transform(inputs)
-        output = self._compiled.get(name, self.teachers[name])(inputs)
+        model = self._compiled.get(name, self.teachers[name])
+        if self._offload is None:
+            output = model(inputs)
+        else:
+            with self._offload.lent(self.teachers[name]):
+                output = model(inputs)
         adapter = self.output_adapters.get(name)
         if adapter is not None:
             output = adapter(output)
@@ -407,8 +500,8 @@ class TeacherEnsemble(nn.Module):
                 f"give it an output adapter, e.g. output_adapters={{'{name}': 'logits'}}"
             )
         output = output.float()
-        if check and not torch.isfinite(output).all():
-            raise TeacherOutputError(f"teacher '{name}' produced NaN or inf logits")
+        if check:
+            self._check_finite([name], output.unsqueeze(0))
         return self._to_student_classes(name, output)
 
     def _to_student_classes(self, name: str, output: Tensor) -> Tensor:
@@ -465,8 +558,8 @@ class _TeacherView(nn.Module):
 
     def forward(self, inputs: Any) -> Tensor:
         ensemble = self.ensemble
-        with teacher_context(ensemble._device(), ensemble.autocast_dtype, ensemble.inference_mode):
-            logits = ensemble._teacher_logits(self.name, inputs)
+        with teacher_context(ensemble.device, ensemble.autocast_dtype, ensemble.inference_mode):
+            logits = ensemble._teacher_logits(self.name, inputs, check=True)
         return logits.clone() if ensemble.inference_mode else logits
 
 

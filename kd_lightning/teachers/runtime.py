@@ -1,17 +1,32 @@
-"""How a frozen ensemble runs its teachers: autocast precision and a stacked ``torch.func`` forward."""
+"""How a frozen ensemble runs its teachers: autocast precision, a stacked ``torch.func`` forward
+and the check of their logits."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from kd_lightning.errors import TeacherOutputError
+
 #: The :class:`~kd_lightning.teachers.TeacherEnsemble` options that say how teachers run (the
 #: ``teacher_runtime`` node of the ``kd-train`` config).
-RUNTIME_OPTIONS = ("autocast_dtype", "inference_mode", "compile_teachers", "stacked")
+RUNTIME_OPTIONS = (
+    "autocast_dtype",
+    "inference_mode",
+    "compile_teachers",
+    "stacked",
+    "offload",
+    "check_finite",
+)
+
+#: When a :class:`~kd_lightning.teachers.TeacherEnsemble` checks that its logits are finite.
+CheckFinite = Literal["first_step", "always", "never"]
+CHECK_FINITE: tuple[CheckFinite, ...] = get_args(CheckFinite)
 
 AUTOCAST_DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -51,6 +66,21 @@ def teacher_context(
             return
         with torch.autocast(device_type=device.type, dtype=dtype):
             yield
+
+
+def check_finite_logits(names: Sequence[str], logits: Tensor) -> None:
+    """Raise :class:`~kd_lightning.errors.TeacherOutputError` naming the first teacher whose row of
+    ``logits`` ``(K, ...)`` holds NaN or inf: one reduction, read once (one device sync).
+
+    Example:
+        >>> check_finite_logits(["a", "b"], torch.tensor([[0.0], [float("nan")]]))
+        Traceback (most recent call last):
+        ...
+        kd_lightning.errors.TeacherOutputError: teacher 'b' produced NaN or inf logits
+    """
+    if not torch.isfinite(logits).all():
+        culprit = next(n for n, z in zip(names, logits, strict=True) if not z.isfinite().all())
+        raise TeacherOutputError(f"teacher '{culprit}' produced NaN or inf logits")
 
 
 class StackedForward:

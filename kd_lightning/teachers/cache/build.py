@@ -14,10 +14,11 @@ off), and any tool reads them. Teachers are named in the manifest, never in a pa
 name can make the cache write outside its directory.
 
 The directory name is a fingerprint of every teacher (weights, transform, adapter, class map), of
-every split's samples, and of ``top_k``: a changed teacher or dataset has another directory, so a
-stale cache is never found. A cache is written into a hidden ``.partial-*`` directory, its manifest
-last, then renamed into place in one ``os.rename``; a build killed midway leaves only the partial
-directory, which no reader opens.
+every split's samples, of ``top_k`` and of the batch size the teachers run at (kernels depend on
+it, so a row's last bits do too): a changed teacher, dataset or batch size has another directory,
+so a stale cache is never found. A cache is written into a hidden ``.partial-*`` directory, its
+manifest last, then renamed into place in one ``os.rename``; a build killed midway leaves only the
+partial directory, which no reader opens.
 
 Under ``torchrun`` each rank builds only its share of the rows and one rank merges the parts:
 see :mod:`kd_lightning.teachers.cache.parts`.
@@ -62,15 +63,25 @@ from kd_lightning.teachers.cache.store import (
 from kd_lightning.teachers.cache.topk import compress_topk, index_dtype
 from kd_lightning.teachers.ensemble import TeacherEnsemble
 
+#: Samples per teacher forward while building, unless told otherwise.
+BUILD_BATCH_SIZE = 256
+
 
 class StaleCacheError(FileNotFoundError):
     """No cache matches the teachers and data, and building one was not allowed."""
 
 
 def cache_fingerprint(
-    ensemble: TeacherEnsemble, datasets: Mapping[str, Dataset], top_k: int | None = None
+    ensemble: TeacherEnsemble,
+    datasets: Mapping[str, Dataset],
+    top_k: int | None = None,
+    batch_size: int = BUILD_BATCH_SIZE,
 ) -> tuple[str, dict[str, Any]]:
     """The cache key of ``ensemble`` over ``datasets`` and the description it hashes.
+
+    The batch size enters the key: a teacher's logits for a sample may differ in their last bits
+    with the batch around it (kernels are chosen by shape), so a cache built at another batch size
+    is another cache.
 
     Example:
         >>> from torch import nn
@@ -78,11 +89,15 @@ def cache_fingerprint(
         >>> ensemble = TeacherEnsemble({"a": nn.Linear(2, 3)})
         >>> data = {"train": TensorDataset(torch.zeros(4, 2), torch.zeros(4))}
         >>> key, description = cache_fingerprint(ensemble, data)
-        >>> len(key), [t["name"] for t in description["teachers"]]
-        (20, ['a'])
+        >>> len(key), [t["name"] for t in description["teachers"]], description["batch_size"]
+        (20, ['a'], 256)
+        >>> cache_fingerprint(ensemble, data, batch_size=64)[0] == key
+        False
     """
     if top_k is not None and (isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     for split in datasets:
         if not split.isidentifier():
             raise ValueError(f"split names must be identifiers (e.g. 'train'), got {split!r}")
@@ -94,6 +109,7 @@ def cache_fingerprint(
         ],
         "data": {split: dataset_fingerprint(data) for split, data in sorted(datasets.items())},
         "top_k": top_k,
+        "batch_size": batch_size,
     }
     return fingerprint(description), description
 
@@ -183,7 +199,7 @@ def build_output_cache(
     datasets: Mapping[str, Dataset],
     root: str | os.PathLike[str],
     top_k: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = BUILD_BATCH_SIZE,
     batch_adapter: Callable[[Any], tuple[Any, Any]] | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     device: torch.device | str | None = None,
@@ -210,7 +226,9 @@ def build_output_cache(
         root: the directory holding caches; this one goes to ``root/<fingerprint>``.
         top_k: store only the ``k`` largest logits per row (see :func:`expand_topk`); ``None``
             stores every logit.
-        batch_size: samples per teacher forward while building.
+        batch_size: samples per teacher forward while building; part of the fingerprint, so
+            a cache built at another batch size is rebuilt (or, with ``missing="error"``,
+            refused naming the change).
         batch_adapter: batch → ``(inputs, targets)``; :class:`~kd_lightning.BatchAdapter` by default.
         collate_fn: how samples become a batch (the training loader's); PyTorch's default if ``None``.
         device: where the teachers run while building; the ensemble's device by default.
@@ -237,7 +255,7 @@ def build_output_cache(
     check_rank(rank, world_size)
     if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not wait_s >= 0:
         raise ValueError(f"wait_s must be a non-negative number of seconds, got {wait_s!r}")
-    key, description = cache_fingerprint(ensemble, datasets, top_k)
+    key, description = cache_fingerprint(ensemble, datasets, top_k, batch_size)
     root = Path(root)
     final = root / key
     if (final / MANIFEST).is_file():
@@ -289,8 +307,8 @@ def build_output_cache(
 
 
 def _device_of(ensemble: TeacherEnsemble) -> torch.device:
-    tensor = next(iter(ensemble.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+    # Where the teachers run: with offload=True, where the ensemble was moved, not its weights.
+    return ensemble.device
 
 
 def _missing_message(root: Path, key: str, description: dict[str, Any]) -> str:
@@ -314,8 +332,9 @@ def _missing_message(root: Path, key: str, description: dict[str, Any]) -> str:
             for split, digest in description["data"].items()
             if old.get("data", {}).get(split) != digest
         ]
-        if old.get("top_k") != description["top_k"]:
-            changed.append(f"top_k ({old.get('top_k')} → {description['top_k']})")
+        for option in ("top_k", "batch_size"):
+            if old.get(option) != description[option]:
+                changed.append(f"{option} ({old.get(option)} → {description[option]})")
         lines.append(f"  {manifest_path.parent.name} is stale: changed {', '.join(changed)}")
     lines.append("build it (allow building, or run `kd-cache`) before training from the cache")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ contiguous share of whole batches of each split (:func:`row_range`). While the c
 A part is written into its hidden partial directory, ``part.json`` last, then renamed into place,
 and it is read only through a ``part.json`` naming this fingerprint, world size, rank and rows:
 a part of a killed build is either complete or built again. Completed parts outlive a killed
-build, and the fingerprint covers teachers, data and ``top_k``, so a relaunch with the same world
+build, and the fingerprint covers teachers, data, ``top_k`` and the batch size, so a relaunch with the same world
 size runs only the missing parts. Whichever rank sees all ``W`` parts complete, and no live merge
 under way, concatenates them into the usual single-cache layout through the usual partial
 directory and atomic rename (concurrent mergers are safe: the first rename wins), then removes the
