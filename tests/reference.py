@@ -26,3 +26,16 @@ def np_log_softmax(z: np.ndarray, t: float = 1.0) -> np.ndarray:
 def np_kl(p: np.ndarray, s: np.ndarray, t: float) -> np.ndarray:
     """T² Σ_c p (log p − log q) at every position, with ``q = softmax(s / t)``."""
     return t**2 * (p * (np.log(p) - np_log_softmax(s, t))).sum(-1)
+
+
+def library_rules_on_logits() -> list[str]:
+    """The library's fusion rules that read nothing beyond logits, labels and the student (every
+    rule but ``routed``, which reads a batch field; ``tests/test_routed.py`` covers it, plain,
+    chunked and in a module)."""
+    from kd_lightning.fusion import FUSION_RULES
+
+    return sorted(
+        name
+        for name, rule in FUSION_RULES.items()
+        if rule.__module__.startswith("kd_lightning.") and name != "routed"
+    )

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule
 
 from kd_lightning.cli import teacher_checkpoints as teacher_cache
-from kd_lightning.cli.config import CONFIG_DIR
+from kd_lightning.cli import train as train_command
+from kd_lightning.cli.config import CONFIG_DIR, method_arguments
 from kd_lightning.cli.teachers import train_teachers
 from kd_lightning.cli.train import train
 from kd_lightning.errors import ConfigError
 from kd_lightning.fusion import FusionRule
+from kd_lightning.modules import stages
 
 from .app_helpers import FAST, compose_config, run_command
 
@@ -50,10 +55,11 @@ def test_every_option_composes_and_instantiates(tmp_path, monkeypatch, group, op
         assert isinstance(instantiate(cfg.student), torch.nn.Module)
     elif group == "fusion":
         assert isinstance(instantiate(cfg.fusion), FusionRule)
-    elif group == "method":
-        assert cfg.method.name == option
-        if cfg.method.get("loss") is not None:  # methods without a DistillationLoss have none
-            instantiate(cfg.method.loss, fusion=instantiate(cfg.fusion))
+    elif group == "method":  # test_validation builds each method's module from this partial
+        method = instantiate(cfg.method, _convert_="all")
+        assert isinstance(method, functools.partial) and "student" in method_arguments(cfg)
+        assert "name" not in cfg.method  # the option's name is Hydra's choice
+        assert HydraConfig.get().runtime.choices["method"] == option
     elif group == "teachers":
         assert list(cfg.teachers) == [option]
         assert isinstance(instantiate(cfg.teachers[option].model), torch.nn.Module)
@@ -170,11 +176,28 @@ def test_teacher_training_interrupted_leaves_no_cache_entry(tmp_path, monkeypatc
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash)
-    monkeypatch.setattr(teacher_cache, "save_file", crash)
+    monkeypatch.setattr(stages, "save_file", crash)  # the one atomic writer
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert list((tmp_path / "cache" / "teachers").iterdir()) == []
+
+
+def test_the_baseline_trains_the_distilled_network_from_its_initial_weights(tmp_path, monkeypatch):
+    trained: list[torch.nn.Module] = []
+
+    def baseline(cfg, datamodule, network):
+        trained.append(network)
+        return 0.5
+
+    monkeypatch.setattr(train_command, "train_baseline", baseline)
+    cfg = compose_config(tmp_path, [*FAST, "method=tfkd", "callbacks=none"])  # no teacher needed
+    summary, objects = train(cfg)
+    assert summary["test_accuracy"]["baseline"] == 0.5 and summary["gain"] is not None
+    L.seed_everything(cfg.seed)
+    fresh = instantiate(cfg.student)
+    (network,) = trained
+    assert network is not objects["module"].student
+    torch.testing.assert_close(network.state_dict(), fresh.state_dict())
 
 
 def test_cli_help_lists_the_groups(tmp_path):

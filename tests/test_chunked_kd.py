@@ -19,9 +19,9 @@ from kd_lightning.losses import DistillationLoss
 from kd_lightning.losses.chunked import ChunkedDistillationLoss
 from kd_lightning.models.taps import FeatureTaps
 
-LIBRARY_RULES = sorted(
-    n for n, r in FUSION_RULES.items() if r.__module__.startswith("kd_lightning.")
-)
+from .reference import library_rules_on_logits
+
+LIBRARY_RULES = library_rules_on_logits()
 DIVERGENCES = ("kl", "reverse_kl", "js", "soft_ce", "mse")
 K, B, L, V = 3, 2, 5, 13
 

@@ -38,7 +38,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def test_online_validation_means_equal_the_whole_split():
     loader, inputs, labels = uneven_split()  # batches of 32 and 13
-    module = DMLModule([nn.Linear(4, 3), nn.Linear(4, 3)])
+    module = DMLModule(nn.Linear(4, 3), nn.Linear(4, 3))
     metrics = trainer().validate(module, dataloaders=loader, verbose=False)[0]
 
     with torch.no_grad():
@@ -74,8 +74,8 @@ def test_manual_optimisation_logs_step_losses_and_train_only_means(tmp_path):
     nets = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
     modules = {
         "prokt": ProKTModule(nn.Linear(4, 3), nn.Linear(4, 3)),
-        "dml": DMLModule([nn.Linear(4, 3), nn.Linear(4, 3)], update="sequential"),
-        "afd": AFDModule(nets, feature_layers="1"),
+        "dml": DMLModule(nn.Linear(4, 3), nn.Linear(4, 3), update="sequential"),
+        "afd": AFDModule(*nets, feature_layers="1"),
     }
     modules["afd"].materialize(next(iter(loader)))
     extra = {

@@ -25,6 +25,7 @@ from kd_lightning.fusion import (
     MeanLogits,
     MeanProbabilities,
     RandomTeacher,
+    RoutedTeachers,
     StaticWeights,
     build_fusion,
 )
@@ -561,6 +562,7 @@ def test_registry_holds_every_rule() -> None:
         "aekd": GradientSpaceWeights,
         "learned_gate": LearnedGate,
         "learned": LearnedWeights,
+        "routed": RoutedTeachers,
     }
     library = {
         name: rule

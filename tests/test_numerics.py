@@ -24,6 +24,8 @@ from kd_lightning.fusion import (
 )
 from kd_lightning.losses.distillation import DIVERGENCES, DistillationLoss
 
+from .reference import library_rules_on_logits
+
 AGGREGATIONS = ("target", "loss")
 # Every registered rule sums its weights to one with its default arguments; the paper's EBKD
 # scale (``normalize=False``) sums to K - 1 instead.
@@ -131,7 +133,7 @@ def check_weights(name: str, weights: torch.Tensor) -> None:
     )
 
 
-@pytest.mark.parametrize("rule_name", sorted(FUSION_RULES))
+@pytest.mark.parametrize("rule_name", library_rules_on_logits())
 @SETTINGS
 @given(problem=problems())
 def test_loss_and_student_gradient_are_finite(rule_name: str, problem: dict) -> None:
@@ -154,7 +156,7 @@ def test_loss_and_student_gradient_are_finite(rule_name: str, problem: dict) -> 
 @given(problem=problems())
 def test_fusion_weights_are_non_negative_finite_and_normalised(problem: dict) -> None:
     k, c = problem["num_teachers"], problem["num_classes"]
-    for name in sorted(FUSION_RULES):
+    for name in library_rules_on_logits():
         fusion = make_rule(name, k, c)(
             problem["teachers"],
             problem["labels"],
@@ -186,7 +188,7 @@ def rounded_problem(problem: dict, dtype: torch.dtype) -> tuple[torch.Tensor, to
 @settings(SETTINGS, max_examples=25)
 @given(
     problem=problems(),
-    rule_name=st.sampled_from(sorted(FUSION_RULES)),
+    rule_name=st.sampled_from(library_rules_on_logits()),
     autocast=st.booleans(),
 )
 def test_low_precision_logits_give_the_float32_kd_term(

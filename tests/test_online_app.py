@@ -9,8 +9,9 @@ import pytest
 from lightning.pytorch.strategies import DDPStrategy
 
 from kd_lightning.cli.train import train
+from kd_lightning.errors import ConfigError
 from kd_lightning.modules import DMLModule
-from kd_lightning.modules.online.peers import allow_partial_backward
+from kd_lightning.modules.base import allow_partial_backward
 
 from .app_helpers import FAST, compose_config, run_command
 
@@ -50,7 +51,7 @@ def test_heterogeneous_peers_from_model_configs(tmp_path):
             *FAST,
             "method=dml",
             "method.update=simultaneous",
-            "method.peers=[${student},{_target_:kd_lightning.models.CNN1D,channels:4}]",
+            "method.peers=[{_target_:kd_lightning.models.CNN1D,channels:4}]",
             "baseline=false",
             "callbacks=none",
             "trainer.max_epochs=1",
@@ -73,8 +74,10 @@ def test_heterogeneous_peers_from_model_configs(tmp_path):
 )
 def test_bad_online_settings_fail_before_training(tmp_path, override, message):
     cfg = compose_config(tmp_path, [*FAST, "method=ffl", override])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message) as caught:
         train(cfg)
+    assert len(caught.value.problems) == 1
+    assert not any((tmp_path / "output").iterdir())
 
 
 @pytest.mark.slow

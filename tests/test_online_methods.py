@@ -61,7 +61,7 @@ def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
 def test_dml_step_matches_the_papers_update_by_hand(tmp_path, datamodule, update):
     peers = [small_mlp(), small_mlp()]
     first, second = copy.deepcopy(peers)
-    module = DMLModule(peers, update=update, optimizer=partial(torch.optim.SGD, lr=0.5))
+    module = DMLModule(*peers, update=update, optimizer=partial(torch.optim.SGD, lr=0.5))
     (x, y), _ = one_step(tmp_path, module, datamodule)
     z_first, z_second = first(x), second(x)
     sgd_step(first, F.cross_entropy(z_first, y) + kl_to(z_second, z_first), lr=0.5)
@@ -73,7 +73,7 @@ def test_dml_step_matches_the_papers_update_by_hand(tmp_path, datamodule, update
 
 
 def test_dml_sequential_has_one_optimizer_per_peer(tmp_path, datamodule):
-    module = DMLModule([small_mlp(), small_mlp(hidden=8), small_mlp()], update="sequential")
+    module = DMLModule(small_mlp(), [small_mlp(hidden=8), small_mlp()], update="sequential")
     _, trainer = one_step(tmp_path, module, datamodule)
     stepped = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
     assert stepped == [{id(p) for p in peer.parameters()} for peer in module.peers.values()]
@@ -89,7 +89,7 @@ def test_codistillation_refreshes_stale_snapshots_after_burn_in(tmp_path, datamo
             self.steps.append(pl_module._snapshot_step)
             self.params.append(copy.deepcopy(pl_module.peers["peer1"].state_dict()))
 
-    module = CodistillationModule([small_mlp(), small_mlp()], refresh_every=3, burn_in=2)
+    module = CodistillationModule(small_mlp(), small_mlp, refresh_every=3, burn_in=2)
     record = Record()
     trainer = make_trainer(
         tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=0, callbacks=[record]
@@ -105,14 +105,14 @@ def test_codistillation_refreshes_stale_snapshots_after_burn_in(tmp_path, datamo
 
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
-    restored = CodistillationModule([small_mlp(), small_mlp()], refresh_every=3, burn_in=2)
+    restored = CodistillationModule(small_mlp(), small_mlp, refresh_every=3, burn_in=2)
     restored.on_load_checkpoint(checkpoint)
     assert restored._snapshot_step == 5
     assert_same_parameters(restored._snapshots["peer1"], snapshot)
 
 
 def test_codistillation_distils_toward_the_snapshots_not_the_live_peers(datamodule):
-    module = CodistillationModule([small_mlp(), small_mlp()], burn_in=0, distill_weight=1.0)
+    module = CodistillationModule(small_mlp(), [small_mlp()], burn_in=0, distill_weight=1.0)
     x, y = torch.randn(6, NUM_FEATURES), torch.tensor([0, 1, 2, 3, 0, 1])
     before, _ = module.objective(x, y)
     module.refresh_snapshots()
@@ -136,7 +136,7 @@ def test_codistillation_distils_toward_the_snapshots_not_the_live_peers(datamodu
 def test_sharded_codistillation_weights_each_peer_on_its_own_ranks(tmp_path, datamodule):
     assert shard_weights(2, 2, 0) == [2.0, 0.0] and shard_weights(2, 2, 1) == [0.0, 2.0]
     assert shard_weights(3, 6, 4) == [0.0, 3.0, 0.0]  # ranks 1 and 4 train peer 1
-    module = CodistillationModule([small_mlp(), small_mlp()], sharded=True)
+    module = CodistillationModule(small_mlp(), small_mlp(), sharded=True)
     with pytest.raises(ValueError, match=r"method\.sharded=true"):  # one process, two peers
         make_trainer(tmp_path, max_epochs=1).fit(module, datamodule=datamodule)
 
@@ -171,11 +171,11 @@ def test_okddip_heterogeneous_peers_need_own_projections():
 
 
 def test_ffl_fuses_feature_maps_and_trains_the_fusion_module(tmp_path, datamodule):
-    nets = [
+    module = FFLModule(
         CNN1D(NUM_FEATURES, NUM_CLASSES, channels=4),
-        CNN1D(NUM_FEATURES, NUM_CLASSES, channels=3),
-    ]
-    module = FFLModule(nets, feature_layers="conv3")
+        [CNN1D(NUM_FEATURES, NUM_CLASSES, channels=3)],
+        feature_layers="conv3",
+    )
     _, trainer = one_step(tmp_path, module, datamodule)
     optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert {id(p) for p in module.fusion.parameters()} <= optimized
@@ -189,8 +189,8 @@ def test_ffl_fuses_feature_maps_and_trains_the_fusion_module(tmp_path, datamodul
 
 
 def test_afd_phases_update_only_their_own_parameters(tmp_path, datamodule, monkeypatch):
-    peers = [small_mlp(hidden=16), small_mlp(hidden=8)]  # different widths: learned adapters
-    module = AFDModule(peers, feature_layers="1")
+    # different widths: learned adapters
+    module = AFDModule(small_mlp(hidden=16), [small_mlp(hidden=8)], feature_layers="1")
     phases: list[dict[str, bool]] = []
 
     def has_grad(parameters) -> bool:
@@ -224,7 +224,7 @@ def test_afd_phases_update_only_their_own_parameters(tmp_path, datamodule, monke
 
 
 def test_afd_cycles_through_three_networks():
-    module = AFDModule([small_mlp(), small_mlp(), small_mlp()], feature_layers="1")
+    module = AFDModule(small_mlp(), small_mlp, feature_layers="1", num_peers=3)
     module.materialize((torch.randn(4, NUM_FEATURES), torch.zeros(4, dtype=torch.long)))
     features = module.features(torch.randn(4, NUM_FEATURES))
     # D_0 judges network 0 against network 2 (real): its loss uses f_2 as real
@@ -240,22 +240,52 @@ def test_afd_cycles_through_three_networks():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: DMLModule([small_mlp()]),
-        lambda: DMLModule([small_mlp(), small_mlp()], update="parallel"),
-        lambda: FFLModule([small_mlp(), small_mlp()], feature_layers="nope"),
-        lambda: AFDModule([small_mlp(), small_mlp()], feature_layers=["1"]),
+        lambda: DMLModule(small_mlp(), []),
+        lambda: DMLModule(small_mlp(), small_mlp, num_peers=1),
+        lambda: DMLModule(small_mlp(), small_mlp(), update="parallel"),
+        lambda: FFLModule(small_mlp(), small_mlp(), feature_layers="nope"),
+        lambda: AFDModule(small_mlp(), small_mlp(), feature_layers=["1"]),
         lambda: OKDDipModule(small_mlp(), [small_mlp()], feature_layers="1"),
+        lambda: OKDDipModule(small_mlp(), small_mlp, feature_layers="1", num_peers=2),
+        lambda: DMLModule(small_mlp(), {"peer0": small_mlp()}),
     ],
-    ids=["one-peer", "bad-update", "bad-layer", "layers-per-peer", "one-okddip-peer"],
+    ids=[
+        "one-peer",
+        "one-copy",
+        "bad-update",
+        "bad-layer",
+        "layers-per-peer",
+        "one-okddip-peer",
+        "two-okddip-networks",
+        "name-of-the-student",
+    ],
 )
 def test_bad_arguments_fail_at_construction(build):
     with pytest.raises(ValueError):
         build()
 
 
+def test_a_peer_factory_builds_independent_copies_in_order():
+    torch.manual_seed(0)
+    expected = [small_mlp() for _ in range(3)]
+    torch.manual_seed(0)
+    module = DMLModule(small_mlp(), small_mlp, num_peers=3)
+    assert module.names == ["peer0", "peer1", "peer2"] and module.student is module.peers["peer0"]
+    for peer, reference in zip(module.peers.values(), expected, strict=True):
+        assert_same_parameters(peer, reference)
+    named = OKDDipModule(
+        small_mlp(),
+        {"wide": small_mlp(hidden=32), "slim": small_mlp(hidden=4)},
+        "1",
+        shared_projections=False,
+    )
+    assert named.names == ["leader", "wide", "slim"] and named.teacher_names == ["wide", "slim"]
+
+
 def test_afd_feature_optimizer_drives_only_the_adversarial_phase(tmp_path, datamodule):
     module = AFDModule(
-        [small_mlp(), small_mlp()],
+        small_mlp(),
+        small_mlp(),
         feature_layers="1",
         optimizer=partial(torch.optim.Adam, lr=1e-2),
         feature_optimizer=partial(torch.optim.SGD, lr=1e-4),

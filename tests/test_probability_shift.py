@@ -11,6 +11,8 @@ from kd_lightning import DistillationLoss
 from kd_lightning.functional.targets import probability_shift
 from kd_lightning.fusion import FUSION_RULES, LearnedGate, LearnedWeights, StaticWeights
 
+from .reference import library_rules_on_logits
+
 
 def numpy_shift(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Loop over every teacher and position: swap the top value with the label's if they differ."""
@@ -80,9 +82,7 @@ def rule_named(name: str, k: int):
     return special.get(name, FUSION_RULES[name])()
 
 
-@pytest.mark.parametrize(
-    "name", sorted(n for n, r in FUSION_RULES.items() if r.__module__.startswith("kd_lightning."))
-)
+@pytest.mark.parametrize("name", library_rules_on_logits())
 def test_every_rule_accepts_the_shift(name):
     torch.manual_seed(2)
     student = torch.randn(6, 4, requires_grad=True)

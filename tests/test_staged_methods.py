@@ -14,15 +14,17 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_lightning.cli.methods import MethodContext, build_method
 from kd_lightning.cli.teacher_checkpoints import build_teachers
-from kd_lightning.cli.train import train
+from kd_lightning.cli.train import build_module, train
+from kd_lightning.cli.validation import validate_config
+from kd_lightning.errors import ConfigError
 from kd_lightning.functional import prokt_student_loss, prokt_teacher_loss
 from kd_lightning.modules import (
     ClassifierModule,
     DistillationModule,
     ProKDModule,
     ProKTModule,
+    prokt_pipeline,
     stages,
 )
 
@@ -176,16 +178,18 @@ def test_trajectory_stage_keeps_evenly_spaced_checkpoints_and_resumes(tmp_path, 
             cfg, label, epochs, [*(callbacks or []), Record()]
         ),
     )
-    trainer_cfg = {"enable_progress_bar": False, "limit_val_batches": 0}
+    runner = stages.StageRunner(
+        data, tmp_path, {"enable_progress_bar": False, "limit_val_batches": 0}
+    )
     sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
     make = lambda: ClassifierModule(model, optimizer=sgd)  # noqa: E731
-    states = stages.run_trajectory_stage("traj", model, make, data, tmp_path, trainer_cfg, 2, 4)
+    states = runner.trajectory("traj", model, make, epochs=2, num_checkpoints=4)
     assert len(states) == 4 and sorted(weights_at) == list(range(1, 9))
     for state, step in zip(states, [2, 4, 6, 8], strict=True):
         torch.testing.assert_close(state["weight"], weights_at[step])
 
     weights_at.clear()
-    again = stages.run_trajectory_stage("traj", model, make, data, tmp_path, trainer_cfg, 2, 4)
+    again = runner.trajectory("traj", model, make, epochs=2, num_checkpoints=4)
     assert not weights_at  # nothing trained the second time
     torch.testing.assert_close(again[0]["weight"], states[0]["weight"])
 
@@ -207,15 +211,17 @@ def test_run_stage_trains_once_then_loads_the_kept_weights(tmp_path, monkeypatch
 
         return module
 
-    trainer_cfg = {"enable_progress_bar": False, "limit_val_batches": 0}
+    runner = stages.StageRunner(
+        data, tmp_path, {"enable_progress_bar": False, "limit_val_batches": 0}
+    )
     trained = nn.Linear(3, 4)
-    assert stages.run_stage("hop", trained, make(trained), data, tmp_path, trainer_cfg, 1)
+    assert runner.run("hop", trained, make(trained), epochs=1)
     path = stages.stage_path(tmp_path, "hop")
     mtime = path.stat().st_mtime_ns
     assert [p.name for p in tmp_path.iterdir()] == ["hop.safetensors"]  # no partial file left
 
     relaunched = nn.Linear(3, 4)
-    assert not stages.run_stage("hop", relaunched, make(relaunched), data, tmp_path, trainer_cfg, 1)
+    assert not runner.run("hop", relaunched, make(relaunched), epochs=1)
     assert fits == [trained] and path.stat().st_mtime_ns == mtime
     torch.testing.assert_close(relaunched.weight, trained.weight)
 
@@ -247,8 +253,7 @@ def test_takd_chains_hops_and_a_relaunch_trains_no_finished_stage(tmp_path, monk
     stage_dir = Path(cfg.paths.output_dir) / "stages"
 
     def build() -> DistillationModule:
-        context = MethodContext(cfg, instantiate(cfg.student), teachers, datamodule, stage_dir)
-        module = build_method(context)
+        module = build_module(cfg, datamodule, teachers)
         assert isinstance(module, DistillationModule)
         return module
 
@@ -272,16 +277,53 @@ def test_takd_chains_hops_and_a_relaunch_trains_no_finished_stage(tmp_path, monk
     assert fitted == [["assistant1"]]
 
 
+def refused_before_any_work(tmp_path, overrides: list[str]) -> str:
+    """The one problem `validate_config` reports for ``overrides``; nothing was trained."""
+    cfg = compose_config(tmp_path, [*FAST, *overrides])
+    with pytest.raises(ConfigError) as caught:
+        validate_config(cfg)
+    assert not list(tmp_path.rglob("*.safetensors"))
+    (problem,) = caught.value.problems
+    return problem
+
+
 def test_takd_without_assistants_is_refused_before_training(tmp_path):
-    cfg = compose_config(tmp_path, [*FAST, "method=takd", "teachers=[mlp]", "method.assistants=[]"])
-    with pytest.raises(ValueError, match=r"method\.assistants"):
-        build_method(MethodContext(cfg, nn.Linear(40, 10), None, None, tmp_path))  # type: ignore[arg-type]
+    overrides = ["method=takd", "teachers=[mlp]", "method.assistants=[]"]
+    assert refused_before_any_work(tmp_path, overrides).startswith("method.assistants: ")
 
 
 def test_prokt_unknown_teacher_init_is_refused(tmp_path):
-    cfg = compose_config(tmp_path, [*FAST, "method=prokt", "method.teacher_init=random"])
-    with pytest.raises(ValueError, match=r"method\.teacher_init"):
-        build_method(MethodContext(cfg, nn.Linear(40, 10), None, None, tmp_path))  # type: ignore[arg-type]
+    overrides = ["method=prokt", "method.teacher_init=random"]
+    assert refused_before_any_work(tmp_path, overrides).startswith("method.teacher_init: ")
+
+
+@pytest.mark.parametrize("method", ["prokt", "prokd"])
+def test_a_first_teacher_with_a_class_map_is_refused_naming_the_argument(tmp_path, method):
+    overrides = [
+        f"method={method}",
+        "teachers=[mlp]",
+        "teachers.mlp.class_map=[1,0,2,3,4,5,6,7,8,9]",
+    ]
+    problem = refused_before_any_work(tmp_path, overrides)
+    assert problem.startswith("method.teacher: teacher is None") and "class_map" in problem
+
+
+def test_prokt_pretrained_teacher_is_loaded_only_when_asked(tmp_path):
+    """Validation stops where the run would load (or train) the pretrained teacher."""
+    calls: list[str] = []
+    datamodule = L.LightningDataModule.from_datasets(
+        TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4
+    )
+    teacher = nn.Linear(4, 3)
+    path = tmp_path / "teacher.safetensors"
+    stages.save_weights(teacher.state_dict(), path, {})
+    runner = stages.StageRunner(
+        datamodule, tmp_path, {}, pretrained=lambda name: calls.append(name) or path
+    )
+    for init, expected in (("scratch", []), ("pretrained", ["lin"])):
+        module = prokt_pipeline(nn.Linear(4, 3), runner, nn.Linear(4, 3), "lin", teacher_init=init)
+        assert calls == expected
+    torch.testing.assert_close(module.teacher.weight, teacher.weight)
 
 
 # ---------------------------------------------------------------- end to end
@@ -307,7 +349,7 @@ def test_staged_method_runs_end_to_end(tmp_path, case):
     cfg = compose_config(tmp_path, [*FAST, "baseline=false", *overrides])
     summary, objects = train(cfg)
     written = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
-    assert written == summary and summary["method"] == cfg.method.name
+    assert written == summary and summary["method"] == case.split("_")[0]
     assert summary["teachers"] == names
     assert 0.0 <= summary["test_accuracy"]["student"] <= 1.0
     assert set(summary["agreement"]["student_vs"]) == set(names)
@@ -319,7 +361,5 @@ def test_staged_method_runs_end_to_end(tmp_path, case):
 
 
 def test_prokd_bad_schedule_is_refused_before_the_teacher_trains(tmp_path):
-    cfg = compose_config(tmp_path, [*FAST, "method=prokd", "method.temperature_schedule=steps"])
-    with pytest.raises(ValueError, match="temperature_schedule"):
-        build_method(MethodContext(cfg, nn.Linear(40, 10), None, None, tmp_path))  # type: ignore[arg-type]
-    assert not list(tmp_path.rglob("*.safetensors"))
+    overrides = ["method=prokd", "method.temperature_schedule=steps"]
+    assert refused_before_any_work(tmp_path, overrides).startswith("method.temperature_schedule: ")

@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 from torch import nn
 
-from kd_lightning.cli.methods import MethodContext, build_method, method_for
-from kd_lightning.cli.train import train
+from kd_lightning.cli.train import build_module, train
+from kd_lightning.cli.validation import validate_config
+from kd_lightning.errors import ConfigError
 from kd_lightning.functional import tfkd_virtual_loss, virtual_teacher_probs
 from kd_lightning.models import CNN1D, MLP
 from kd_lightning.modules import DistillationModule, VirtualTeacherModule
@@ -69,10 +70,27 @@ def test_virtual_module_reports_the_distribution_as_one_teacher():
     assert out["loss"].requires_grad and not out["student_logits"].requires_grad
 
 
-def test_unknown_variant_is_refused(tmp_path):
-    cfg = compose_config(tmp_path, [*FAST, "method=tfkd", "method.variant=mirror"])
-    with pytest.raises(ValueError, match=r"method\.variant"):
-        build_method(MethodContext(cfg, nn.Linear(40, 10), None, None, tmp_path))  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["method.variant=mirror"], "method.variant: "),
+        (
+            [
+                "method.variant=reverse",
+                "teachers.cnn.input_transform={_target_:kd_lightning.teachers.ReverseSequence}",
+            ],
+            "method.reverse_network: ",
+        ),
+        (["method.variant=virtual", "method.num_classes=null"], "method.num_classes: "),
+    ],
+    ids=["variant", "reverse-without-plain-teacher", "virtual-without-classes"],
+)
+def test_bad_settings_are_refused_before_any_stage(tmp_path, overrides, key):
+    cfg = compose_config(tmp_path, [*FAST, "method=tfkd", "teachers=[cnn]", *overrides])
+    with pytest.raises(ConfigError) as caught:
+        validate_config(cfg)
+    assert [problem[: len(key)] for problem in caught.value.problems] == [key]
+    assert not (tmp_path / "output" / "stages").exists()
 
 
 VARIANTS = {
@@ -117,12 +135,12 @@ def test_tfkd_variant_runs_end_to_end(tmp_path, variant):
         torch.testing.assert_close(value, stored[key])  # the pretrained stage teaches, unchanged
 
 
-def test_the_scratch_baseline_of_reverse_tfkd_trains_the_teacher_architecture(tmp_path):
+def test_the_trained_network_of_reverse_tfkd_is_the_teacher_architecture(tmp_path):
+    """The module's ``student`` is what the scratch baseline trains a fresh copy of."""
     for variant, trained in (("reverse", CNN1D), ("self", MLP), ("virtual", MLP)):
         cfg = compose_config(
-            tmp_path, [*FAST, "method=tfkd", f"method.variant={variant}", "teachers=[cnn]"]
+            tmp_path / variant,
+            [*FAST, "method=tfkd", f"method.variant={variant}", "teachers=[cnn]"],
         )
-        model = instantiate(method_for(cfg).trained_model(cfg))
-        assert type(model) is trained, variant
-    cfg = compose_config(tmp_path, [*FAST, "teachers=[cnn]"])
-    assert type(instantiate(method_for(cfg).trained_model(cfg))) is MLP
+        module = build_module(cfg, instantiate(cfg.data))
+        assert type(module.student) is trained, variant

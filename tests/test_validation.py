@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from kd_lightning.cli import teacher_checkpoints as teacher_cache
-from kd_lightning.cli.methods import METHODS
+from kd_lightning.cli.config import CONFIG_DIR
 from kd_lightning.cli.teachers import train_teachers
 from kd_lightning.cli.train import train
 from kd_lightning.cli.validation import validate_config
@@ -28,7 +29,11 @@ REFUSED = [
     ),
     pytest.param(["trainer.accelerator=quantum"], "trainer.accelerator=quantum", id="accelerator"),
     pytest.param(["trainer.devices=0"], "trainer.devices=0", id="devices"),
-    pytest.param(["method.name=nope"], "method.name='nope'", id="method"),
+    pytest.param(
+        ["method._target_=kd_lightning.modules.Nope"],
+        "method._target_=kd_lightning.modules.Nope:",
+        id="method",
+    ),
     pytest.param(["method.loss.alpha=1.5"], "method.loss.alpha=1.5", id="alpha"),
     pytest.param(["method.loss.temperature=0"], "method.loss.temperature=0", id="temperature"),
     pytest.param(["method=dml", "method.temperature=-1"], "method.temperature=-1", id="dml-temp"),
@@ -52,6 +57,28 @@ REFUSED = [
         ["method=ensemble_hints", "method.hints.student_layer=nope"],
         "method.hints.student_layer=nope",
         id="hint-layer",
+    ),
+    # refused by the method's constructor or pipeline, named by its argument
+    pytest.param(["method=ffl", "method.num_peers=1"], "method.num_peers: ", id="num-peers"),
+    pytest.param(["method=okddip", "method.peers=[]"], "method.peers: ", id="no-peers"),
+    pytest.param(["method=dml", "method.update=parallel"], "method.update: ", id="dml-update"),
+    pytest.param(["method=takd", "method.assistants=[]"], "method.assistants: ", id="assistants"),
+    pytest.param(
+        ["method=takd", "method.stage_epochs=0"], "method: stage takd-", id="stage-epochs"
+    ),
+    pytest.param(["method=tfkd", "method.variant=mirror"], "method.variant: ", id="tfkd-variant"),
+    pytest.param(["method=prokt", "method.constraint=2"], "method.constraint: ", id="prokt-lambda"),
+    pytest.param(
+        ["method=prokd", "method.num_checkpoints=0"], "method.num_checkpoints: ", id="checkpoints"
+    ),
+    pytest.param(["method=dml", "+method.nope=1"], "method: ", id="unknown-argument"),
+    pytest.param(
+        ["method=dml", "method.peers=[{_target_:nope.Nope}]"], "method.peers.0: ", id="peer-target"
+    ),
+    pytest.param(
+        ["method=ensemble_hints", "cache=true"],
+        "cache=true with method=ensemble_hints: ",
+        id="hints-cache",
     ),
 ]
 
@@ -104,9 +131,14 @@ def test_kd_teachers_validates_first(tmp_path):
     assert not (tmp_path / "cache" / "teachers").exists()
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_default_config_passes(tmp_path, method):
+METHODS = sorted(path.stem for path in (Path(CONFIG_DIR) / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_config_builds_its_module(tmp_path, method):
+    """Validation builds each method from its config as the run will, up to its first stage."""
     validate_config(compose_config(tmp_path, [*ONE_TEACHER, f"method={method}"]))
+    assert not any((tmp_path / "output").iterdir())  # no stage trained, no teacher loaded
 
 
 @pytest.mark.parametrize("name", ["../../evil", "sub/teacher", "..", "/abs"])

@@ -1,12 +1,15 @@
-"""Where the configs live and the resolvers they use."""
+"""Where the configs live, the resolvers they use, and what the shell reads off ``cfg.method``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
 
 
 def config_dir() -> Path:
@@ -18,10 +21,62 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"kd_lightning's configs are missing: no train.yaml under {package}")
 
 
+def partial_node(node: Any) -> DictConfig | None:
+    """``${partial:${student}}``: a model config as a factory (``_partial_: true``), so that a
+    method builds as many fresh networks as it needs, when it needs them; null stays null.
+
+    Example:
+        >>> cfg = OmegaConf.create({"student": {"_target_": "m.MLP"}, "f": "${partial:${student}}"})
+        >>> cfg.f._partial_
+        True
+    """
+    if node is None:
+        return None
+    container = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if not isinstance(container, Mapping):
+        raise ValueError(f"partial: expects a config with a _target_, got {node!r}")
+    return OmegaConf.create({**container, "_partial_": True})
+
+
+def first_teacher(path: str, *, _root_: DictConfig) -> Any:
+    """``${first_teacher:model}``: the value at ``path`` under the first entry of ``teachers``
+    (``name`` is its name), for methods that train that architecture themselves as a plain
+    network (ProKT, Pro-KD, reverse Tf-KD). Null when ``teachers`` is empty or its first entry has
+    an ``input_transform`` or a ``class_map``, which such a network cannot take: the method then
+    refuses, naming its argument.
+
+    Example:
+        >>> cfg = OmegaConf.create({"teachers": {"cnn": {"fit": {"seed": 3}, "class_map": None}},
+        ...                         "seed": "${first_teacher:fit.seed}", "name": "${first_teacher:name}"})
+        >>> cfg.seed, cfg.name
+        (3, 'cnn')
+    """
+    teachers = _root_.get("teachers") or {}
+    if not teachers:
+        return None
+    name = next(iter(teachers))
+    teacher = teachers[name]
+    if teacher.get("input_transform") is not None or teacher.get("class_map") is not None:
+        return None
+    if path == "name":
+        return name
+    value = OmegaConf.select(teacher, path)
+    if OmegaConf.is_config(value):
+        return OmegaConf.create(OmegaConf.to_container(value, resolve=True))
+    return value
+
+
 def register_resolvers() -> None:
-    """``${len:${teachers}}``: the number of entries of a config node."""
-    if not OmegaConf.has_resolver("len"):
-        OmegaConf.register_new_resolver("len", lambda node: len(node))
+    """``${len:${teachers}}`` (the number of entries of a node), ``${partial:...}`` and
+    ``${first_teacher:...}``."""
+    resolvers: dict[str, Callable[..., Any]] = {
+        "len": lambda node: len(node),
+        "partial": partial_node,
+        "first_teacher": first_teacher,
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 register_resolvers()
@@ -31,3 +86,34 @@ CONFIG_DIR = str(config_dir())
 def show_progress(cfg: Mapping[str, Any]) -> bool:
     """The run's ``trainer.enable_progress_bar`` (true when unset)."""
     return bool(cfg["trainer"].get("enable_progress_bar", True))
+
+
+def method_target(cfg: DictConfig) -> Callable[..., Any]:
+    """The class or pipeline function that ``cfg.method`` instantiates (not yet called).
+
+    Example:
+        >>> method_target(OmegaConf.create({"method": {"_target_": "kd_lightning.modules.DMLModule"}}))
+        <class 'kd_lightning.modules.online.dml.DMLModule'>
+    """
+    return get_object(cfg.method._target_)
+
+
+def method_arguments(cfg: DictConfig) -> set[str]:
+    """The arguments of ``cfg.method``'s target, which say what the run passes it (``teachers``,
+    ``stages``; see :class:`~kd_lightning.modules.base.MethodModule`).
+
+    Example:
+        >>> sorted(method_arguments(OmegaConf.create({"method": {"_target_": "kd_lightning.modules.takd_pipeline"}})))[:4]
+        ['assistants', 'fusion', 'loss', 'optimizer']
+    """
+    return set(inspect.signature(method_target(cfg)).parameters)
+
+
+def method_name(cfg: DictConfig) -> str:
+    """The ``method=`` option of the run (Hydra's choice); outside a Hydra run, the name of the
+    method's target (e.g. ``DMLModule``)."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("method")
+        if choice is not None:
+            return str(choice)
+    return str(cfg.method._target_).rsplit(".", 1)[-1]

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 from torch import Tensor
 
-from kd_lightning.cli.methods import method_for
+from kd_lightning.cli.config import method_arguments, method_name
 from kd_lightning.data import augment_mnist1d
 from kd_lightning.data.augmented_views import AugmentedViewsDataModule
 from kd_lightning.data.indexed import IndexedDataModule
@@ -31,13 +31,22 @@ def output_cache_root(cfg: DictConfig) -> Path:
 
 
 def check_cacheable(cfg: DictConfig) -> None:
-    """Refuse a cache the method cannot use, or of randomly augmented data, before any work."""
-    method = method_for(cfg)
-    if not method.reads_cache:
-        reason = "trains no pretrained teachers" if not method.needs_teachers else "runs them live"
+    """Refuse a cache for a method that takes no teachers, with teachers drawn per step, or of
+    randomly augmented data, before any work. (Whether a method that takes teachers can read a
+    cache, its constructor says: :func:`~kd_lightning.cli.validation.validate_config` builds it on
+    one cached batch.)"""
+    if "teachers" not in method_arguments(cfg):
         raise ValueError(
-            f"cache=true with method={cfg.method.name}: this method {reason} and cannot read a "
-            "teacher-output cache; set cache=false (method=ensemble reads one)"
+            f"cache=true with method={method_name(cfg)}: this method trains no pretrained "
+            "teachers and cannot read a teacher-output cache; set cache=false (method=ensemble "
+            "reads one)"
+        )
+    per_step = (cfg.get("teacher_runtime") or {}).get("draw_per_step")
+    if per_step is not None:
+        raise ValueError(
+            f"cache=true with teacher_runtime.draw_per_step={per_step}: the cache stores every "
+            "teacher's logits and training reads them without running a teacher, so there is "
+            "nothing to draw; set teacher_runtime.draw_per_step=null or cache=false"
         )
     views = cfg.get("cache_augmented_views")
     if cfg.data.get("augment") and views is None:
@@ -159,7 +168,7 @@ def cached_teachers(
 def describe(cache: CachedTeachers) -> str:
     """Where the cache is, what it holds and how big it is."""
     splits = ", ".join(
-        f"{split} {cache.manifest['splits'][split]['num_samples']}" for split in cache.splits
+        f"{stage} {cache.manifest['splits'][stage]['num_samples']}" for stage in cache.stages
     )
     stored = "all logits" if cache.top_k is None else f"top {cache.top_k} logits + tail mass"
     return (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,13 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from torch import nn
 
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.cli.config import show_progress
 from kd_lightning.modules import ClassifierModule
+from kd_lightning.modules.stages import save_weights
 from kd_lightning.teachers import DrawnTeachers, TeacherEnsemble, load_teacher
 from kd_lightning.teachers.runtime import RUNTIME_OPTIONS
 
@@ -142,21 +141,11 @@ def train_teacher(name: str, cfg: DictConfig, datamodule: LightningDataModule) -
     )
     trainer.fit(module, datamodule=datamodule)
     path = cached_teacher_path(name, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "teacher": name,
         "config": json.dumps(OmegaConf.to_container(teacher, resolve=True)),
     }
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()},
-            str(partial),
-            metadata=metadata,
-        )
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    save_weights(model.state_dict(), path, metadata)
     return path
 
 

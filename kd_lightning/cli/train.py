@@ -6,6 +6,7 @@ Run ``kd-train --help`` for the config groups, e.g.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -17,23 +18,27 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from kd_lightning.callbacks import TeacherAgreementCallback
 from kd_lightning.callbacks.progress import progress_bar
-from kd_lightning.cli.config import CONFIG_DIR, show_progress
+from kd_lightning.cli.config import CONFIG_DIR, method_arguments, method_name, show_progress
 from kd_lightning.cli.logit_cache import cached_teachers, check_cacheable
-from kd_lightning.cli.methods import MethodContext, build_method, method_for
 from kd_lightning.cli.summary import build_summary, format_summary, write_json
-from kd_lightning.cli.teacher_checkpoints import build_teachers
+from kd_lightning.cli.teacher_checkpoints import (
+    build_teachers,
+    teacher_checkpoint,
+    teacher_source,
+    train_teacher,
+)
 from kd_lightning.cli.validation import validate_config
-from kd_lightning.modules import ClassifierModule
-from kd_lightning.teachers import TeacherEnsemble
-from kd_lightning.teachers.cache.store import CachedTeachers
+from kd_lightning.modules import ClassifierModule, StageRunner
+from kd_lightning.teachers import TeacherSource
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
@@ -43,11 +48,12 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the experiment ``cfg`` and return ``(summary, objects)``.
 
-    Teachers are loaded (trained and cached first where missing), the student is distilled and
-    tested, then, when ``cfg.baseline``, the same student is trained from scratch and tested.
-    Relaunched in the same output directory (``hydra.run.dir=...``), distillation resumes from
-    the ``last.ckpt`` the checkpoint callback left there.
-    ``summary`` is also written to ``summary.json`` in the run's output directory.
+    The method's module is built (:func:`build_module`; teachers loaded, trained and cached first
+    where missing, earlier stages run), the student is distilled and tested, then, when
+    ``cfg.baseline``, a copy of the network it trains, as it was before training, is trained
+    from scratch on labels and tested. Relaunched in the same output directory
+    (``hydra.run.dir=...``), distillation resumes from the ``last.ckpt`` the checkpoint callback
+    left there. ``summary`` is also written to ``summary.json`` in the run's output directory.
     """
     started = time.perf_counter()
     refuse_ddp_in_multirun(cfg)
@@ -55,17 +61,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("cache"):
         check_cacheable(cfg)  # before any teacher is trained
     datamodule: LightningDataModule = instantiate(cfg.data)
-    teachers: TeacherEnsemble | CachedTeachers | None = (
-        build_teachers(cfg, datamodule) if method_for(cfg).needs_teachers else None
-    )
+    teachers: TeacherSource | None = None
     distill_data: LightningDataModule = datamodule
-    if cfg.get("cache") and isinstance(teachers, TeacherEnsemble):  # read by index, teachers idle
-        teachers, distill_data = cached_teachers(cfg, teachers, datamodule)
+    if "teachers" in method_arguments(cfg):
+        ensemble = build_teachers(cfg, datamodule)
+        if cfg.get("cache"):  # read by sample index, the teachers idle
+            teachers, distill_data = cached_teachers(cfg, ensemble, datamodule)
+        else:
+            teachers = teacher_source(cfg, ensemble)
 
-    L.seed_everything(cfg.seed, workers=True)
-    student = instantiate(cfg.student)
-    stage_dir = Path(cfg.paths.output_dir) / "stages"
-    module = build_method(MethodContext(cfg, student, teachers, distill_data, stage_dir))
+    module = build_module(cfg, distill_data, teachers)
+    untrained = copy.deepcopy(cast(nn.Module, module.student)) if cfg.baseline else None
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))
     if not loggers:  # nothing to monitor the learning rate into
@@ -87,8 +93,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     finish_wandb_runs(loggers)
     baseline_accuracy = None
-    if cfg.baseline:
-        baseline_accuracy = train_baseline(cfg, datamodule)
+    if untrained is not None:
+        baseline_accuracy = train_baseline(cfg, datamodule, untrained)
 
     summary = build_summary(
         cast(list[str], module.teacher_names),  # every method's module names its teachers
@@ -107,12 +113,55 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
 
 
-def train_baseline(cfg: DictConfig, datamodule: LightningDataModule) -> float:
-    """Train the method's trained architecture (the student, or for ``tfkd variant=reverse`` the
-    teacher's) from scratch on labels alone; return its test accuracy."""
+def build_module(
+    cfg: DictConfig,
+    datamodule: LightningDataModule,
+    teachers: TeacherSource | None = None,
+) -> LightningModule:
+    """The module of ``cfg.method``: its node instantiated (a partial of a LightningModule or of a
+    pipeline) and called with a fresh ``cfg.student``, plus ``teachers`` and a
+    :class:`~kd_lightning.modules.StageRunner` over ``datamodule`` (stages in
+    ``<output dir>/stages``) when its target takes them (see
+    :class:`~kd_lightning.modules.MethodModule`). Seeded with ``cfg.seed`` first."""
+    arguments = method_arguments(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    provided: dict[str, Any] = {"student": instantiate(cfg.student)}
+    if "teachers" in arguments:
+        provided["teachers"] = teachers
+    if "stages" in arguments:
+        provided["stages"] = StageRunner(
+            datamodule,
+            Path(cfg.paths.output_dir) / "stages",
+            OmegaConf.to_container(cfg.trainer, resolve=True),  # type: ignore[arg-type]
+            seed=cfg.seed,
+            pretrained=lambda name: pretrained_teacher(cfg, datamodule, name),
+        )
+    return instantiate(cfg.method, _convert_="all")(**provided)
+
+
+def pretrained_teacher(cfg: DictConfig, datamodule: LightningDataModule, name: str) -> Path:
+    """The weights file of configured teacher ``name``: its ``checkpoint``, or the cached one,
+    trained (and cached) first when missing and ``train_if_missing``."""
+    path = teacher_checkpoint(name, cfg)
+    if path.is_file():
+        return path
+    if cfg.teachers[name].checkpoint:
+        raise FileNotFoundError(f"teachers.{name}.checkpoint: no such file: {path}")
+    if not cfg.train_if_missing:
+        raise FileNotFoundError(
+            f"teachers.{name} has no checkpoint ({path}) and train_if_missing=false: train it "
+            f"with `kd-teachers teachers=[{name}]`, or use method.teacher_init=scratch"
+        )
+    return train_teacher(name, cfg, datamodule)
+
+
+def train_baseline(cfg: DictConfig, datamodule: LightningDataModule, network: nn.Module) -> float:
+    """Train ``network`` (the method's trained network as it was before training: the student, or
+    for ``tfkd variant=reverse`` the teacher's architecture) on labels alone; return its test
+    accuracy."""
     L.seed_everything(cfg.seed, workers=True)
     module = ClassifierModule(
-        instantiate(method_for(cfg).trained_model(cfg)),
+        network,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
@@ -157,12 +206,12 @@ def instantiate_dict(node: DictConfig | None) -> list[Any]:
 
 def choices(cfg: DictConfig) -> dict[str, str]:
     """The options picked in each config group (``fusion=entropy`` → ``{"fusion": "entropy"}``);
-    no fusion for methods without configured teachers, which never use it."""
+    no fusion for methods that take no teachers, which never use it."""
     if HydraConfig.initialized():
         picked = {key: str(value) for key, value in HydraConfig.get().runtime.choices.items()}
     else:
-        picked = {"method": cfg.method.name, "fusion": cfg.fusion._target_.rsplit(".", 1)[-1]}
-    if not method_for(cfg).needs_teachers:
+        picked = {"method": method_name(cfg), "fusion": cfg.fusion._target_.rsplit(".", 1)[-1]}
+    if "teachers" not in method_arguments(cfg):
         picked.pop("fusion", None)
     return picked
 

@@ -2,16 +2,20 @@
 
 ``kd-train`` and ``kd-teachers`` call :func:`validate_config` first: nothing is trained, cached or
 written before it passes. It builds what is cheap to build (the datamodule, the student, the
-teachers' architectures, the fusion rule and the loss), loads the teacher files that exist, and runs
-one real batch through the student, every teacher and the loss, so that a teacher and a student
-that disagree on the classes, a missing or unsafe checkpoint, an unavailable accelerator or an
-out-of-range hyper-parameter all surface together in one :class:`~kd_lightning.errors.ConfigError`.
+teachers' architectures, the fusion rule and the loss), loads the teacher files that exist, runs
+one real batch through the student, every teacher and the loss, and builds the method's module
+from ``cfg.method`` as the run will, stopping where a pipeline would start training a stage. So a
+teacher and a student that disagree on the classes, a missing or unsafe checkpoint, an unavailable
+accelerator, an out-of-range hyper-parameter or an argument a method refuses (reported as
+``method.<argument>``) all surface together in one :class:`~kd_lightning.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,19 +23,31 @@ from typing import Any, TypeVar
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from kd_lightning.batch import BatchAdapter
-from kd_lightning.cli.methods import METHODS
+from kd_lightning.cli.config import method_arguments, method_name
 from kd_lightning.cli.teacher_checkpoints import (
     cached_teacher_path,
     check_teacher_name,
     input_transform,
     teacher_class_map,
+    teacher_source,
 )
 from kd_lightning.errors import ConfigError, TeacherLoadError
-from kd_lightning.teachers import TeacherEnsemble, load_teacher
+from kd_lightning.models.taps import FeatureTaps
+from kd_lightning.modules.stages import StageRunner
+from kd_lightning.teachers import (
+    CachedTeachers,
+    TeacherEnsemble,
+    TeacherSource,
+    build_output_cache,
+    load_teacher,
+)
 
 T = TypeVar("T")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -53,12 +69,13 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
 
     Args:
         cfg: the composed ``kd-train`` config.
-        needs_teachers: check the teachers; by default when the configured method needs them
+        needs_teachers: check the teachers; by default when the configured method takes them
             (``kd-teachers`` passes ``True``).
 
     Example:
+        >>> target = "kd_lightning.modules.DistillationModule"
         >>> cfg = OmegaConf.create(
-        ...     {"method": {"name": "ensemble", "loss": {"alpha": 2}}, "trainer": {"devices": 0}}
+        ...     {"method": {"_target_": target, "loss": {"alpha": 2}}, "trainer": {"devices": 0}}
         ... )
         >>> try:
         ...     validate_config(cfg)
@@ -73,14 +90,10 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
         for key in OmegaConf.missing_keys(cfg)
         if not key.startswith("hydra.")
     ]
-    name = cfg.method.get("name")
-    if name not in METHODS:
-        problems.append(
-            f"method.name={name!r}: not a known method; choose one of {sorted(METHODS)}"
-        )
-    elif needs_teachers is None:
-        needs_teachers = METHODS[name].needs_teachers
-    problems += hyperparameter_problems(cfg)
+    arguments = _method_arguments(cfg, problems)
+    if needs_teachers is None:
+        needs_teachers = arguments is not None and "teachers" in arguments
+    problems += problems.guard("method", lambda: hyperparameter_problems(cfg)) or []
     problems += hardware_problems(cfg.get("trainer") or OmegaConf.create({}))
     problems += sharding_problems(cfg)
     if "data" not in cfg or "student" not in cfg:
@@ -88,19 +101,38 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
         return
 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        batch = problems.guard("data", lambda: first_batch(instantiate(cfg.data)))
+        datamodule = problems.guard("data", lambda: instantiate(cfg.data))
+        batch = (
+            None if datamodule is None else problems.guard("data", lambda: first_batch(datamodule))
+        )
         unpacked = None if batch is None else problems.guard("data", partial(BatchAdapter(), batch))
         inputs, labels = (None, None) if unpacked is None else unpacked
         student = problems.guard("student", lambda: instantiate(cfg.student))
         student_logits = _student_logits(cfg, student, inputs, labels, problems)
+        ensemble = None
         if needs_teachers:
             models: dict[str, nn.Module] = {}
-            teacher_logits = _teacher_logits(cfg, inputs, student_logits, problems, models)
+            teacher_logits, ensemble = _teacher_logits(
+                cfg, inputs, student_logits, problems, models
+            )
             if teacher_logits is not None and student is not None and student_logits is not None:
-                _check_loss(cfg, student, inputs, teacher_logits, labels, problems)
+                _check_loss(cfg, student, batch, inputs, teacher_logits, labels, problems)
             if cfg.method.get("hints") and student is not None:
                 _check_hints(cfg.method.hints, student, models, problems)
+        if arguments is not None and student is not None and datamodule is not None:
+            _check_method(cfg, arguments, student, ensemble, datamodule, batch, problems)
     _raise_if_any(problems)
+
+
+def _method_arguments(cfg: DictConfig, problems: _Problems) -> set[str] | None:
+    """The arguments of ``cfg.method``'s target; ``None`` (and a problem) when it has none."""
+    if "method" not in cfg or "_target_" not in cfg.method:
+        problems.append(
+            "method: has no _target_; a method's config names its LightningModule or pipeline "
+            "there (see conf/method/)"
+        )
+        return None
+    return problems.guard(f"method._target_={cfg.method._target_}", lambda: method_arguments(cfg))
 
 
 def _raise_if_any(problems: list[str]) -> None:
@@ -151,20 +183,25 @@ def hardware_problems(trainer: DictConfig) -> list[str]:
 
 def sharding_problems(cfg: DictConfig) -> list[str]:
     """``teacher_runtime.shard_across_ranks`` with what cannot shard: another method, the cache,
-    one teacher drawn per step, or more ranks than teachers."""
-    if not (cfg.get("teacher_runtime") or {}).get("shard_across_ranks"):
+    teachers drawn per step, or more ranks than teachers."""
+    runtime = cfg.get("teacher_runtime") or {}
+    if not runtime.get("shard_across_ranks"):
         return []
     key = "teacher_runtime.shard_across_ranks=true"
     problems = []
-    method = cfg.method.get("name")
-    if method != "ensemble":
+    method = method_name(cfg)
+    if "shard_teachers" not in cfg.method:
         problems.append(
             f"{key}: method={method} does not shard teachers; only method=ensemble does"
         )
     if cfg.get("cache"):
         problems.append(f"{key}: cache=true reads the teachers' outputs, no teacher runs to shard")
-    if (cfg.get("fusion") or {}).get("run_drawn_only"):
-        problems.append(f"{key}: fusion.run_drawn_only=true runs one teacher per step; pick one")
+    per_step = runtime.get("draw_per_step")
+    if per_step is not None:
+        problems.append(
+            f"{key}: teacher_runtime.draw_per_step={per_step} runs teachers drawn per step, but "
+            "sharded ranks exchange every teacher's logits at every step; pick one"
+        )
     trainer = cfg.get("trainer") or {}
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
     teachers = cfg.get("teachers") or {}
@@ -213,12 +250,13 @@ def _teacher_logits(
     student_logits: Tensor | None,
     problems: _Problems,
     models: dict[str, nn.Module],
-) -> Tensor | None:
-    """Build and load each teacher into ``models``; return their stacked logits on ``inputs``."""
+) -> tuple[Tensor | None, TeacherEnsemble | None]:
+    """Build and load each teacher into ``models``; return their stacked logits on ``inputs``
+    and their ensemble."""
     teachers = cfg.get("teachers") or {}
     if not teachers:
-        problems.append(f"teachers: method {cfg.method.name} needs teachers and none are set")
-        return None
+        problems.append(f"teachers: method {method_name(cfg)} needs teachers and none are set")
+        return None, None
     count = len(problems)
     adapters, transforms, class_maps = {}, {}, {}
     untrained: list[str] = []
@@ -248,20 +286,20 @@ def _teacher_logits(
             class_maps[name] = class_map
     problems += _untrained_problems(cfg, untrained)
     if len(problems) > count or inputs is None or student_logits is None:
-        return None
+        return None, None
     ensemble = problems.guard(
         "teachers",
         lambda: TeacherEnsemble(models, adapters, transforms, class_maps, student_logits.shape[-1]),
     )
     if ensemble is None:
-        return None
+        return None, None
     logits = [
         problems.guard(f"teachers.{name}", partial(ensemble.view(name), inputs))
         for name in ensemble.names
     ]
     if len(problems) > count:
-        return None
-    return torch.stack([output for output in logits if output is not None])
+        return None, None
+    return torch.stack([output for output in logits if output is not None]), ensemble
 
 
 def _load_weights(cfg: DictConfig, name: str, model: nn.Module, problems: _Problems) -> bool:
@@ -296,28 +334,50 @@ def _untrained_problems(cfg: DictConfig, names: list[str]) -> list[str]:
 def _check_loss(
     cfg: DictConfig,
     student: nn.Module,
+    batch: Any,
     inputs: Any,
     teacher_logits: Tensor,
     labels: Tensor | None,
     problems: _Problems,
 ) -> None:
-    """Build the fusion rule (bound to the student, as the module binds it) and the method's loss,
-    and run them on the batch's outputs."""
+    """Build the fusion rule and the method's loss, and run them on the batch's outputs as the
+    module would."""
     if "loss" not in cfg.method or any(p.startswith("method.loss.") for p in problems):
         return
     count = len(problems)
     fusion = problems.guard("fusion", lambda: instantiate(cfg.fusion))
-    if fusion is not None:
-        problems.guard("fusion", partial(fusion.bind_student, student))
     if len(problems) > count:
         return
-    loss = problems.guard("method.loss", lambda: instantiate(cfg.method.loss, fusion=fusion))
+    loss = problems.guard(
+        "method.loss", lambda: _built(instantiate(cfg.method.loss, fusion=fusion))
+    )
     if loss is not None and labels is not None:
         problems.guard(
             "fusion",
-            lambda: loss(student(inputs), teacher_logits, labels),
+            lambda: _run_loss(loss, student, batch, inputs, teacher_logits, labels),
             "fails on the teachers' outputs: ",
         )
+
+
+def _run_loss(
+    loss: Any, student: nn.Module, batch: Any, inputs: Any, teachers: Tensor, labels: Tensor
+) -> Any:
+    """``loss`` on one batch, with what its fusion rule reads, as the module gives it: the student
+    layers it names, tapped, and the batch fields it names."""
+    with FeatureTaps(student, list(loss.student_layers)) as taps:
+        student_logits = student(inputs)
+    fields = {
+        name: batch[name]
+        for name in loss.batch_fields
+        if isinstance(batch, Mapping) and name in batch
+    }
+    return loss(
+        student_logits,
+        teachers,
+        labels,
+        student_features=dict(taps.features),
+        batch_fields=fields,
+    )
 
 
 def _check_hints(
@@ -336,6 +396,141 @@ def _check_hints(
                 f"method.hints.teacher_layers.{name}={layer}: teacher {name} has no such layer; "
                 f"it has {sorted(n for n, _ in models[name].named_modules() if n)}"
             )
+
+
+def _built(loss: Any) -> Any:
+    """The loss itself, also when its config is a factory (``_partial_: true``, as TAKD's)."""
+    return loss() if isinstance(loss, partial) else loss
+
+
+class _StageReached(Exception):
+    """Where a real run would start training a stage or loading a pretrained teacher."""
+
+
+class _DryStages(StageRunner):
+    """Validation's stage runner: a pipeline's checks run and each stage's module is built, but
+    nothing trains and no pretrained teacher is loaded (or trained)."""
+
+    def train(
+        self, name: str, module: LightningModule, epochs: int, callbacks: list[Callback]
+    ) -> None:
+        raise _StageReached
+
+    def pretrained_weights(self, teacher: str) -> Path:
+        raise _StageReached
+
+
+def _check_method(
+    cfg: DictConfig,
+    arguments: set[str],
+    student: nn.Module,
+    ensemble: TeacherEnsemble | None,
+    datamodule: LightningDataModule,
+    batch: Any,
+    problems: _Problems,
+) -> None:
+    """Build the method's module as :func:`~kd_lightning.cli.train.build_module` will (with
+    ``cache=true``, from a teacher-output cache of one batch), stopping at its first stage; an
+    argument it refuses becomes a problem keyed ``method.<argument>``, a teacher-output cache it
+    refuses one saying ``cache=true with method=<name>``. (A method that takes no teachers at all
+    is refused a cache by :func:`~kd_lightning.cli.logit_cache.check_cacheable`.)
+
+    Skipped when an earlier problem concerns what it is built from (which it would only repeat).
+    """
+    if any(not problem.startswith(("trainer.", "teacher_runtime.")) for problem in problems):
+        return
+    cached = bool(cfg.get("cache")) and "teachers" in arguments
+    with tempfile.TemporaryDirectory() as scratch:
+        provided: dict[str, Any] = {"student": student}
+        if "teachers" in arguments:
+            source = _source(cfg, ensemble, batch, scratch, problems)
+            if source is None:
+                return
+            provided["teachers"] = source
+        if "stages" in arguments:
+            provided["stages"] = _DryStages(datamodule, Path(scratch) / "stages", {}, cfg.seed)
+        try:
+            instantiate(cfg.method, _convert_="all")(**provided)
+        except _StageReached:
+            pass
+        except Exception as error:  # every refusal becomes a reported problem
+            if cached:
+                problems.append(f"cache=true with method={method_name(cfg)}: {describe(error)}")
+            else:
+                problems.append(f"{_method_key(cfg, error)}: {describe(error)}")
+
+
+def _source(
+    cfg: DictConfig,
+    ensemble: TeacherEnsemble | None,
+    batch: Any,
+    directory: str,
+    problems: _Problems,
+) -> TeacherSource | None:
+    """The teachers as the run will give them to the method: a teacher-output cache (of
+    ``batch``) with ``cache=true``, else the source of ``teacher_runtime``; ``None`` when the
+    teachers could not be built."""
+    if ensemble is None:
+        return None
+    if cfg.get("cache"):
+        return _one_batch_cache(ensemble, batch, directory)
+    try:
+        return teacher_source(cfg, ensemble)
+    except ValueError as error:  # names its key already
+        problems.append(str(error))
+        return None
+
+
+def _method_key(cfg: DictConfig, error: BaseException) -> str:
+    """The config key an error of the method's construction names: the node Hydra was building,
+    else ``method.<argument>`` for a message that starts with an argument, else ``method``.
+
+    Example:
+        >>> cfg = OmegaConf.create({"method": {"num_peers": 1}})
+        >>> _method_key(cfg, ValueError("num_peers must be ≥ 2"))
+        'method.num_peers'
+    """
+    if isinstance(error, InstantiationException):
+        found = re.search(r"full_key: (\S+)", str(error))
+        if found:
+            key = found.group(1)
+            stem = key.rstrip("0123456789")  # Hydra names item i of a list `<list>i`
+            if stem != key and OmegaConf.is_list(OmegaConf.select(cfg, stem)):
+                return f"{stem}.{key[len(stem) :]}"
+            return key
+    text = describe(error)
+    named = [str(key) for key in cfg.method if re.match(rf"{re.escape(str(key))}\b", text)]
+    return f"method.{named[0]}" if named else "method"
+
+
+class _Rows(Dataset[Any]):
+    """The samples of one collated batch, one by one."""
+
+    def __init__(self, batch: Any, size: int) -> None:
+        self.batch, self.size = batch, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Any:
+        return _row(self.batch, index)
+
+
+def _row(batch: Any, index: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[index]
+    if isinstance(batch, Mapping):
+        return {key: _row(value, index) for key, value in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_row(value, index) for value in batch)
+    return batch
+
+
+def _one_batch_cache(ensemble: TeacherEnsemble, batch: Any, directory: str) -> CachedTeachers:
+    """A teacher-output cache of ``batch`` in ``directory``: what a method is built from under
+    ``cache=true``."""
+    _, labels = BatchAdapter()(batch)
+    return build_output_cache(ensemble, {"train": _Rows(batch, len(labels))}, directory)
 
 
 def leaves(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.batch import BatchAdapter
-from kd_lightning.modules.epoch_means import EpochMeans, Stage
-from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
+from kd_lightning.modules.base import MethodModule
+from kd_lightning.modules.epoch_means import Stage
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 
-class ClassifierModule(EpochMeans):
+class ClassifierModule(MethodModule):
     """Train ``model`` on labels alone; logs ``{stage}/loss`` and ``{stage}/acc``.
 
     Both are epoch means weighted by batch size and summed over processes before dividing, as
@@ -43,35 +43,16 @@ class ClassifierModule(EpochMeans):
         scheduler_interval: Literal["step", "epoch"] = "step",
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
     ) -> None:
-        super().__init__(("loss", "acc"))
+        super().__init__(("loss", "acc"), optimizer, scheduler, scheduler_interval, batch_adapter)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "batch_adapter"])
         self.model = model
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
 
-    def forward(self, inputs: Any) -> Tensor:
-        return self.model(inputs)
+    @property
+    def student(self) -> nn.Module:
+        """The network trained: ``model``."""
+        return self.model
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
-
-    def configure_optimizers(self) -> Any:
-        return configure_optimizers(
-            self.model.parameters(),
-            self.optimizer_factory,
-            self.scheduler_factory,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            interval=self.hparams["scheduler_interval"],
-        )
-
-    def _step(self, batch: Any, stage: Stage) -> Tensor:
+    def step(self, batch: Any, stage: Stage) -> Tensor:
         inputs, labels = self.batch_adapter(batch)
         logits = self.model(inputs)
         loss = F.cross_entropy(logits.float(), labels)

@@ -10,16 +10,16 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from kd_lightning.batch import BatchAdapter
 from kd_lightning.losses.distillation import DistillationLoss, DistillationOutput
 from kd_lightning.losses.hints import FeatureHintLoss
 from kd_lightning.models.taps import FeatureTaps
-from kd_lightning.modules.epoch_means import EpochMeans, Stage
-from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
+from kd_lightning.modules.base import MethodModule
+from kd_lightning.modules.epoch_means import Stage
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 from kd_lightning.teachers import TeacherEnsemble, TeacherOutputs, TeacherSource
 
 
-class DistillationModule(EpochMeans):
+class DistillationModule(MethodModule):
     """Train ``student`` against frozen ``teachers`` with a :class:`~kd_lightning.DistillationLoss`.
 
     Each train/val/test step asks the teacher source once for the logits of the teachers that run
@@ -97,7 +97,13 @@ class DistillationModule(EpochMeans):
         hints: FeatureHintLoss | None = None,
         shard_teachers: bool = False,
     ) -> None:
-        super().__init__(("loss", "ce", "kd", "acc") + (("hint",) if hints is not None else ()))
+        super().__init__(
+            ("loss", "ce", "kd", "acc") + (("hint",) if hints is not None else ()),
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            batch_adapter,
+        )
         self.save_hyperparameters(
             ignore=[
                 "student",
@@ -114,9 +120,6 @@ class DistillationModule(EpochMeans):
             teachers if isinstance(teachers, TeacherSource) else TeacherEnsemble(teachers)
         )
         self.loss = loss if loss is not None else DistillationLoss()
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
         self.hints = hints
         hinted = () if hints is None else (hints.student_layer,)
         self._student_layers = tuple(dict.fromkeys((*self.loss.student_layers, *hinted)))
@@ -137,24 +140,8 @@ class DistillationModule(EpochMeans):
         """The teachers' names; ``teacher_indices`` of the step outputs index this list."""
         return list(self.teachers.names)
 
-    def forward(self, inputs: Any) -> Tensor:
-        """The student's logits."""
-        return self.student(inputs)
-
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        inputs, _ = self.batch_adapter(batch)
-        return self.student(inputs)
-
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage == "fit" and self._needs_dry_run():
             datamodule = getattr(self.trainer, "datamodule", None)
             if datamodule is None:
@@ -238,23 +225,13 @@ class DistillationModule(EpochMeans):
             batch_fields={field: batch[field] for field in fields},
         )
 
-    def configure_optimizers(self) -> Any:
-        hints = () if self.hints is None else tuple(self.hints.parameters())
-        return configure_optimizers(
-            (*self.student.parameters(), *self.loss.parameters(), *hints),
-            self.optimizer_factory,
-            self.scheduler_factory,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            interval=self.hparams["scheduler_interval"],
-        )
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.hparams["save_teachers"]:
             state = checkpoint["state_dict"]
             for key in [key for key in state if key.startswith("teachers.")]:
                 del state[key]
 
-    def _step(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
+    def step(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
         inputs, labels = self.batch_adapter(batch)
         student_logits, student_features = self._run_student(inputs)
         teachers = self.teachers.outputs(inputs, batch, stage)

@@ -1,4 +1,4 @@
-"""Pro-KD: the student follows the teacher's training trajectory."""
+"""Pro-KD: the student follows the teacher's training trajectory; the pipeline of ``method=prokd``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from torch import Tensor, nn
 
 from kd_lightning.losses.distillation import DistillationLoss
 from kd_lightning.losses.schedules import SCHEDULE_KINDS, ScheduleKind, schedule_value
+from kd_lightning.modules.classifier import ClassifierModule
 from kd_lightning.modules.distillation import DistillationModule
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
+from kd_lightning.modules.stages import NetworkSpec, StageRunner, build_network
 from kd_lightning.teachers import TeacherEnsemble
 
 
@@ -106,18 +108,27 @@ class ProKDModule(DistillationModule):
     def check_settings(
         alpha: float, max_temperature: float, min_temperature: float, temperature_schedule: str
     ) -> None:
-        """Refuse settings the constructor would refuse, before any teacher is trained."""
+        """Refuse settings the constructor would refuse, before any teacher is trained.
+
+        Example:
+            >>> ProKDModule.check_settings(0.5, 4.0, 0.0, "linear")
+            Traceback (most recent call last):
+            ...
+            ValueError: min_temperature must be positive, got 0.0 (max_temperature=4.0)
+        """
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if temperature_schedule not in SCHEDULE_KINDS:
             raise ValueError(
-                f"unknown temperature_schedule {temperature_schedule!r}; choose one of "
+                f"temperature_schedule={temperature_schedule!r} is not one of "
                 f"{list(SCHEDULE_KINDS)}"
             )
-        if min(max_temperature, min_temperature) <= 0:
+        if max_temperature <= 0:
+            raise ValueError(f"max_temperature must be positive, got {max_temperature}")
+        if min_temperature <= 0:
             raise ValueError(
-                f"temperatures must be positive, got max_temperature={max_temperature}, "
-                f"min_temperature={min_temperature}"
+                f"min_temperature must be positive, got {min_temperature} "
+                f"(max_temperature={max_temperature})"
             )
 
     def use_checkpoint(self, index: int) -> None:
@@ -157,3 +168,76 @@ class ProKDModule(DistillationModule):
     def on_test_start(self) -> None:
         self.use_checkpoint(len(self.checkpoints) - 1)
         self.loss.temperature = self.hparams["min_temperature"]
+
+
+def prokd_pipeline(
+    student: nn.Module,
+    stages: StageRunner,
+    teacher: NetworkSpec | None,
+    teacher_name: str | None,
+    teacher_seed: int = 0,
+    teacher_optimizer: OptimizerFactory = torch.optim.Adam,
+    teacher_epochs: int = 60,
+    num_checkpoints: int = 4,
+    alpha: float = 0.5,
+    max_temperature: float = 4.0,
+    min_temperature: float = 1.0,
+    temperature_schedule: ScheduleKind = "linear",
+    optimizer: OptimizerFactory = torch.optim.Adam,
+    scheduler: SchedulerFactory | None = None,
+) -> ProKDModule:
+    """``method=prokd``: train ``teacher`` from scratch on labels for ``teacher_epochs``, keeping
+    ``num_checkpoints`` states along the way (stage ``prokd-<teacher_name>``, files
+    ``prokd-<teacher_name>-<i>.safetensors``), then :class:`ProKDModule` distils the student from
+    them in order.
+
+    Takes ``stages``, not ``teachers``: the trajectory is trained here, not loaded.
+
+    Args:
+        student: the network distilled.
+        stages: runs the teacher's trajectory stage.
+        teacher: the teacher's network, or a factory of it (``kd-train``: the first configured
+            teacher's architecture, which must have no input_transform or class_map).
+        teacher_name: its name in logs and in the stage's files.
+        teacher_seed: seeds the teacher before it is built and trained (``kd-train``: its
+            ``fit.seed``).
+        teacher_optimizer: the teacher's optimizer (``kd-train``: its ``fit.optimizer``); the
+            schedule is ``scheduler``.
+        teacher_epochs: epochs of the teacher's training.
+        num_checkpoints: states kept along it.
+        alpha, max_temperature, min_temperature, temperature_schedule, optimizer, scheduler: as
+            for :class:`ProKDModule`.
+
+    Example:
+        >>> prokd_pipeline(nn.Linear(4, 3), None, None, "cnn")
+        Traceback (most recent call last):
+        ...
+        ValueError: teacher is None: Pro-KD trains a plain network of the student's inputs and classes (kd-train: the first configured teacher's architecture, which must have no input_transform or class_map)
+    """
+    if teacher is None or teacher_name is None:
+        raise ValueError(
+            "teacher is None: Pro-KD trains a plain network of the student's inputs and classes "
+            "(kd-train: the first configured teacher's architecture, which must have no "
+            "input_transform or class_map)"
+        )
+    ProKDModule.check_settings(alpha, max_temperature, min_temperature, temperature_schedule)
+    network = build_network(teacher, teacher_seed)
+    checkpoints = stages.trajectory(
+        f"prokd-{teacher_name}",
+        network,
+        lambda: ClassifierModule(network, optimizer=teacher_optimizer, scheduler=scheduler),
+        teacher_epochs,
+        num_checkpoints,
+    )
+    return ProKDModule(
+        student,
+        network,
+        checkpoints,
+        teacher_name=teacher_name,
+        alpha=alpha,
+        max_temperature=max_temperature,
+        min_temperature=min_temperature,
+        temperature_schedule=temperature_schedule,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )

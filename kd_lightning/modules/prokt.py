@@ -1,20 +1,25 @@
-"""ProKT: a teacher trained alongside the student and held near it."""
+"""ProKT: a teacher trained alongside the student and held near it; the pipeline of
+``method=prokt``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.batch import BatchAdapter
 from kd_lightning.functional import prokt_student_loss, prokt_teacher_loss
-from kd_lightning.modules.epoch_means import EpochMeans, Stage
-from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
+from kd_lightning.modules.base import MethodModule
+from kd_lightning.modules.epoch_means import Stage
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
+from kd_lightning.modules.stages import NetworkSpec, StageRunner, build_network
+from kd_lightning.teachers import load_teacher
+
+PROKT_TEACHER_INITS = ("pretrained", "scratch")
 
 
-class ProKTModule(EpochMeans):
+class ProKTModule(MethodModule):
     """ProKT (Shi et al., "Follow Your Path: a Progressive Method for Knowledge Distillation",
     ECML-PKDD 2021; arXiv:2107.09305; code ``wxsh1213/prokt_text``).
 
@@ -28,9 +33,9 @@ class ProKTModule(EpochMeans):
        hard-label term, as in the paper).
 
     Defaults are the paper's, λ = 0.4 and T = 1. Whether the teacher starts from task-trained
-    weights or from scratch is the caller's choice (pass the network as it should start): the
-    paper's teacher follows the student along a path of local targets from its start, and which
-    start it used in each experiment was not checked here (``method.teacher_init`` offers both).
+    weights or from scratch is the caller's choice (pass the network as it should start, or see
+    :func:`prokt_pipeline`): the paper's teacher follows the student along a path of local
+    targets from its start, and which start it used in each experiment was not checked here.
 
     Steps return the detached ``student_logits``, the eval-mode ``teacher_logits`` ``(1, B, C)``
     and ``labels``, so :class:`~kd_lightning.callbacks.TeacherAgreementCallback` reports the
@@ -68,7 +73,9 @@ class ProKTModule(EpochMeans):
         scheduler: SchedulerFactory | None = None,
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
     ) -> None:
-        super().__init__(("loss", "acc", "teacher_loss"))
+        super().__init__(
+            ("loss", "acc", "teacher_loss"), optimizer, scheduler, "step", batch_adapter
+        )
         if not 0.0 <= constraint <= 1.0:
             raise ValueError(f"constraint (λ) must lie in [0, 1], got {constraint}")
         if temperature <= 0:
@@ -86,19 +93,12 @@ class ProKTModule(EpochMeans):
         self.automatic_optimization = False
         self.student = student
         self.teacher = teacher
-        self.optimizer_factory = optimizer
         self.teacher_optimizer_factory = teacher_optimizer or optimizer
-        self.scheduler_factory = scheduler
-        self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
 
     @property
     def teacher_names(self) -> list[str]:
         """The one teacher's name."""
         return [self.hparams["teacher_name"]]
-
-    def forward(self, inputs: Any) -> Tensor:
-        """The student's logits."""
-        return self.student(inputs)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         optimizers = self.optimizers()
@@ -122,36 +122,24 @@ class ProKTModule(EpochMeans):
         self.manual_backward(student_loss)
         student_optimizer.step()
 
-        for schedule in self._schedules():
-            schedule.step()
+        self.step_schedulers(end_of_epoch=False)
         return self._report(
             "train", student_loss.detach(), student_logits, teacher_logits, labels, teacher_loss
         )
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "test")
+    def step(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
+        """Validation and test: the student's loss towards the eval-mode teacher."""
+        inputs, labels = self.batch_adapter(batch)
+        student_logits = self.student(inputs)
+        teacher_logits = self._refreshed_teacher(inputs)
+        loss = prokt_student_loss(student_logits, teacher_logits[0], self.hparams["temperature"])
+        return self._report(stage, loss, student_logits, teacher_logits, labels)
 
     def configure_optimizers(self) -> Any:
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        built = [
-            configure_optimizers(network.parameters(), factory, self.scheduler_factory, total_steps)
-            for network, factory in (
-                (self.student, self.optimizer_factory),
-                (self.teacher, self.teacher_optimizer_factory),
-            )
+        return [
+            self.optimizer_config(self.student.parameters()),
+            self.optimizer_config(self.teacher.parameters(), self.teacher_optimizer_factory),
         ]
-        if self.scheduler_factory is None:
-            return built
-        return [entry["optimizer"] for entry in built], [entry["lr_scheduler"] for entry in built]
-
-    def _schedules(self) -> list[Any]:
-        schedules = self.lr_schedulers()
-        if schedules is None:
-            return []
-        return schedules if isinstance(schedules, list) else [schedules]
 
     def _refreshed_teacher(self, inputs: Any) -> Tensor:
         """The teacher's logits in eval mode, without gradient, stacked as ``(1, B, C)``."""
@@ -161,13 +149,6 @@ class ProKTModule(EpochMeans):
             logits = self.teacher(inputs)
         self.teacher.train(was_training)
         return logits.unsqueeze(0)
-
-    def _evaluate(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
-        inputs, labels = self.batch_adapter(batch)
-        student_logits = self.student(inputs)
-        teacher_logits = self._refreshed_teacher(inputs)
-        loss = prokt_student_loss(student_logits, teacher_logits[0], self.hparams["temperature"])
-        return self._report(stage, loss, student_logits, teacher_logits, labels)
 
     def _report(
         self,
@@ -192,3 +173,64 @@ class ProKTModule(EpochMeans):
             "teacher_logits": teacher_logits,
             "labels": labels,
         }
+
+
+def prokt_pipeline(
+    student: nn.Module,
+    stages: StageRunner,
+    teacher: NetworkSpec | None,
+    teacher_name: str | None,
+    teacher_init: Literal["pretrained", "scratch"] = "pretrained",
+    teacher_seed: int = 0,
+    constraint: float = 0.4,
+    temperature: float = 1.0,
+    optimizer: OptimizerFactory = torch.optim.Adam,
+    scheduler: SchedulerFactory | None = None,
+) -> ProKTModule:
+    """``method=prokt``: :class:`ProKTModule` with ``teacher`` trained alongside the student,
+    starting from the pretrained weights of configured teacher ``teacher_name``
+    (``teacher_init="pretrained"``, :meth:`StageRunner.pretrained_weights
+    <kd_lightning.modules.stages.StageRunner.pretrained_weights>`: in ``kd-train`` the cached or
+    given weights, the teacher trained once if missing) or from scratch (``"scratch"``).
+
+    Takes ``stages``, not ``teachers``: ``kd-train`` builds no frozen ensemble for it.
+
+    Args:
+        student: the network distilled.
+        stages: gives the pretrained teacher's weights.
+        teacher: the teacher's network, or a factory of it (``kd-train``: the first configured
+            teacher's architecture, which must have no input_transform or class_map).
+        teacher_name: its name in logs, and the configured teacher whose weights it starts from.
+        teacher_init: ``"pretrained"`` or ``"scratch"``.
+        teacher_seed: seeds the teacher's initialisation (``kd-train``: its ``fit.seed``).
+        constraint, temperature, optimizer, scheduler: as for :class:`ProKTModule`.
+
+    Example:
+        >>> module = prokt_pipeline(
+        ...     nn.Linear(4, 3), StageRunner(None, "unused", {}), nn.Linear(4, 3), "linear",
+        ...     teacher_init="scratch",
+        ... )
+        >>> module.teacher_names
+        ['linear']
+    """
+    if teacher_init not in PROKT_TEACHER_INITS:
+        raise ValueError(f"teacher_init={teacher_init!r} is not one of {list(PROKT_TEACHER_INITS)}")
+    if teacher is None or teacher_name is None:
+        raise ValueError(
+            "teacher is None: ProKT trains a plain network of the student's inputs and classes "
+            "alongside it (kd-train: the first configured teacher's architecture, which must "
+            "have no input_transform or class_map)"
+        )
+    network = build_network(teacher, teacher_seed)
+    module = ProKTModule(
+        student,
+        network,
+        teacher_name=teacher_name,
+        constraint=constraint,
+        temperature=temperature,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
+    if teacher_init == "pretrained":
+        load_teacher(network, stages.pretrained_weights(teacher_name), name=teacher_name)
+    return module

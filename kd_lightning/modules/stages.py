@@ -22,6 +22,23 @@ log = logging.getLogger(__name__)
 
 # Trainer settings of the main run that also shape a stage's run (e.g. experiment=smoke's limits).
 SHARED_TRAINER_KEYS = ("accelerator", "precision", "limit_train_batches", "limit_val_batches")
+#: A network, or a factory that builds one (a model class, a Hydra partial of a model config).
+NetworkSpec = nn.Module | Callable[[], nn.Module]
+
+
+def build_network(network: NetworkSpec, seed: int) -> nn.Module:
+    """Seed every generator with ``seed``, then ``network`` itself, or what the factory builds.
+
+    Pipelines build the networks of their stages this way, so that their initialisation depends
+    on the seed alone.
+
+    Example:
+        >>> a, b = build_network(lambda: nn.Linear(2, 2), 0), build_network(lambda: nn.Linear(2, 2), 0)
+        >>> bool((a.weight == b.weight).all())
+        True
+    """
+    L.seed_everything(seed, workers=True, verbose=False)
+    return network if isinstance(network, nn.Module) else network()
 
 
 def stage_path(stage_dir: Path, name: str) -> Path:
@@ -30,7 +47,15 @@ def stage_path(stage_dir: Path, name: str) -> Path:
 
 
 def save_weights(state: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    """Write a state dict as safetensors atomically: the file appears only once complete."""
+    """Write a state dict as safetensors atomically: the file appears only once complete.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "sub" / "linear.safetensors"
+        >>> save_weights(nn.Linear(2, 1).state_dict(), path, {"stage": "demo"})
+        >>> sorted(p.name for p in path.parent.iterdir())
+        ['linear.safetensors']
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
@@ -50,12 +75,19 @@ def stage_trainer(
     max_epochs: int,
     callbacks: list[Callback] | None = None,
 ) -> Trainer:
-    """A quiet Trainer for one stage: no logger, no checkpoints, a progress bar named ``label``.
+    """A quiet one-device Trainer for one stage: no logger, no checkpoints, a progress bar named
+    ``label``.
 
-    ``trainer_cfg`` is the run's ``trainer`` config; its accelerator, precision, batch limits and
-    ``enable_progress_bar`` carry over.
+    ``trainer_cfg`` holds the run's trainer settings; its accelerator, precision, batch limits
+    and ``enable_progress_bar`` carry over (the others, e.g. ``devices``, do not).
+
+    Example:
+        >>> trainer = stage_trainer({"accelerator": "cpu", "enable_progress_bar": False}, "demo", 3)
+        >>> trainer.max_epochs, trainer.logger
+        (3, None)
     """
     shared = {key: trainer_cfg[key] for key in SHARED_TRAINER_KEYS if key in trainer_cfg}
+    show_progress = bool(trainer_cfg.get("enable_progress_bar", True))
     return L.Trainer(
         **shared,
         devices=1,
@@ -64,40 +96,126 @@ def stage_trainer(
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        enable_progress_bar=trainer_cfg.get("enable_progress_bar", True),
-        callbacks=[
-            *(callbacks or []),
-            *progress_bar(label, trainer_cfg.get("enable_progress_bar", True)),
-        ],
+        enable_progress_bar=show_progress,
+        callbacks=[*(callbacks or []), *progress_bar(label, show_progress)],
     )
 
 
-def run_stage(
-    name: str,
-    model: nn.Module,
-    make_module: Callable[[], LightningModule],
-    datamodule: LightningDataModule,
-    stage_dir: Path,
-    trainer_cfg: Mapping[str, Any],
-    max_epochs: int,
-) -> bool:
-    """Train ``model`` through ``make_module()`` for ``max_epochs``, or load it when done before.
+class StageRunner:
+    """What a run gives a multi-stage method: trains each earlier stage once and keeps its weights.
 
-    The weights go to :func:`stage_path` once training ends; a later call with the same
-    ``stage_dir`` loads them into ``model`` and trains nothing. Returns whether it trained.
+    :meth:`run` trains a network through its own quiet Trainer (:func:`stage_trainer`) and keeps
+    it as ``<directory>/<name>.safetensors``; a relaunch with the same directory loads it and
+    trains nothing. :meth:`trajectory` keeps states along one training. :meth:`pretrained_weights`
+    is the one stage a run may provide ready-made: a configured teacher's weights (``kd-train``
+    loads them from the teacher cache, training the teacher first when missing).
+
+    Args:
+        datamodule: the data every stage trains on.
+        directory: where the stages' weights go (``kd-train``: ``<run dir>/stages``).
+        trainer: the run's trainer settings (see :func:`stage_trainer`).
+        seed: the run's seed; pipelines seed each stage's network from it.
+        pretrained: teacher name → the file of its pretrained weights; ``None`` when the run
+            has none to give.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from kd_lightning.modules import ClassifierModule
+        >>> data = L.LightningDataModule.from_datasets(
+        ...     TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))), batch_size=4
+        ... )
+        >>> stages = StageRunner(data, tempfile.mkdtemp(), {"enable_progress_bar": False})
+        >>> model = nn.Linear(3, 2)
+        >>> stages.run("demo", model, lambda: ClassifierModule(model), epochs=1)
+        True
+        >>> stages.run("demo", nn.Linear(3, 2), lambda: ClassifierModule(model), epochs=1)
+        False
     """
-    path = stage_path(stage_dir, name)
-    if path.is_file():
-        log.info("stage %s: finished earlier, loading %s", name, path)
-        load_teacher(model, path, name=name)
-        return False
-    if max_epochs < 1:
-        raise ValueError(f"stage {name}: needs at least one epoch, got {max_epochs}")
-    stage_trainer(trainer_cfg, f"stage {name}", max_epochs).fit(
-        make_module(), datamodule=datamodule
-    )
-    save_weights(model.state_dict(), path, {"stage": name, "epochs": str(max_epochs)})
-    return True
+
+    def __init__(
+        self,
+        datamodule: LightningDataModule,
+        directory: str | os.PathLike[str],
+        trainer: Mapping[str, Any],
+        seed: int = 0,
+        pretrained: Callable[[str], Path] | None = None,
+    ) -> None:
+        self.datamodule = datamodule
+        self.directory = Path(directory)
+        self.trainer = dict(trainer)
+        self.seed = seed
+        self.pretrained = pretrained
+
+    def run(
+        self,
+        name: str,
+        model: nn.Module,
+        make_module: Callable[[], LightningModule],
+        epochs: int,
+    ) -> bool:
+        """Train ``model`` through ``make_module()`` for ``epochs``, or load it when done before.
+
+        The weights go to :func:`stage_path` once training ends; a later call with the same
+        directory loads them into ``model`` and trains nothing. Returns whether it trained.
+        """
+        path = stage_path(self.directory, name)
+        if path.is_file():
+            log.info("stage %s: finished earlier, loading %s", name, path)
+            load_teacher(model, path, name=name)
+            return False
+        self.fit(name, make_module, epochs)
+        save_weights(model.state_dict(), path, {"stage": name, "epochs": str(epochs)})
+        return True
+
+    def trajectory(
+        self,
+        name: str,
+        model: nn.Module,
+        make_module: Callable[[], LightningModule],
+        epochs: int,
+        num_checkpoints: int,
+    ) -> list[dict[str, Tensor]]:
+        """Train ``model`` keeping ``num_checkpoints`` states along the way (see
+        :class:`TrajectoryCheckpoints`); returns them, earliest first.
+
+        When every file is there from an earlier launch they are read and nothing trains;
+        otherwise the whole trajectory is trained again (the stage is the unit of resumption).
+        """
+        paths = trajectory_paths(self.directory, name, num_checkpoints)
+        if all(path.is_file() for path in paths):
+            log.info("stage %s: finished earlier, loading %d checkpoints", name, num_checkpoints)
+        else:
+            keeper = TrajectoryCheckpoints(model, self.directory, name, num_checkpoints)
+            self.fit(name, make_module, epochs, [keeper])
+        return [read_state_dict(path) for path in paths]
+
+    def pretrained_weights(self, teacher: str) -> Path:
+        """The file of configured teacher ``teacher``'s pretrained weights."""
+        if self.pretrained is None:
+            raise ValueError(
+                f"teacher {teacher!r}: this run provides no pretrained teacher weights"
+            )
+        return self.pretrained(teacher)
+
+    def fit(
+        self,
+        name: str,
+        make_module: Callable[[], LightningModule],
+        epochs: int,
+        callbacks: list[Callback] | None = None,
+    ) -> None:
+        """Fit ``make_module()`` on the run's data in a :func:`stage_trainer` labelled ``name``."""
+        if epochs < 1:
+            raise ValueError(f"stage {name}: needs at least one epoch, got {epochs}")
+        self.train(name, make_module(), epochs, callbacks or [])
+
+    def train(
+        self, name: str, module: LightningModule, epochs: int, callbacks: list[Callback]
+    ) -> None:
+        """Train ``module``, built and checked by :meth:`fit`: the step a dry run leaves out."""
+        trainer = stage_trainer(self.trainer, f"stage {name}", epochs, callbacks)
+        trainer.fit(module, datamodule=self.datamodule)
 
 
 class TrajectoryCheckpoints(Callback):
@@ -123,8 +241,8 @@ class TrajectoryCheckpoints(Callback):
         """The optimizer steps after which the checkpoints are taken."""
         if num_checkpoints > total_steps:
             raise ValueError(
-                f"cannot keep {num_checkpoints} checkpoints (method.num_checkpoints) of a training "
-                f"of {total_steps} optimizer steps: lower it or train longer"
+                f"num_checkpoints: cannot keep {num_checkpoints} checkpoints of a training of "
+                f"{total_steps} optimizer steps: lower it or train longer"
             )
         return [-(-(i + 1) * total_steps // num_checkpoints) for i in range(num_checkpoints)]
 
@@ -153,32 +271,3 @@ def trajectory_paths(stage_dir: Path, name: str, num_checkpoints: int) -> list[P
     if num_checkpoints < 1:
         raise ValueError(f"num_checkpoints must be positive, got {num_checkpoints}")
     return [stage_path(stage_dir, f"{name}-{index}") for index in range(num_checkpoints)]
-
-
-def run_trajectory_stage(
-    name: str,
-    model: nn.Module,
-    make_module: Callable[[], LightningModule],
-    datamodule: LightningDataModule,
-    stage_dir: Path,
-    trainer_cfg: Mapping[str, Any],
-    max_epochs: int,
-    num_checkpoints: int,
-) -> list[dict[str, Tensor]]:
-    """Train ``model`` keeping ``num_checkpoints`` states along the way (see
-    :class:`TrajectoryCheckpoints`); returns them, earliest first.
-
-    When every file is there from an earlier launch they are read and nothing trains; otherwise the
-    whole trajectory is trained again (the stage is the unit of resumption).
-    """
-    paths = trajectory_paths(stage_dir, name, num_checkpoints)
-    if not all(path.is_file() for path in paths):
-        if max_epochs < 1:
-            raise ValueError(f"stage {name}: needs at least one epoch, got {max_epochs}")
-        keeper = TrajectoryCheckpoints(model, stage_dir, name, num_checkpoints)
-        stage_trainer(trainer_cfg, f"stage {name}", max_epochs, [keeper]).fit(
-            make_module(), datamodule=datamodule
-        )
-    else:
-        log.info("stage %s: finished earlier, loading %d checkpoints", name, num_checkpoints)
-    return [read_state_dict(path) for path in paths]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
 import torch
@@ -13,9 +13,8 @@ from kd_lightning.functional.online import (
     lsgan_discriminator_loss,
     lsgan_generator_loss,
 )
-from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.online.parts import FeatureDiscriminator, feature_adapter
-from kd_lightning.modules.online.peers import OnlinePeersModule, layers_per_peer
+from kd_lightning.modules.online.peers import OnlinePeersModule, Peers
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 ADVERSARIAL_D, ADVERSARIAL_G = "adversarial/discriminator", "adversarial/generator"
@@ -41,8 +40,9 @@ class AFDModule(OnlinePeersModule):
     linear layer or a 1×1 convolution, trained with the feature extractor) into the shape of the
     features they imitate, like the paper's transfer layer.
 
-    The first network is reported as the student; the others are its teachers. ``{stage}/loss``
-    is the logit loss; training also logs ``train/adversarial/{discriminator,generator}``.
+    ``student`` (network 0) is reported as the student; the others are its teachers.
+    ``{stage}/loss`` is the logit loss; training also logs
+    ``train/adversarial/{discriminator,generator}``.
 
     The paper trains the networks with SGD, under which phase 2's step scales with the
     adversarial gradient. Under Adam every phase takes a step of about the learning rate whatever
@@ -52,8 +52,11 @@ class AFDModule(OnlinePeersModule):
     in 60 epochs without augmentation, one seed each).
 
     Args:
-        peers: the networks (K ≥ 2).
+        student: network 0, the one reported.
+        peers: the other networks, or a factory of them (see
+            :func:`~kd_lightning.modules.online.peers.name_peers`).
         feature_layers: the layer tapped in every network, or one per network.
+        num_peers: with a factory, K, the student included.
         temperature: T of the KL terms (3).
         discriminator_hidden: width of the discriminators' hidden layers.
         optimizer: called with the networks' parameters (phases 2 and 3, one optimizer each).
@@ -66,8 +69,8 @@ class AFDModule(OnlinePeersModule):
         batch_adapter: turns a batch into ``(inputs, labels)``.
 
     Example:
-        >>> nets = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
-        >>> module = AFDModule(nets, feature_layers="1")
+        >>> net = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> module = AFDModule(net(), net, feature_layers="1")
         >>> module.materialize((torch.randn(5, 4), torch.zeros(5, dtype=torch.long)))
         >>> len(module.discriminators), module.automatic_optimization
         (2, False)
@@ -75,8 +78,10 @@ class AFDModule(OnlinePeersModule):
 
     def __init__(
         self,
-        peers: Sequence[nn.Module] | Mapping[str, nn.Module],
+        student: nn.Module,
+        peers: Peers,
         feature_layers: str | Sequence[str],
+        num_peers: int = 2,
         temperature: float = 3.0,
         discriminator_hidden: int = 64,
         optimizer: OptimizerFactory = torch.optim.Adam,
@@ -91,7 +96,9 @@ class AFDModule(OnlinePeersModule):
         if discriminator_hidden < 1:
             raise ValueError(f"discriminator_hidden must be ≥ 1, got {discriminator_hidden}")
         super().__init__(
+            student,
             peers,
+            num_peers,
             optimizer,
             scheduler,
             scheduler_interval,
@@ -100,6 +107,7 @@ class AFDModule(OnlinePeersModule):
         )
         self.save_hyperparameters(
             ignore=[
+                "student",
                 "peers",
                 "optimizer",
                 "discriminator_optimizer",
@@ -111,9 +119,7 @@ class AFDModule(OnlinePeersModule):
         self.discriminator_factory = discriminator_optimizer
         self.feature_factory = feature_optimizer
         self.automatic_optimization = False
-        self.feature_layers = layers_per_peer(feature_layers, self.names)
-        for name, layer in self.feature_layers.items():
-            FeatureTaps(self.peers[name], [layer]).remove()  # names checked early
+        self.feature_layers = self.layers_to_tap(feature_layers, self.names)
         self.discriminators: nn.ModuleList | None = None
         self.adapters: nn.ModuleList | None = None
 
@@ -190,18 +196,14 @@ class AFDModule(OnlinePeersModule):
         optimizer.step()
         return result if isinstance(result, tuple) else loss.detach()
 
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        self.step_schedulers(end_of_epoch=True)
-
     def configure_optimizers(self) -> Any:
         discriminators, adapters = self._parts()
         return [
-            *self.optimizers_for([discriminators.parameters()], self.discriminator_factory),
-            *self.optimizers_for(
-                [[*self.peers.parameters(), *adapters.parameters()]], self.feature_factory
+            self.optimizer_config(discriminators.parameters(), self.discriminator_factory),
+            self.optimizer_config(
+                [*self.peers.parameters(), *adapters.parameters()], self.feature_factory
             ),
-            *self.optimizers_for([self.peers.parameters()]),
+            self.optimizer_config(self.peers.parameters()),
         ]
 
     def _parts(self) -> tuple[nn.ModuleList, nn.ModuleList]:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from kd_lightning.functional.online import codistillation_loss
-from kd_lightning.modules.online.peers import OnlinePeersModule
+from kd_lightning.modules.online.peers import OnlinePeersModule, Peers
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 _CHECKPOINT_KEY = "codistillation_snapshots"
@@ -37,12 +37,15 @@ class CodistillationModule(OnlinePeersModule):
     exchange their weights every step rather than rarely, which the paper's setting allows but
     does not need.
 
-    The first peer is reported as the student; the others are logged as its teachers (their
-    live predictions, not the snapshots). ``{stage}/loss`` is the sum of the peers' losses
+    ``student`` (peer 0) is reported as the student; the others are logged as its teachers
+    (their live predictions, not the snapshots). ``{stage}/loss`` is the sum of the peers' losses
     (weighted by shard in sharded training).
 
     Args:
-        peers: the networks (N ≥ 2).
+        student: peer 0, the network reported.
+        peers: the other networks, or a factory of them (see
+            :func:`~kd_lightning.modules.online.peers.name_peers`).
+        num_peers: with a factory, N, the student included.
         refresh_every: optimizer steps between snapshot refreshes.
         burn_in: optimizer steps of plain cross-entropy before distillation starts.
         distill_weight: weight ``w`` of the distillation term.
@@ -53,7 +56,7 @@ class CodistillationModule(OnlinePeersModule):
         batch_adapter: turns a batch into ``(inputs, labels)``.
 
     Example:
-        >>> module = CodistillationModule([nn.Linear(4, 3), nn.Linear(4, 3)], burn_in=0)
+        >>> module = CodistillationModule(nn.Linear(4, 3), nn.Linear(4, 3), burn_in=0)
         >>> module.refresh_snapshots()
         >>> loss, _ = module.objective(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
         >>> loss.ndim, module.distilling
@@ -62,7 +65,9 @@ class CodistillationModule(OnlinePeersModule):
 
     def __init__(
         self,
-        peers: Sequence[nn.Module] | Mapping[str, nn.Module],
+        student: nn.Module,
+        peers: Peers,
+        num_peers: int = 2,
         refresh_every: int = 10,
         burn_in: int = 30,
         distill_weight: float = 1.0,
@@ -78,8 +83,12 @@ class CodistillationModule(OnlinePeersModule):
             )
         if burn_in < 0:
             raise ValueError(f"burn_in must be ≥ 0 steps, got {burn_in}")
-        super().__init__(peers, optimizer, scheduler, scheduler_interval, batch_adapter)
-        self.save_hyperparameters(ignore=["peers", "optimizer", "scheduler", "batch_adapter"])
+        super().__init__(
+            student, peers, num_peers, optimizer, scheduler, scheduler_interval, batch_adapter
+        )
+        self.save_hyperparameters(
+            ignore=["student", "peers", "optimizer", "scheduler", "batch_adapter"]
+        )
         self._snapshots: dict[str, nn.Module] = {}  # not submodules: never optimised
         self._snapshot_step = -1
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from kd_lightning.functional.online import PeerReduction, dml_losses, dml_peer_loss
-from kd_lightning.modules.online.peers import OnlinePeersModule
+from kd_lightning.modules.online.peers import OnlinePeersModule, Peers
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 Update = Literal["sequential", "simultaneous"]
@@ -28,12 +28,15 @@ class DMLModule(OnlinePeersModule):
     official code: one forward pass of all peers, one optimizer over all of them, the sum of the
     peers' losses (the targets are detached, so each peer gets exactly its own loss's gradient).
 
-    The first peer is reported as the student; the others are logged as its teachers. The
+    ``student`` (peer 0) is reported as the student; the others are logged as its teachers. The
     logged ``{stage}/loss`` is the sum of the peers' losses (before the updates, for sequential
     training).
 
     Args:
-        peers: the networks (K ≥ 2), named ``peer0, peer1, ...`` or by the mapping's keys.
+        student: peer 0, the network reported.
+        peers: the other networks, named ``peer1, peer2, ...`` or by the mapping's keys, or a
+            factory of them (see :func:`~kd_lightning.modules.online.peers.name_peers`).
+        num_peers: with a factory, K, the student included.
         temperature: softmax temperature of the KL terms (1 in the paper).
         peer_reduction: ``"mean"`` (1/(K − 1)) or ``"sum"`` over the other peers.
         update: ``"sequential"`` or ``"simultaneous"``.
@@ -43,7 +46,7 @@ class DMLModule(OnlinePeersModule):
         batch_adapter: turns a batch into ``(inputs, labels)``.
 
     Example:
-        >>> module = DMLModule([nn.Linear(4, 3), nn.Linear(4, 3)], update="simultaneous")
+        >>> module = DMLModule(nn.Linear(4, 3), nn.Linear(4, 3), update="simultaneous")
         >>> loss, logits = module.objective(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
         >>> module.teacher_names, logits["peer0"].shape
         (['peer1'], torch.Size([5, 3]))
@@ -51,7 +54,9 @@ class DMLModule(OnlinePeersModule):
 
     def __init__(
         self,
-        peers: Sequence[nn.Module] | Mapping[str, nn.Module],
+        student: nn.Module,
+        peers: Peers,
+        num_peers: int = 2,
         temperature: float = 1.0,
         peer_reduction: PeerReduction = "mean",
         update: Update = "sequential",
@@ -66,8 +71,12 @@ class DMLModule(OnlinePeersModule):
             raise ValueError(f"peer_reduction must be 'mean' or 'sum', got {peer_reduction!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        super().__init__(peers, optimizer, scheduler, scheduler_interval, batch_adapter)
-        self.save_hyperparameters(ignore=["peers", "optimizer", "scheduler", "batch_adapter"])
+        super().__init__(
+            student, peers, num_peers, optimizer, scheduler, scheduler_interval, batch_adapter
+        )
+        self.save_hyperparameters(
+            ignore=["student", "peers", "optimizer", "scheduler", "batch_adapter"]
+        )
         self.automatic_optimization = update == "simultaneous"
 
     def objective(self, inputs: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -107,12 +116,7 @@ class DMLModule(OnlinePeersModule):
         self.step_schedulers(end_of_epoch=False)
         return self.report("train", total, logits, labels)
 
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        if not self.automatic_optimization:
-            self.step_schedulers(end_of_epoch=True)
-
     def configure_optimizers(self) -> Any:
         if self.automatic_optimization:
             return super().configure_optimizers()
-        return self.optimizers_for(peer.parameters() for peer in self.peers.values())
+        return [self.optimizer_config(peer.parameters()) for peer in self.peers.values()]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -10,9 +10,8 @@ from torch import Tensor, nn
 
 from kd_lightning.functional.online import ffl_loss
 from kd_lightning.losses.schedules import schedule_value
-from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.online.parts import FusionClassifier
-from kd_lightning.modules.online.peers import OnlinePeersModule, layers_per_peer
+from kd_lightning.modules.online.peers import OnlinePeersModule, Peers
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 FUSED = "fused"
@@ -31,11 +30,14 @@ class FFLModule(OnlinePeersModule):
     (Jangho-Kim/FFL-pytorch); one optimizer covers sub-networks and fusion module (the code uses
     two with the same settings).
 
-    The first sub-network is reported as the student; the other sub-networks and ``fused`` are
-    its teachers.
+    ``student`` (sub-network 0) is reported as the student; the other sub-networks and
+    ``fused`` are its teachers.
 
     Args:
-        peers: the sub-networks (K ≥ 2).
+        student: sub-network 0, the network reported.
+        peers: the other sub-networks, or a factory of them (see
+            :func:`~kd_lightning.modules.online.peers.name_peers`).
+        num_peers: with a factory, K, the student included.
         feature_layers: the layer tapped in every sub-network, or one per sub-network; the
             tapped features must have the same kind and length.
         temperature: T of the KL terms (3 in the paper).
@@ -43,8 +45,8 @@ class FFLModule(OnlinePeersModule):
         optimizer, scheduler, scheduler_interval, batch_adapter: as in :class:`DMLModule`.
 
     Example:
-        >>> nets = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
-        >>> module = FFLModule(nets, feature_layers="1")
+        >>> net = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> module = FFLModule(net(), net, feature_layers="1")
         >>> module.materialize((torch.randn(5, 4), torch.zeros(5, dtype=torch.long)))
         >>> loss, logits = module.objective(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
         >>> module.teacher_names, logits["fused"].shape
@@ -53,8 +55,10 @@ class FFLModule(OnlinePeersModule):
 
     def __init__(
         self,
-        peers: Sequence[nn.Module] | Mapping[str, nn.Module],
+        student: nn.Module,
+        peers: Peers,
         feature_layers: str | Sequence[str],
+        num_peers: int = 2,
         temperature: float = 3.0,
         ramp_epochs: int = 80,
         optimizer: OptimizerFactory = torch.optim.Adam,
@@ -67,14 +71,21 @@ class FFLModule(OnlinePeersModule):
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         super().__init__(
-            peers, optimizer, scheduler, scheduler_interval, batch_adapter, extra_outputs=[FUSED]
+            student,
+            peers,
+            num_peers,
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            batch_adapter,
+            extra_outputs=[FUSED],
         )
         if FUSED in self.peers:
-            raise ValueError(f"{FUSED!r} names the fused output; rename that sub-network")
-        self.save_hyperparameters(ignore=["peers", "optimizer", "scheduler", "batch_adapter"])
-        self.feature_layers = layers_per_peer(feature_layers, self.names)
-        for name, layer in self.feature_layers.items():
-            FeatureTaps(self.peers[name], [layer]).remove()  # names checked early
+            raise ValueError(f"peers: {FUSED!r} names the fused output; rename that sub-network")
+        self.save_hyperparameters(
+            ignore=["student", "peers", "optimizer", "scheduler", "batch_adapter"]
+        )
+        self.feature_layers = self.layers_to_tap(feature_layers, self.names)
         self.fusion: FusionClassifier | None = None
 
     def consistency_weight(self) -> float:

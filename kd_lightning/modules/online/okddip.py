@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from kd_lightning.functional.online import attention_targets, okddip_loss, pool_features
 from kd_lightning.losses.schedules import schedule_value
-from kd_lightning.models.taps import FeatureTaps
-from kd_lightning.modules.online.peers import OnlinePeersModule, layers_per_peer
+from kd_lightning.modules.online.peers import OnlinePeersModule, Peers
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 LEADER = "leader"
@@ -33,12 +32,15 @@ class OKDDipModule(OnlinePeersModule):
     ``W_q, W_k`` pair serves all peers, as in the official code (all peers' features must then
     have the same width); otherwise each peer projects its own features.
 
-    The leader is reported as the student (the paper deploys it); the peers are its teachers.
+    The leader (``student``) is reported as the student (the paper deploys it); the peers are
+    its teachers.
 
     Args:
-        leader: the group leader.
-        peers: the m ≥ 2 peers, named ``peer1 ... peerm`` or by the mapping's keys.
+        student: the group leader, the network reported.
+        peers: the m ≥ 2 peers, named ``peer1 ... peerm`` or by the mapping's keys, or a factory
+            of them (see :func:`~kd_lightning.modules.online.peers.name_peers`).
         feature_layers: the layer tapped in every peer, or one per peer.
+        num_peers: with a factory, m + 1, the leader included (4: the official code's branches).
         temperature: T of the KL terms (3 in the paper).
         alpha: weight α of the distillation terms.
         ramp_epochs: epochs of the consistency ramp-up (80 in the paper, of 300).
@@ -47,8 +49,8 @@ class OKDDipModule(OnlinePeersModule):
         optimizer, scheduler, scheduler_interval, batch_adapter: as in :class:`DMLModule`.
 
     Example:
-        >>> peers = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(2)]
-        >>> module = OKDDipModule(nn.Linear(4, 3), peers, feature_layers="1")
+        >>> peer = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> module = OKDDipModule(nn.Linear(4, 3), peer, feature_layers="1", num_peers=3)
         >>> module.materialize((torch.randn(5, 4), torch.zeros(5, dtype=torch.long)))
         >>> loss, logits = module.objective(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
         >>> module.teacher_names, loss.ndim
@@ -57,9 +59,10 @@ class OKDDipModule(OnlinePeersModule):
 
     def __init__(
         self,
-        leader: nn.Module,
-        peers: Sequence[nn.Module] | Mapping[str, nn.Module],
+        student: nn.Module,
+        peers: Peers,
         feature_layers: str | Sequence[str],
+        num_peers: int = 4,
         temperature: float = 3.0,
         alpha: float = 1.0,
         ramp_epochs: int = 80,
@@ -70,28 +73,25 @@ class OKDDipModule(OnlinePeersModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
     ) -> None:
-        named = (
-            dict(peers)
-            if isinstance(peers, Mapping)
-            else {f"peer{i + 1}": peer for i, peer in enumerate(peers)}
-        )
-        if len(named) < 2:
-            raise ValueError(f"OKDDip needs at least 2 peers besides the leader, got {len(named)}")
-        if LEADER in named:
-            raise ValueError(f"{LEADER!r} names the group leader; rename that peer")
         if ramp_epochs < 1:
             raise ValueError(f"ramp_epochs must be ≥ 1, got {ramp_epochs}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         super().__init__(
-            {LEADER: leader, **named}, optimizer, scheduler, scheduler_interval, batch_adapter
+            student,
+            peers,
+            num_peers,
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            batch_adapter,
+            student_name=LEADER,
+            minimum=3,
         )
         self.save_hyperparameters(
-            ignore=["leader", "peers", "optimizer", "scheduler", "batch_adapter"]
+            ignore=["student", "peers", "optimizer", "scheduler", "batch_adapter"]
         )
-        self.feature_layers = layers_per_peer(feature_layers, list(named))
-        for name, layer in self.feature_layers.items():
-            FeatureTaps(self.peers[name], [layer]).remove()  # names checked early
+        self.feature_layers = self.layers_to_tap(feature_layers, self.peer_names)
         self.query_projections: nn.ModuleList | None = None
         self.key_projections: nn.ModuleList | None = None
 

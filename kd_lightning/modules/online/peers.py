@@ -2,35 +2,70 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LRScheduler
 
-from kd_lightning.batch import BatchAdapter
 from kd_lightning.models.taps import FeatureTaps
-from kd_lightning.modules.epoch_means import EpochMeans, Stage
-from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
+from kd_lightning.modules.base import MethodModule
+from kd_lightning.modules.epoch_means import Stage
+from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
+
+#: The networks that train with the student: one, a list, a ``name → network`` mapping, or a
+#: factory (a model class, a Hydra partial of a model config) called for each of the others.
+Peers = nn.Module | Sequence[nn.Module] | Mapping[str, nn.Module] | Callable[[], nn.Module]
 
 
-def name_peers(peers: Sequence[nn.Module] | Mapping[str, nn.Module]) -> dict[str, nn.Module]:
-    """``{"peer0": ..., "peer1": ...}`` for a sequence; a mapping keeps its names.
+def name_peers(
+    student: nn.Module,
+    peers: Peers,
+    num_peers: int = 2,
+    student_name: str = "peer0",
+    minimum: int = 2,
+) -> dict[str, nn.Module]:
+    """The group, the student first: ``{student_name: student, "peer1": ..., "peer2": ...}``.
+
+    Peers given as one network or a list are named ``peer1, peer2, ...``; a mapping keeps its
+    names; a factory is called ``num_peers − 1`` times (``num_peers`` counts the student and is
+    read only then). Refuses a group of fewer than ``minimum`` networks.
 
     Example:
-        >>> list(name_peers([nn.Linear(2, 2), nn.Linear(2, 2)]))
-        ['peer0', 'peer1']
+        >>> list(name_peers(nn.Linear(2, 2), lambda: nn.Linear(2, 2), num_peers=3).keys())
+        ['peer0', 'peer1', 'peer2']
+        >>> list(name_peers(nn.Linear(2, 2), {"wide": nn.Linear(2, 2)}, student_name="leader"))
+        ['leader', 'wide']
     """
-    named = (
-        dict(peers) if isinstance(peers, Mapping) else {f"peer{i}": p for i, p in enumerate(peers)}
-    )
-    for name in named:
-        if not name.isidentifier():
-            raise ValueError(f"peer names must be identifiers, got {name!r}")
-    return named
+    if isinstance(peers, nn.Module) and not isinstance(peers, nn.ModuleList | nn.ModuleDict):
+        others = {"peer1": peers}
+    elif isinstance(peers, Mapping | nn.ModuleDict):
+        others = dict(peers.items())
+    elif isinstance(peers, Sequence | nn.ModuleList) and not isinstance(peers, str):
+        others = {f"peer{index}": peer for index, peer in enumerate(peers, start=1)}
+    elif callable(peers):
+        if isinstance(num_peers, bool) or not isinstance(num_peers, int) or num_peers < minimum:
+            raise ValueError(
+                f"num_peers must be an integer ≥ {minimum} (the student included), got "
+                f"{num_peers!r}"
+            )
+        others = {f"peer{index}": peers() for index in range(1, num_peers)}
+    else:
+        raise TypeError(
+            f"peers must be networks, a name → network mapping or a factory, got {peers!r}"
+        )
+    if len(others) + 1 < minimum:
+        raise ValueError(
+            f"peers lists {len(others)} network(s) besides the student: this method trains at "
+            f"least {minimum} networks together"
+        )
+    for name in others:
+        if not name.isidentifier() or name == student_name:
+            raise ValueError(
+                f"peers: names must be identifiers other than {student_name!r}, got {name!r}"
+            )
+    return {student_name: student, **others}
 
 
 def layers_per_peer(layers: str | Sequence[str], names: Sequence[str]) -> dict[str, str]:
@@ -51,26 +86,13 @@ def layers_per_peer(layers: str | Sequence[str], names: Sequence[str]) -> dict[s
     return dict(zip(names, layers, strict=True))
 
 
-def allow_partial_backward(strategy: Any) -> None:
-    """Let DDP reduce gradients when a backward pass reaches only some parameters (one peer, or
-    one phase of an alternating update), as ``strategy=ddp_find_unused_parameters_true`` would.
+class OnlinePeersModule(MethodModule):
+    """Base of the online methods: the student and its peers, trained together.
 
-    Lightning's DDP strategy keeps the ``DistributedDataParallel`` arguments in ``_ddp_kwargs``
-    until it wraps the model, after the module's ``setup``.
-
-    Example:
-        >>> strategy = DDPStrategy()
-        >>> allow_partial_backward(strategy)
-        >>> strategy._ddp_kwargs
-        {'find_unused_parameters': True}
-    """
-    kwargs = getattr(strategy, "_ddp_kwargs", None)
-    if isinstance(strategy, DDPStrategy) and isinstance(kwargs, dict):
-        kwargs["find_unused_parameters"] = True
-
-
-class OnlinePeersModule(EpochMeans):
-    """Base of the online methods: peers (the first one reported as the student) trained together.
+    ``student`` is network 0, the one reported and deployed; every other output is logged as one
+    of its teachers. Peers come as ``peers`` (see :func:`name_peers`): networks, or a factory
+    called for ``num_peers − 1`` independently initialised others (``kd-train``'s default: copies
+    of ``cfg.student``). No pretrained teacher: an online method takes no ``teachers``.
 
     Subclasses implement :meth:`objective` (loss and every network's logits for one batch) and,
     when they build parts whose shapes depend on the peers' features, :meth:`build_parts`, run
@@ -84,38 +106,51 @@ class OnlinePeersModule(EpochMeans):
     ``{stage}/loss``, ``{stage}/acc`` (the first network), ``{stage}/peer_acc/{name}`` for every
     output, and ``{stage}/{name}`` for each of ``extra_means`` a step passes to :meth:`report`.
 
+    Args:
+        student: network 0, reported as the student.
+        peers: the other networks, or a factory of them (see :func:`name_peers`).
+        num_peers: with a factory, how many networks train together, the student included.
+        optimizer, scheduler, scheduler_interval, batch_adapter: as for
+            :class:`~kd_lightning.modules.base.MethodModule`.
+        extra_outputs: names of outputs besides the networks' (e.g. a fused classifier's).
+        extra_means: names of the extra scalars steps pass to :meth:`report`.
+        student_name: the student's name among the peers.
+        minimum: the fewest networks the method trains together.
+
     Example:
         >>> from kd_lightning.functional import dml_losses
         >>> class Mutual(OnlinePeersModule):
         ...     def objective(self, inputs, labels):
         ...         logits = {name: peer(inputs) for name, peer in self.peers.items()}
         ...         return dml_losses(torch.stack(list(logits.values())), labels).sum(), logits
-        >>> Mutual([nn.Linear(4, 3), nn.Linear(4, 3)]).teacher_names
+        >>> Mutual(nn.Linear(4, 3), [nn.Linear(4, 3)]).teacher_names
         ['peer1']
     """
 
     def __init__(
         self,
-        peers: Sequence[nn.Module] | Mapping[str, nn.Module],
+        student: nn.Module,
+        peers: Peers,
+        num_peers: int = 2,
         optimizer: OptimizerFactory = torch.optim.Adam,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
         batch_adapter: Callable[[Any], tuple[Any, Tensor]] | None = None,
         extra_outputs: Sequence[str] = (),
         extra_means: Sequence[str] = (),
+        student_name: str = "peer0",
+        minimum: int = 2,
     ) -> None:
-        named = name_peers(peers)
-        if len(named) < 2:
-            raise ValueError(f"online distillation needs at least 2 peers, got {len(named)}")
+        named = name_peers(student, peers, num_peers, student_name, minimum)
         output_names = [*named, *extra_outputs]
         super().__init__(
-            ("loss", "acc", *(f"peer_acc/{name}" for name in output_names), *extra_means)
+            ("loss", "acc", *(f"peer_acc/{name}" for name in output_names), *extra_means),
+            optimizer,
+            scheduler,
+            scheduler_interval,
+            batch_adapter,
         )
         self.peers = nn.ModuleDict(named)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.scheduler_interval = scheduler_interval
-        self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
         self.output_names = output_names
         self.extra_means = list(extra_means)
 
@@ -125,13 +160,14 @@ class OnlinePeersModule(EpochMeans):
         return list(self.peers.keys())
 
     @property
+    def student(self) -> nn.Module:
+        """Network 0, the one reported."""
+        return self.peers[self.names[0]]
+
+    @property
     def teacher_names(self) -> list[str]:
         """The outputs logged as teachers: every output but the reported network's."""
         return self.output_names[1:]
-
-    def forward(self, inputs: Any) -> Tensor:
-        """The reported network's logits."""
-        return self.peers[self.names[0]](inputs)
 
     def objective(self, inputs: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss on one batch and the logits of every name in ``output_names``."""
@@ -144,32 +180,14 @@ class OnlinePeersModule(EpochMeans):
         """Whether :meth:`build_parts` still has to run."""
         return False
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        inputs, labels = self.batch_adapter(batch)
-        loss, logits = self.objective(inputs, labels)
-        return self.report("train", loss, logits, labels)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        inputs, _ = self.batch_adapter(batch)
-        return self(inputs)
-
-    def _evaluate(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
+    def step(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
         inputs, labels = self.batch_adapter(batch)
         loss, logits = self.objective(inputs, labels)
         return self.report(stage, loss, logits, labels)
 
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not self.automatic_optimization:
-            allow_partial_backward(self.trainer.strategy)
-        if not self.needs_parts():
+        super().setup(stage)
+        if stage != "fit" or not self.needs_parts():
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
@@ -192,6 +210,14 @@ class OnlinePeersModule(EpochMeans):
         for module, training in modes.items():
             module.train(training)
         self.to(device)
+
+    def layers_to_tap(self, layers: str | Sequence[str], names: Sequence[str]) -> dict[str, str]:
+        """The layer to tap in each peer of ``names``: one name for all, or one per peer in order
+        (:func:`layers_per_peer`), each checked to exist now rather than at the first step."""
+        named = layers_per_peer(layers, names)
+        for name, layer in named.items():
+            FeatureTaps(self.peers[name], [layer]).remove()
+        return named
 
     def tapped_forward(
         self, inputs: Any, layers: Mapping[str, str]
@@ -239,33 +265,3 @@ class OnlinePeersModule(EpochMeans):
             "teacher_logits": torch.stack([logits[n].detach() for n in self.teacher_names]),
             "labels": labels,
         }
-
-    def optimizers_for(
-        self, groups: Iterable[Iterable[nn.Parameter]], factory: OptimizerFactory | None = None
-    ) -> list[dict[str, Any]]:
-        """One optimizer (``factory``, by default the module's) with its schedule per parameter
-        group, in Lightning's list-of-dicts form."""
-        configured = []
-        for parameters in groups:
-            built = configure_optimizers(
-                parameters,
-                factory or self.optimizer_factory,
-                self.scheduler_factory,
-                total_steps=int(self.trainer.estimated_stepping_batches),
-                interval=self.scheduler_interval,
-            )
-            configured.append(built if isinstance(built, dict) else {"optimizer": built})
-        return configured
-
-    def configure_optimizers(self) -> Any:
-        return self.optimizers_for([self.parameters()])[0]
-
-    def step_schedulers(self, end_of_epoch: bool) -> None:
-        """Advance the schedules under manual optimisation (Lightning does not)."""
-        if (self.scheduler_interval == "epoch") != end_of_epoch:
-            return
-        schedulers = self.lr_schedulers()
-        if schedulers is None:
-            return
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            cast(LRScheduler, scheduler).step()
