@@ -40,6 +40,51 @@ PACKAGE = {
             def forward(self, x):
                 return self.head(self.body(x.flatten(1)))
         """,
+    "my_kd/methods.py": '''
+        import torch
+        import torch.nn.functional as F
+        from kd_lightning.modules.base import MethodModule
+
+
+        class SoftTargetsOnly(MethodModule):
+            """Distil from the teachers' mean softened probabilities alone, without labels."""
+
+            def __init__(self, student, teachers, temperature: float = 2.0,
+                         optimizer=torch.optim.Adam, scheduler=None):
+                super().__init__(("loss", "acc"), optimizer, scheduler)
+                if temperature <= 0:
+                    raise ValueError(f"temperature must be > 0, got {temperature}")
+                self.student, self.teachers, self.temperature = student, teachers, temperature
+
+            @property
+            def teacher_names(self):
+                return list(self.teachers.names)
+
+            def step(self, batch, stage):
+                inputs, labels = self.batch_adapter(batch)
+                logits = self.student(inputs)
+                teachers = self.teachers.outputs(inputs, batch, stage)
+                target = (teachers.logits / self.temperature).softmax(-1).mean(0)
+                log_probs = F.log_softmax(logits / self.temperature, -1)
+                loss = F.kl_div(log_probs, target, reduction="batchmean")
+                accuracy = (logits.argmax(-1) == labels).float().mean()
+                self.update_epoch_means(stage, [loss, accuracy], [len(labels), len(labels)])
+                return {
+                    "loss": loss,
+                    "student_logits": logits.detach(),
+                    "teacher_logits": teachers.logits,
+                    "teacher_indices": torch.tensor(teachers.ran),
+                    "labels": labels,
+                }
+        ''',
+    "conf/method/soft_only.yaml": """
+        # Labels unused: the student matches the teachers' mean softened probabilities.
+        _target_: my_kd.methods.SoftTargetsOnly
+        _partial_: true
+        temperature: 2.0
+        optimizer: ${optimizer}
+        scheduler: ${scheduler}
+        """,
     "conf/fusion/most_confident.yaml": """
         _target_: my_kd.rules.MostConfident
         """,
@@ -69,29 +114,41 @@ def write_package(root: Path) -> None:
         path.write_text(textwrap.dedent(text).lstrip())
 
 
-def test_a_users_fusion_rule_and_teacher_run_through_kd_train(tmp_path):
-    user = tmp_path / "user"
-    write_package(user)
+def kd_train(tmp_path: Path, user: Path, *overrides: str) -> dict:
+    """``kd-train`` with the user's package importable and their configs on the search path."""
     result = run_command(
         [
             "-m",
             "kd_lightning.cli.train",
             f"hydra.searchpath=[file://{user / 'conf'}]",
-            "teachers=[mlp,two_layer]",
-            "fusion=most_confident",
+            *overrides,
             "experiment=smoke",
             "data=synthetic",
             "logger=none",
             "baseline=false",
             "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
         ],
         tmp_path,
         env_overrides={"PYTHONPATH": str(user)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (path,) = tmp_path.glob("logs/train/runs/*/summary.json")
-    summary = json.loads(path.read_text())
+    return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def test_a_users_fusion_rule_and_teacher_run_through_kd_train(tmp_path):
+    user = tmp_path / "user"
+    write_package(user)
+    summary = kd_train(tmp_path, user, "teachers=[mlp,two_layer]", "fusion=most_confident")
     assert summary["fusion"] == "most_confident"
     assert set(summary["test_accuracy"]["teachers"]) == {"mlp", "two_layer"}
     assert summary["test_accuracy"]["teachers"]["two_layer"] > 0.3  # it trained: 10 classes
     assert list((tmp_path / "cache").rglob("two_layer*"))
+
+
+def test_a_users_method_runs_through_kd_train(tmp_path):
+    user = tmp_path / "user"
+    write_package(user)
+    summary = kd_train(tmp_path, user, "teachers=[mlp,two_layer]", "method=soft_only")
+    assert summary["method"] == "soft_only"
+    assert summary["test_accuracy"]["student"] > 0.3  # learnt from soft targets alone
