@@ -36,6 +36,9 @@ def test_protocol_covers_single_teachers_every_fusion_rule_and_method():
     assert "method.loss.aggregation=loss" in aekd.overrides
     vote = next(entry for entry in entries if entry.label == "fusion=vote")
     assert vote.overrides == ("fusion=vote", "method.loss.temperature=1")
+    shift = next(entry for entry in entries if entry.label == "probability_shift")
+    assert shift.overrides == (HEADLINE, "method.loss.probability_shift=true")
+    assert "fusion=routed" not in labels  # MNIST-1D batches carry no teacher id
 
 
 def _summary(student: float, baseline: float | None, wall: float = 10.0) -> dict:

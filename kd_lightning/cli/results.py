@@ -63,12 +63,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # Entries that need more than their own override to run as their papers do: AE-KD weighs the
-# teachers' losses; the vote's one-hot label is learnt at T = 1 (You et al. 2017), where at the
+# teachers' losses; the vote's one-hot label is learnt at T = 1, as a hard label is, where at the
 # protocol's T = 4 the KD term would ask softmax(s / 4) to be one-hot.
 EXTRA_OVERRIDES = {
     "fusion=aekd": ["method.loss.aggregation=loss"],
     "fusion=vote": ["method.loss.temperature=1"],
 }
+# Rules that need what MNIST-1D lacks: routing reads a teacher id from each batch.
+NOT_ON_MNIST1D = {"fusion=routed"}
+# Corrections of the teachers' targets, each on top of the headline's mean of probabilities.
+TARGET_TRANSFORMS = {"probability_shift": ("method.loss.probability_shift=true",)}
 HEADLINE = "fusion=mean_probs"  # the default distillation; its runs also train the scratch baseline
 SCRATCH = "scratch (CE only)"
 
@@ -83,7 +87,8 @@ class Entry:
 
 
 def protocol(teachers: Sequence[str] = ("cnn", "gru", "mlp")) -> list[Entry]:
-    """Every entry: single-teacher KD, each fusion rule (mean of probabilities first), each method.
+    """Every entry: single-teacher KD, each fusion rule (mean of probabilities first), each
+    target transform, each method.
 
     Example:
         >>> [entry.label for entry in protocol()][:4]
@@ -96,8 +101,12 @@ def protocol(teachers: Sequence[str] = ("cnn", "gru", "mlp")) -> list[Entry]:
     entries += [Entry("single teacher", f"teachers=[{t}]", (f"teachers=[{t}]",)) for t in teachers]
     for fusion in fusions:
         label = f"fusion={fusion}"
-        if label != HEADLINE:
+        if label != HEADLINE and label not in NOT_ON_MNIST1D:
             entries.append(Entry("fusion rule", label, (label, *EXTRA_OVERRIDES.get(label, []))))
+    entries += [
+        Entry("target transform", name, (HEADLINE, *overrides))
+        for name, overrides in TARGET_TRANSFORMS.items()
+    ]
     entries += [
         Entry("method", f"method={m}", (f"method={m}",)) for m in methods if m != "ensemble"
     ]

@@ -366,11 +366,14 @@ def _run_loss(
     layers it names, tapped, and the batch fields it names."""
     with FeatureTaps(student, list(loss.student_layers)) as taps:
         student_logits = student(inputs)
-    fields = {
-        name: batch[name]
-        for name in loss.batch_fields
-        if isinstance(batch, Mapping) and name in batch
-    }
+    held = batch if isinstance(batch, Mapping) else {}
+    missing = [name for name in loss.batch_fields if name not in held]
+    if missing:
+        raise ValueError(
+            f"{type(loss.fusion).__name__} reads the batch fields {missing}, which the data's "
+            f"batches do not hold (pick data whose dict batches carry them)"
+        )
+    fields = {name: held[name] for name in loss.batch_fields}
     return loss(
         student_logits,
         teachers,
