@@ -68,13 +68,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kd_lightning.teachers.cache.fingerprint import fingerprint
 from kd_lightning.teachers.cache.indices import sample_indices
-from kd_lightning.teachers.cache.store import MANIFEST, PARTIAL_PREFIX, CorruptCacheError
+from kd_lightning.teachers.cache.store import (
+    MANIFEST,
+    PARTIAL_PREFIX,
+    CorruptCacheError,
+    StoredOutputs,
+)
 from kd_lightning.teachers.cache.topk import TopKLogits, compress_topk, expand_topk
-from kd_lightning.teachers.source import Stage, TeacherOutputs, TeacherSource
+from kd_lightning.teachers.source import Stage, TeacherOutputs
 
 FORMAT = "kd-sequence-cache"
 FORMAT_VERSION = 1
@@ -275,7 +280,7 @@ def read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, file.tell()
 
 
-class SequenceCachedTeachers:
+class SequenceCachedTeachers(StoredOutputs):
     """K teachers' top-k next-token logits for packed LM blocks, read by (block, position).
 
     The offline stand-in for a :class:`~kd_lightning.teachers.TeacherEnsemble` of causal LMs:
@@ -333,6 +338,8 @@ class SequenceCachedTeachers:
         kd_lightning.teachers.cache.sequence_store.MismatchedCacheError: block 0 of split 'train' ...
         >>> root.cleanup()
     """
+
+    kind = "a sequence cache"
 
     def __init__(
         self,
@@ -573,25 +580,6 @@ class SequenceCachedTeachers:
                 self.records(stage, np.arange(start, min(start + self.chunk_blocks, size)))
                 checked += min(self.chunk_blocks, size - start)
         return checked
-
-    def tap(self, layers: Mapping[str, str]) -> None:
-        """Refused: the cache holds logits only."""
-        if layers:
-            raise ValueError(
-                "a sequence cache holds the teachers' top-k logits only, no layer outputs: "
-                "tapped layers (e.g. feature hints) need live teachers"
-            )
-
-    def networks(self) -> Mapping[str, nn.Module]:
-        """Refused: the cache holds logits only."""
-        raise ValueError("a sequence cache holds the teachers' top-k logits only, no networks")
-
-    def shard(self, rank: int, world_size: int) -> TeacherSource:
-        """Refused: no teacher runs, so there is nothing to shard."""
-        raise ValueError(
-            "a sequence cache runs no teachers, so there is none to shard across ranks: "
-            "sharding needs live teachers"
-        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": {}}

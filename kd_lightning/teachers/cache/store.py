@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +28,33 @@ class CorruptCacheError(RuntimeError):
     """A cache directory's manifest does not match its files or its name."""
 
 
-class CachedTeachers:
+class StoredOutputs:
+    """The teacher-source methods every cache of teacher outputs refuses: it holds the teachers'
+    logits, not the networks, and runs no teacher. ``kind`` names the cache in the errors."""
+
+    kind: ClassVar[str] = "a teacher-output cache"
+
+    def tap(self, layers: Mapping[str, str]) -> None:
+        """Refused (unless nothing is asked): the cache holds logits only."""
+        if layers:
+            raise ValueError(
+                f"{self.kind} holds the teachers' logits only, no layer outputs: tapped layers "
+                "(e.g. feature hints) need live teachers"
+            )
+
+    def networks(self) -> Mapping[str, nn.Module]:
+        """Refused: the cache holds logits only."""
+        raise ValueError(f"{self.kind} holds the teachers' logits only, no networks")
+
+    def shard(self, rank: int, world_size: int) -> TeacherSource:
+        """Refused: no teacher runs, so there is nothing to shard."""
+        raise ValueError(
+            f"{self.kind} runs no teachers, so there is none to shard across ranks: sharding "
+            "needs live teachers"
+        )
+
+
+class CachedTeachers(StoredOutputs):
     """Teacher logits read from a cache by sample index: the offline stand-in for an ensemble.
 
     ``logits(stage, indices)`` returns what ``TeacherEnsemble(inputs)`` returned for those samples
@@ -166,25 +192,6 @@ class CachedTeachers:
         indices = sample_indices(batch)
         logits = self.logits(stage, indices).to(indices.device)
         return TeacherOutputs(logits, tuple(range(len(self))))
-
-    def tap(self, layers: Mapping[str, str]) -> None:
-        """Refused: the cache holds logits only."""
-        if layers:
-            raise ValueError(
-                "a teacher-output cache holds the teachers' logits only, no layer outputs: "
-                "tapped layers (e.g. feature hints) need live teachers"
-            )
-
-    def networks(self) -> Mapping[str, nn.Module]:
-        """Refused: the cache holds logits only."""
-        raise ValueError("a teacher-output cache holds the teachers' logits only, no networks")
-
-    def shard(self, rank: int, world_size: int) -> TeacherSource:
-        """Refused: no teacher runs, so there is nothing to shard."""
-        raise ValueError(
-            "a teacher-output cache runs no teachers, so there is none to shard across ranks: "
-            "sharding needs live teachers"
-        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_arrays": None}
