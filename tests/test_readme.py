@@ -13,10 +13,10 @@ from kd_lightning.models import CNN1D, MLP, GRUClassifier
 README = Path(__file__).parents[1] / "README.md"
 
 
-def readme_snippet() -> str:
+def readme_snippet(marker: str = "README snippet") -> str:
     text = README.read_text()
-    match = re.search(r"<!-- README snippet.*?-->\n```python\n(.*?)```", text, re.DOTALL)
-    assert match, "README lost its tested snippet"
+    match = re.search(rf"<!-- {marker}.*?-->\n```python\n(.*?)```", text, re.DOTALL)
+    assert match, f"README lost its tested snippet ({marker})"
     return match.group(1)
 
 
@@ -42,3 +42,20 @@ def test_readme_snippet_distils_and_logs_agreement(tmp_path, monkeypatch):
         assert 0.0 <= float(metrics[f"val/agreement/student_vs_{name}"]) <= 1.0
     assert "val/agreement/cnn_vs_gru" in metrics
     assert any(Path("lightning_logs").rglob("events.out.tfevents.*"))
+
+
+def test_readme_language_model_snippet_trains(tmp_path, monkeypatch):
+    snippet = readme_snippet("LM snippet")
+    monkeypatch.chdir(tmp_path)
+    shortened = snippet.replace("max_bytes=2_000_000", "max_bytes=100_000").replace(
+        "max_epochs=1, limit_train_batches=100",
+        "max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, "
+        "enable_checkpointing=False, enable_progress_bar=False",
+    )
+    assert shortened.count("100_000") == 1 and "limit_train_batches=2" in shortened
+    namespace: dict = {}
+    exec(compile(shortened, str(README), "exec"), namespace)
+    module = namespace["module"]
+    assert module.teacher_names == ["wide", "deep"]
+    assert namespace["data"].vocab_size == 258
+    assert module.trainer.global_step == 2
