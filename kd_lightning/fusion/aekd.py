@@ -7,6 +7,7 @@ in Gradient Space", NeurIPS 2020.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -93,6 +94,8 @@ class GradientSpaceWeights(FusionRule, name="aekd"):
         self.max_weight = float(max_weight)
         self.iterations = int(iterations)
 
+    per_batch = True
+
     def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """The weights ``λ`` broadcast to ``(*batch, K)``; see the class docstring.
 
@@ -105,29 +108,49 @@ class GradientSpaceWeights(FusionRule, name="aekd"):
             Detached float32 weights ``(*batch, K)``: non-negative, summing to one, each at most
             ``max_weight`` (when ``K ≥ 2``).
         """
-        student_logits = context.student_logits
-        assert student_logits is not None  # FusionRule.forward enforces needs_student
         num_teachers, *batch_shape, _ = teacher_logits.shape
+        return self.batch_weights([(teacher_logits, context)]).expand(*batch_shape, num_teachers)
+
+    def batch_weights(self, chunks: Iterable[tuple[Tensor, FusionContext]]) -> Tensor:
+        """``λ`` ``(K,)`` from the batch given in chunks: the Gram matrix is accumulated over them
+        (each chunk's gradients, summed or multiplied out) and solved once."""
+        summed: Tensor | None = None
+        gram: Tensor | None = None
+        positions = 0
+        with torch.no_grad():
+            for teacher_logits, context in chunks:
+                student_logits = context.student_logits
+                assert student_logits is not None  # FusionRule.forward enforces needs_student
+                num_teachers, num_classes = teacher_logits.shape[0], teacher_logits.shape[-1]
+                dtype = _solver_dtype(teacher_logits.device)
+                # N·∂kl_T/∂s = T·(softmax(s / T) − p_k) per position (kd_logit_gradients without
+                # the batch's 1/N, which no solution depends on).
+                temperature = context.temperature
+                gradients = temperature * (
+                    F.softmax(student_logits.detach().float() / temperature, dim=-1)
+                    - F.softmax(teacher_logits.float() / temperature, dim=-1)
+                )
+                positions += student_logits[..., 0].numel()
+                if self.gram == "batch_mean":
+                    chunk = gradients.reshape(num_teachers, -1, num_classes).sum(1).to(dtype)
+                    summed = chunk if summed is None else summed + chunk
+                else:
+                    vectors = gradients.reshape(num_teachers, -1).to(dtype)
+                    chunk = vectors @ vectors.T
+                    gram = chunk if gram is None else gram + chunk
+            if summed is not None:
+                vectors = summed / max(positions, 1)
+                gram = vectors @ vectors.T
+        assert gram is not None, "GradientSpaceWeights.batch_weights needs at least one chunk"
+        num_teachers = gram.shape[0]
         if num_teachers == 1:
-            return teacher_logits.new_ones((*batch_shape, 1), dtype=torch.float32)
+            return gram.new_ones(1, dtype=torch.float32)
         if num_teachers * self.max_weight < 1:
             raise ValueError(
                 f"GradientSpaceWeights: max_weight = {self.max_weight} with K = {num_teachers} "
                 f"teachers leaves no weights summing to one (needs max_weight * K >= 1)"
             )
-        with torch.no_grad():
-            gradients = kd_logit_gradients(
-                teacher_logits, student_logits.detach(), context.temperature
-            )
-            if self.gram == "batch_mean":
-                vectors = gradients.flatten(1, -2).mean(1)  # (K, C)
-            else:
-                vectors = gradients.reshape(num_teachers, -1)  # (K, B·C)
-            vectors = vectors.to(_solver_dtype(gradients.device))
-            solution = min_norm_capped_simplex(
-                vectors @ vectors.T, self.max_weight, self.iterations
-            )
-        return solution.float().expand(*batch_shape, num_teachers)
+        return min_norm_capped_simplex(gram, self.max_weight, self.iterations).float()
 
     def extra_repr(self) -> str:
         return f"max_weight={self.max_weight}, iterations={self.iterations}, gram={self.gram!r}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -96,6 +96,10 @@ class FusionRule(nn.Module, ABC):
 
     needs_labels: ClassVar[bool] = False
     needs_student: ClassVar[bool] = False
+    per_batch: ClassVar[bool] = False
+    """Whether one weight vector serves the whole batch, computed from all of it (AE-KD's solve,
+    one random draw per call); such a rule implements :meth:`batch_weights`, which a loss that
+    splits the batch into chunks feeds chunk by chunk."""
     registry: ClassVar[dict[str, type[FusionRule]]] = {}
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
@@ -224,6 +228,16 @@ class FusionRule(nn.Module, ABC):
         Returns:
             Non-negative float32 weights ``(*batch, K)``.
         """
+
+    def batch_weights(self, chunks: Iterable[tuple[Tensor, FusionContext]]) -> Tensor:
+        """The weights ``(K,)`` of a :attr:`per_batch` rule, from the batch given in chunks.
+
+        Args:
+            chunks: ``(teacher_logits (K, n, C), context)`` for consecutive runs of positions whose
+                union is the batch; each context holds those positions' labels, student logits
+                and fields, and the batch's temperature and teacher indices.
+        """
+        raise NotImplementedError(f"{type(self).__name__} weighs each position on its own")
 
     def target(self, teacher_logits: Tensor, weights: Tensor, temperature: float) -> Tensor:
         """Mix the teachers' probabilities ``softmax(z_k / T)`` with the normalised weights.

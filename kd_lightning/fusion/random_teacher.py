@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,11 +37,20 @@ class RandomTeacher(FusionRule, name="random"):
         True
     """
 
+    per_batch = True
+
     def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """One-hot weights on a teacher drawn now, ``(*batch, K)``; all ones for one teacher."""
         num_teachers, *batch_shape, _ = teacher_logits.shape
+        drawn = self.batch_weights([(teacher_logits, context)])
+        return drawn.expand(*batch_shape, num_teachers)
+
+    def batch_weights(self, chunks: Iterable[tuple[Tensor, FusionContext]]) -> Tensor:
+        """One draw for the whole batch, ``(K,)`` one-hot (the draw reads only ``K`` and the
+        device)."""
+        teacher_logits, _ = next(iter(chunks))
+        num_teachers = teacher_logits.shape[0]
         if num_teachers == 1:
-            return teacher_logits.new_ones(*batch_shape, 1, dtype=torch.float32)
+            return teacher_logits.new_ones(1, dtype=torch.float32)
         drawn = torch.randint(num_teachers, (), device=teacher_logits.device)
-        one_hot = F.one_hot(drawn, num_teachers).float()
-        return one_hot.expand(*batch_shape, num_teachers)
+        return F.one_hot(drawn, num_teachers).float()

@@ -11,7 +11,7 @@ Large-Vocabulary Language Models", Wijmans et al. 2024, apply the same idea to t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,7 @@ from torch.autograd.function import FunctionCtx
 from torch.nn.parameter import is_lazy
 
 from kd_lightning.functional.targets import probability_shift
-from kd_lightning.fusion import FusionContext, FusionRule, GradientSpaceWeights, RandomTeacher
-from kd_lightning.fusion.aekd import _solver_dtype, min_norm_capped_simplex
+from kd_lightning.fusion import FusionContext, FusionRule
 from kd_lightning.losses.distillation import (
     Aggregation,
     DistillationLoss,
@@ -51,13 +50,11 @@ class ChunkedDistillationLoss(DistillationLoss):
     so the peak hardly depends on the number of teachers.
 
     Rules: a rule whose weights at a position depend on that position alone (every rule of the
-    library but two) is applied to each chunk as it is. The two that weigh the whole batch at once
-    get their own pass:
-
-    * ``GradientSpaceWeights`` (AE-KD, one ``λ`` per batch): a first chunked pass accumulates its
-      Gram matrix (``batch_mean``: the summed ``K × V`` gradients; ``flattened``: the ``K × K``
-      inner products), ``λ`` is solved once, and the loss pass uses it;
-    * ``RandomTeacher``: the teacher is drawn once per call, as the rule draws it.
+    library but two) is applied to each chunk as it is. A rule that weighs the whole batch at once
+    (:attr:`~kd_lightning.fusion.FusionRule.per_batch`) gets a first pass that feeds it the
+    chunks (:meth:`~kd_lightning.fusion.FusionRule.batch_weights`), and the loss pass uses the
+    weights it returns: AE-KD accumulates its Gram matrix over the chunks and solves once,
+    ``RandomTeacher`` draws once per call.
 
     Parameters of a rule (``LearnedWeights``, ``LearnedGate``) receive their gradients: the
     backward recomputation differentiates each chunk with respect to them too. A rule that reads
@@ -162,7 +159,9 @@ class ChunkedDistillationLoss(DistillationLoss):
                 feature_names=tuple(features),
                 teacher_indices=None if teacher_indices is None else tuple(teacher_indices),
                 batch_fields=fields,
-                fixed_weights=self._batch_weights(student, teachers, flat_labels, padded, chunks),
+                fixed_weights=self._batch_weights(
+                    student, teachers, flat_labels, padded, chunks, teacher_indices, fields
+                ),
                 parameters=tuple(p for p in self.fusion.parameters() if p.requires_grad),
             )
             hard_sum, soft_sum, weights = _ChunkedObjective.apply(
@@ -301,56 +300,33 @@ class ChunkedDistillationLoss(DistillationLoss):
         labels: Tensor,
         padded: bool,
         chunks: Sequence[tuple[int, int]],
+        teacher_indices: Sequence[int] | None,
+        fields: Mapping[str, Tensor],
     ) -> Tensor | None:
-        """Weights ``(N, K)`` of the rules that weigh the whole batch at once; ``None`` for the
-        per-position rules."""
-        if isinstance(self.fusion, RandomTeacher):
-            # The draw reads only the shape and the device: one draw, as the rule makes per call.
-            return self.fusion.weights(teachers, FusionContext(temperature=self.temperature))
-        if isinstance(self.fusion, GradientSpaceWeights):
-            return self._gradient_space_weights(student, teachers, labels, padded, chunks)
-        return None
+        """Weights ``(N, K)`` of a rule that weighs the whole batch at once, fed the chunks as
+        each chunk's pass would see them; ``None`` for per-position rules."""
+        if not self.fusion.per_batch:
+            return None
 
-    def _gradient_space_weights(
-        self,
-        student: Tensor,
-        teachers: Tensor,
-        labels: Tensor,
-        padded: bool,
-        chunks: Sequence[tuple[int, int]],
-    ) -> Tensor:
-        """AE-KD's ``λ`` from a Gram matrix accumulated over the chunks, solved once (see
-        :class:`~kd_lightning.fusion.GradientSpaceWeights`, whose computation this splits)."""
-        rule = self.fusion
-        assert isinstance(rule, GradientSpaceWeights)
-        num_teachers, positions, num_classes = teachers.shape
-        if num_teachers == 1:
-            return teachers.new_ones((positions, 1), dtype=torch.float32)
-        dtype = _solver_dtype(teachers.device)
-        temperature = self.temperature
-        # g_k = T (softmax(s / T) − p_k) / N at each position (kd_logit_gradients).
-        scale = temperature / max(positions, 1)
-        summed = torch.zeros(num_teachers, num_classes, dtype=dtype, device=teachers.device)
-        gram = torch.zeros(num_teachers, num_teachers, dtype=dtype, device=teachers.device)
-        with torch.no_grad():
+        def chunk_inputs() -> Iterator[tuple[Tensor, FusionContext]]:
             for start, stop in chunks:
-                chunk_student, chunk_teachers, _, _ = self._prepare(
+                chunk_student, chunk_teachers, rule_labels, _ = self._prepare(
                     student[start:stop], teachers[:, start:stop], labels[start:stop], padded
                 )
-                gradients = scale * (
-                    F.softmax(chunk_student / temperature, dim=-1)
-                    - F.softmax(chunk_teachers / temperature, dim=-1)
+                yield (
+                    chunk_teachers,
+                    FusionContext(
+                        labels=rule_labels,
+                        temperature=self.temperature,
+                        student_logits=chunk_student,
+                        teacher_indices=None if teacher_indices is None else tuple(teacher_indices),
+                        batch_fields={name: value[start:stop] for name, value in fields.items()},
+                    ),
                 )
-                if rule.gram == "batch_mean":
-                    summed += gradients.sum(1).to(dtype)
-                else:
-                    vectors = gradients.reshape(num_teachers, -1).to(dtype)
-                    gram += vectors @ vectors.T
-            if rule.gram == "batch_mean":
-                vectors = summed / max(positions, 1)
-                gram = vectors @ vectors.T
-            solution = min_norm_capped_simplex(gram, rule.max_weight, rule.iterations)
-        return solution.float().expand(positions, num_teachers)
+
+        with torch.no_grad():
+            per_teacher = self.fusion.batch_weights(chunk_inputs())
+        return per_teacher.expand(len(labels), teachers.shape[0])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_tokens={self.chunk_tokens}"
