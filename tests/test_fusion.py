@@ -29,6 +29,7 @@ from kd_lightning.fusion import (
     StaticWeights,
     build_fusion,
 )
+from kd_lightning.losses import DistillationLoss
 
 # --- float64 NumPy references -------------------------------------------------------------------
 # Teacher logits z: (K, *batch, C); labels y: (*batch); weights returned as (*batch, K).
@@ -608,3 +609,29 @@ def test_per_teacher_rules_read_the_teachers_that_ran() -> None:
     torch.testing.assert_close(subset, expected)
     with pytest.raises(ValueError, match=r"teacher_indices \[1\] name 1 teachers but .* K = 2"):
         StaticWeights()(teachers, teacher_indices=(1,))
+
+
+# --- penalties of learned rules ----------------------------------------------------------------
+
+
+def test_learned_rules_add_their_l2_penalty_to_the_loss() -> None:
+    generator = torch.Generator().manual_seed(23)
+    student = torch.randn(4, 3, generator=generator)
+    teachers, labels = torch.randn(2, 4, 3, generator=generator), torch.tensor([0, 1, 2, 0])
+    learned = LearnedWeights(weights=[1.0, 3.0], l2=0.5)
+    theta = torch.log(torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(learned.penalty(), 0.5 * (theta**2).sum())
+    plain = DistillationLoss(LearnedWeights(weights=[1.0, 3.0]))(student, teachers, labels).loss
+    with_penalty = DistillationLoss(learned)(student, teachers, labels).loss
+    torch.testing.assert_close(with_penalty - plain, 0.5 * (theta**2).sum())
+    gate = LearnedGate(num_teachers=2, l2=0.1)
+    assert gate.penalty() == 0.0  # nothing to penalise before the parameters exist
+    gate(teachers, student_logits=student)
+    expected = 0.1 * (gate.gate.square().sum() + gate.theta.square().sum())
+    torch.testing.assert_close(gate.penalty(), expected)
+    penalty = gate.penalty()
+    assert isinstance(penalty, torch.Tensor)
+    penalty.backward()
+    assert gate.theta.grad is not None and gate.theta.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="l2 must be >= 0"):
+        LearnedWeights(num_teachers=2, l2=-1.0)

@@ -229,6 +229,17 @@ class FusionRule(nn.Module, ABC):
             Non-negative float32 weights ``(*batch, K)``.
         """
 
+    def penalty(self) -> Tensor | float:
+        """A regulariser of the rule's own parameters that the loss adds to its objective; none
+        (0) by default. Learned rules offer an L2 penalty (``l2``), as AMTML-KD trains its gate.
+
+        Example:
+            >>> from kd_lightning.fusion import MeanProbabilities
+            >>> MeanProbabilities().penalty()
+            0.0
+        """
+        return 0.0
+
     def batch_weights(self, chunks: Iterable[tuple[Tensor, FusionContext]]) -> Tensor:
         """The weights ``(K,)`` of a :attr:`per_batch` rule, from the batch given in chunks.
 

@@ -34,7 +34,9 @@ class LearnedGate(FusionRule, name="learned_gate"):
     target is ``Σ_k μ_k p_k``.
 
     Caution: trained on the distillation loss alone, the gate drifts toward the teacher the
-    student already matches best, since that lowers the loss.
+    student already matches best, since that lowers the loss. The authors' code trains θ and W
+    with an L2 penalty ``0.1·(‖W‖² + ‖θ‖²)`` (among other safeguards: its own SGD, a training
+    window, N(0, 1) initialisation); ``l2`` adds that penalty (:meth:`penalty`).
 
     Args:
         num_teachers: ``K``.
@@ -43,6 +45,7 @@ class LearnedGate(FusionRule, name="learned_gate"):
             before the optimizer is built).
         student_layer: the dotted name of the student's penultimate layer (e.g. ``"hidden"`` for
             :class:`~kd_lightning.models.MLP`); ``None`` uses the student's logits.
+        l2: Weight of the L2 penalty on ``θ`` and ``W``; 0 for none.
 
     Example:
         >>> from kd_lightning.models.taps import FeatureTaps
@@ -58,9 +61,16 @@ class LearnedGate(FusionRule, name="learned_gate"):
     needs_student = True
 
     def __init__(
-        self, num_teachers: int, feature_dim: int | None = None, student_layer: str | None = None
+        self,
+        num_teachers: int,
+        feature_dim: int | None = None,
+        student_layer: str | None = None,
+        l2: float = 0.0,
     ) -> None:
         super().__init__()
+        if not l2 >= 0:
+            raise ValueError(f"LearnedGate: l2 must be >= 0, got {l2}")
+        self.l2 = float(l2)
         if num_teachers < 1:
             raise ValueError(f"LearnedGate: num_teachers must be >= 1, got {num_teachers}")
         if feature_dim is not None and feature_dim < 1:
@@ -108,6 +118,12 @@ class LearnedGate(FusionRule, name="learned_gate"):
             return features.flatten(context.student_logits.ndim).mean(-1)
         return features  # (*batch, D), e.g. (B, L, D) per token
 
+    def penalty(self) -> Tensor | float:
+        """``l2·(‖W‖² + ‖θ‖²)``, once the parameters exist."""
+        if not self.l2 or isinstance(self.theta, UninitializedParameter):
+            return 0.0
+        return self.l2 * (self.gate.square().sum() + self.theta.square().sum())
+
     def _initialise(self, feature_dim: int, device: torch.device | None = None) -> None:
         theta, gate = self.theta, self.gate
         assert isinstance(theta, UninitializedParameter)  # callers initialise only once
@@ -127,4 +143,7 @@ class LearnedGate(FusionRule, name="learned_gate"):
 
     def extra_repr(self) -> str:
         dim = None if isinstance(self.theta, UninitializedParameter) else self.theta.shape[1]
-        return f"num_teachers={self.num_teachers}, feature_dim={dim}, student_layer={self.student_layer!r}"
+        return (
+            f"num_teachers={self.num_teachers}, feature_dim={dim}, "
+            f"student_layer={self.student_layer!r}, l2={self.l2}"
+        )

@@ -22,11 +22,13 @@ class LearnedWeights(FusionRule, name="learned"):
     is taken over theirs.
 
     Caution: trained on the distillation loss alone, the weights drift toward the teacher the
-    student already matches best, since that lowers the loss.
+    student already matches best, since that lowers the loss. ``l2`` adds ``l2·‖θ‖²`` to the
+    objective (:meth:`penalty`), pulling the weights back toward uniform.
 
     Args:
         num_teachers: The number of teachers (uniform start), when ``weights`` is not given.
         weights: Strictly positive starting weights, one per teacher.
+        l2: Weight of the L2 penalty on ``θ``; 0 for none.
 
     Example:
         >>> import torch
@@ -37,9 +39,15 @@ class LearnedWeights(FusionRule, name="learned"):
     """
 
     def __init__(
-        self, num_teachers: int | None = None, weights: Sequence[float] | None = None
+        self,
+        num_teachers: int | None = None,
+        weights: Sequence[float] | None = None,
+        l2: float = 0.0,
     ) -> None:
         super().__init__()
+        if not l2 >= 0:
+            raise ValueError(f"LearnedWeights: l2 must be >= 0, got {l2}")
+        self.l2 = float(l2)
         initial = normalised_weights(weights, num_teachers, positive=True)
         if initial is None:
             raise ValueError("LearnedWeights needs `num_teachers` or starting `weights`")
@@ -50,5 +58,9 @@ class LearnedWeights(FusionRule, name="learned"):
         logits = of_teachers(self.weight_logits, teacher_logits, context, type(self).__name__)
         return broadcast(F.softmax(logits, dim=0), teacher_logits)
 
+    def penalty(self) -> Tensor | float:
+        """``l2·‖θ‖²``."""
+        return self.l2 * self.weight_logits.square().sum() if self.l2 else 0.0
+
     def extra_repr(self) -> str:
-        return f"num_teachers={self.weight_logits.shape[0]}"
+        return f"num_teachers={self.weight_logits.shape[0]}, l2={self.l2}"

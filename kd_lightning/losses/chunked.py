@@ -172,7 +172,7 @@ class ChunkedDistillationLoss(DistillationLoss):
                 max(labels.numel(), 1) if real is None else real.sum().clamp_min(1)
             )
             hard, soft = hard_sum / count, soft_sum / count
-            loss = (1.0 - self.alpha) * hard + self.alpha * soft
+            loss = (1.0 - self.alpha) * hard + self.alpha * soft + self.fusion.penalty()
         return DistillationOutput(
             loss=loss,
             hard=hard,

@@ -36,7 +36,8 @@ class DistillationOutput:
     """Everything one evaluation of :class:`DistillationLoss` produced.
 
     Attributes:
-        loss: the total objective (1 − α)·hard + α·soft.
+        loss: the total objective (1 − α)·hard + α·soft, plus the fusion rule's
+            :meth:`~kd_lightning.fusion.FusionRule.penalty` (0 for rules without one).
         hard: cross-entropy of the student on the labels.
         soft: the distillation term.
         weights: per-position, per-teacher fusion weights, shape ``(*batch, K)`` (``(B, K)``
@@ -198,7 +199,7 @@ class DistillationLoss(nn.Module):
                 per_position = torch.where(real, per_position, 0.0)
                 weights = torch.where(real.unsqueeze(-1), weights, 0.0)
             hard, soft = hard_sum / count, per_position.sum() / count
-            loss = (1.0 - self.alpha) * hard + self.alpha * soft
+            loss = (1.0 - self.alpha) * hard + self.alpha * soft + self.fusion.penalty()
         return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=weights, real=real)
 
     def _soft_term(
