@@ -37,7 +37,8 @@ class DistillationModule(MethodModule):
 
     The student layers that the loss's fusion rule reads (``loss.student_layers``, e.g. a learned
     gate's) are tapped with :class:`~kd_lightning.models.taps.FeatureTaps` during the student's
-    forward pass and passed to the loss as ``student_features``.
+    forward pass and passed to the loss as ``student_features``; the fields of dict batches it
+    names (``loss.batch_fields``, e.g. a routed rule's teacher id) are passed as ``batch_fields``.
 
     Only the student and the loss's learnable parameters (e.g. learnable fusion weights) are
     optimised. Checkpoints hold no teacher weights unless ``save_teachers=True``; loading a
