@@ -149,3 +149,16 @@ def test_the_teacher_cache_never_leaves_its_directory(tmp_path, name):
     with pytest.raises(ValueError, match="a teacher name may hold only"):
         teacher_cache.build_teachers(cfg, instantiate(cfg.data))  # validation bypassed
     assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == []
+
+
+def test_a_cache_directory_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    cfg = compose_config(tmp_path, [*ONE_TEACHER])
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(blocker / "cache")
+    with pytest.raises(ConfigError, match=r"paths\.cache_dir=.*a_file is a file") as caught:
+        train(cfg)
+    assert len(caught.value.problems) == 1, caught.value.problems
+    assert blocker.read_text() == "not a directory"
+    assert not any((tmp_path / "output").iterdir())  # no checkpoint, log or summary

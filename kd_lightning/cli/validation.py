@@ -13,6 +13,7 @@ accelerator, an out-of-range hyper-parameter or an argument a method refuses (re
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +27,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -96,6 +98,7 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
     problems += problems.guard("method", lambda: hyperparameter_problems(cfg)) or []
     problems += hardware_problems(cfg.get("trainer") or OmegaConf.create({}))
     problems += sharding_problems(cfg)
+    problems += directory_problems(cfg)
     if "data" not in cfg or "student" not in cfg:
         _raise_if_any(problems)
         return
@@ -122,6 +125,37 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
         if arguments is not None and student is not None and datamodule is not None:
             _check_method(cfg, arguments, student, ensemble, datamodule, batch, problems)
     _raise_if_any(problems)
+
+
+def directory_problems(cfg: DictConfig) -> list[str]:
+    """The directories the run writes to (``paths.cache_dir``, ``paths.output_dir``) that it could
+    not write: under a file, or whose nearest existing directory is not writable. Nothing is
+    created to find out.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile() as file:
+        ...     [problem] = directory_problems(OmegaConf.create({"paths": {"cache_dir": f"{file.name}/c"}}))
+        >>> problem.startswith("paths.cache_dir="), problem.endswith("no directory can be made there")
+        (True, True)
+    """
+    problems = []
+    for key in ("paths.cache_dir", "paths.output_dir"):
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except (OmegaConfBaseException, ValueError):  # ${hydra:...} outside a Hydra run
+            continue
+        if value is None:
+            continue
+        path = Path(str(value)).expanduser().absolute()
+        existing = next(parent for parent in (path, *path.parents) if parent.exists())
+        if not existing.is_dir():
+            problems.append(
+                f"{key}={value}: {existing} is a file, so no directory can be made there"
+            )
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"{key}={value}: {existing} is not writable")
+    return problems
 
 
 def _method_arguments(cfg: DictConfig, problems: _Problems) -> set[str] | None:
