@@ -10,7 +10,7 @@ from kd_lightning import DistillationLoss
 from kd_lightning.functional import kd_loss, kl_divergence
 from kd_lightning.fusion import ConfidenceAware, LearnedWeights, StaticWeights
 
-from .reference import np_kl, np_log_softmax
+from .reference import FUSIONS_BY_NAME, np_kl, np_log_softmax
 
 
 def np_cross_entropy(s: np.ndarray, y: np.ndarray) -> float:
@@ -80,19 +80,7 @@ def test_identity_e1_target_and_loss_aggregation_share_the_gradient(batch, fusio
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "fusion",
-    [
-        "mean_probs",
-        "mean_logits",
-        "entropy",
-        "confidence",
-        "correct_only",
-        "vote",
-        "random",
-        "static",
-    ],
-)
+@pytest.mark.parametrize("fusion", [*FUSIONS_BY_NAME, "static"])
 @pytest.mark.parametrize("aggregation", ["target", "loss"])
 def test_one_teacher_is_hinton_kd(batch, fusion, aggregation):
     student, teachers, labels = batch

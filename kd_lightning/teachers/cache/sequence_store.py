@@ -354,7 +354,7 @@ class SequenceCachedTeachers(StoredOutputs):
         if self.path.name.startswith(PARTIAL_PREFIX):
             raise CorruptCacheError(f"{self.path} is a partial build, never read")
         try:
-            self.manifest: dict[str, Any] = json.loads((self.path / MANIFEST).read_text())
+            self.manifest = json.loads((self.path / MANIFEST).read_text())
         except FileNotFoundError:
             raise CorruptCacheError(
                 f"{self.path} has no {MANIFEST}: not a complete cache"
@@ -399,19 +399,6 @@ class SequenceCachedTeachers(StoredOutputs):
         self._maps: dict[tuple[str, int], np.ndarray] = {}
         if verify:
             self.verify()
-
-    @property
-    def names(self) -> list[str]:
-        """Teacher names, in the order of the stacked outputs."""
-        return [teacher["name"] for teacher in self.manifest["teachers"]]
-
-    @property
-    def stages(self) -> list[str]:
-        """The cached splits (e.g. ``["train", "val"]``)."""
-        return sorted(self.manifest["splits"])
-
-    def __len__(self) -> int:
-        return len(self.manifest["teachers"])
 
     def num_blocks(self, stage: str) -> int:
         """The number of blocks of split ``stage``."""

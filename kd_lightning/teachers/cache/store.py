@@ -29,10 +29,25 @@ class CorruptCacheError(RuntimeError):
 
 
 class StoredOutputs:
-    """The teacher-source methods every cache of teacher outputs refuses: it holds the teachers'
-    logits, not the networks, and runs no teacher. ``kind`` names the cache in the errors."""
+    """What every cache of teacher outputs shares: the teachers and stages its ``manifest``
+    lists, and the teacher-source methods it refuses, since it holds the teachers' logits, not
+    the networks, and runs no teacher. ``kind`` names the cache in the errors."""
 
     kind: ClassVar[str] = "a teacher-output cache"
+    manifest: dict[str, Any]
+
+    @property
+    def names(self) -> list[str]:
+        """Teacher names, in the order of the stacked outputs."""
+        return [teacher["name"] for teacher in self.manifest["teachers"]]
+
+    @property
+    def stages(self) -> list[str]:
+        """The stages whose splits are cached (e.g. ``["test", "train", "val"]``)."""
+        return sorted(self.manifest["splits"])
+
+    def __len__(self) -> int:
+        return len(self.manifest["teachers"])
 
     def tap(self, layers: Mapping[str, str]) -> None:
         """Refused (unless nothing is asked): the cache holds logits only."""
@@ -94,7 +109,7 @@ class CachedTeachers(StoredOutputs):
         if self.path.name.startswith(PARTIAL_PREFIX):
             raise CorruptCacheError(f"{self.path} is a partial build, never read")
         try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+            self.manifest = json.loads(manifest_path.read_text())
         except FileNotFoundError:
             raise CorruptCacheError(
                 f"{self.path} has no {MANIFEST}: not a complete cache"
@@ -112,19 +127,6 @@ class CachedTeachers(StoredOutputs):
         self.top_k: int | None = self.manifest["top_k"]
         self._arrays: dict[str, list[dict[str, np.ndarray]]] | None = None
         self._arrays = self._open()
-
-    @property
-    def names(self) -> list[str]:
-        """Teacher names, in the order of the stacked outputs."""
-        return [teacher["name"] for teacher in self.manifest["teachers"]]
-
-    @property
-    def stages(self) -> list[str]:
-        """The stages whose splits are cached (e.g. ``["test", "train", "val"]``)."""
-        return sorted(self.manifest["splits"])
-
-    def __len__(self) -> int:
-        return len(self.manifest["teachers"])
 
     @property
     def nbytes(self) -> int:
