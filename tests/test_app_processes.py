@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -70,7 +69,7 @@ def test_ddp_inside_a_multirun_is_refused(tmp_path):
         tmp_path,
     )
     assert result.returncode != 0
-    assert "cannot run inside a multirun" in result.stderr
+    assert "cannot run inside a local multirun" in result.stderr
 
 
 def test_wandb_offline_run_holds_the_agreement_metrics(tmp_path):
@@ -88,24 +87,3 @@ def test_wandb_offline_run_holds_the_agreement_metrics(tmp_path):
         for item in record.config.update
     }
     assert {"fusion", "teachers", "method", "trainer"} <= config_keys
-
-
-def test_a_built_wheel_ships_the_configs(tmp_path):
-    result = run_command(
-        [
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(Path(__file__).parents[1]),
-        ],
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (wheel,) = tmp_path.glob("kd_lightning-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"kd_lightning/conf/train.yaml", "kd_lightning/conf/fusion/confidence.yaml"} <= names
-    assert "kd_lightning/conf/teachers/gru.yaml" in names

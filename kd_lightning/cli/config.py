@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
@@ -66,13 +67,30 @@ def first_teacher(path: str, *, _root_: DictConfig) -> Any:
     return value
 
 
+def sweep_group() -> str | None:
+    """``${sweep_group:}``: in a multirun, the name of its sweep directory (one per sweep, e.g.
+    ``2026-12-03_12-30-00``), so a logger groups the sweep's runs; ``None`` in a single run.
+
+    Example:
+        >>> sweep_group() is None  # no Hydra run here
+        True
+    """
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra.sweep.dir).name
+
+
 def register_resolvers() -> None:
-    """``${len:${teachers}}`` (the number of entries of a node), ``${partial:...}`` and
-    ``${first_teacher:...}``."""
+    """``${len:${teachers}}`` (the number of entries of a node), ``${partial:...}``,
+    ``${first_teacher:...}`` and ``${sweep_group:}``."""
     resolvers: dict[str, Callable[..., Any]] = {
         "len": lambda node: len(node),
         "partial": partial_node,
         "first_teacher": first_teacher,
+        "sweep_group": sweep_group,
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):

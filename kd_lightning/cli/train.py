@@ -18,6 +18,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -57,6 +58,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     started = time.perf_counter()
     refuse_ddp_in_multirun(cfg)
+    check_optimized_metric(cfg)
     validate_config(cfg)  # every problem at once, before anything is trained or written
     if cfg.get("cache"):
         check_cacheable(cfg)  # before any teacher is trained
@@ -88,6 +90,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=distill_data, ckpt_path=last_checkpoint(trainer))
+    optimized = optimized_value(cfg, trainer)  # before trainer.test replaces the metrics
     trainer.test(module, datamodule=distill_data)
     test_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
 
@@ -103,6 +106,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         choices(cfg),
         time.perf_counter() - started,
     )
+    if optimized is not None:
+        summary["optimized_metric"] = {"name": cfg.optimized_metric, "value": optimized}
     report(summary, cfg.paths.output_dir)
     return summary, {
         "cfg": cfg,
@@ -217,14 +222,52 @@ def choices(cfg: DictConfig) -> dict[str, str]:
 
 
 def refuse_ddp_in_multirun(cfg: DictConfig) -> None:
-    """DDP re-executes the command in each rank, which a multirun cannot do safely: refuse early."""
+    """DDP re-executes the command in each rank, which a local multirun cannot do safely: refuse
+    early. Under SLURM (``hydra/launcher=submitit_slurm`` with ``tasks_per_node`` = devices) every
+    rank is a task the scheduler started, each job is one trial and Lightning launches nothing."""
     strategy = str(cfg.trainer.get("strategy", "auto"))
     in_multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if in_multirun and strategy.startswith("ddp") and strategy != "ddp_spawn":
+    relaunches = strategy.startswith("ddp") and strategy != "ddp_spawn"
+    if in_multirun and relaunches and not SLURMEnvironment.detect():
         raise ValueError(
             f"trainer.strategy={strategy} re-launches the command in every process and cannot run "
-            f"inside a multirun (-m): run the sweep's jobs one by one, or use trainer.strategy=ddp_spawn"
+            f"inside a local multirun (-m): run the sweep's jobs one by one, use "
+            f"trainer.strategy=ddp_spawn, or launch the sweep on SLURM (hydra/launcher=submitit_slurm)"
         )
+
+
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """Refuse an ``optimized_metric`` a sweeper must not select on: a test metric, or not a metric.
+
+    Example:
+        >>> check_optimized_metric(OmegaConf.create({"optimized_metric": "val/acc"}))
+        >>> check_optimized_metric(OmegaConf.create({"optimized_metric": "test/acc"}))
+        Traceback (most recent call last):
+        ...
+        ValueError: optimized_metric=test/acc: a sweep selects on what the student logs while it trains (train/... or val/..., e.g. val/acc); choosing by test metrics would leak the test set into the choice
+    """
+    name = cfg.get("optimized_metric")
+    if name is not None and not str(name).startswith(("train/", "val/")):
+        raise ValueError(
+            f"optimized_metric={name}: a sweep selects on what the student logs while it trains "
+            "(train/... or val/..., e.g. val/acc); choosing by test metrics would leak the test "
+            "set into the choice"
+        )
+
+
+def optimized_value(cfg: DictConfig, trainer: Trainer) -> float | None:
+    """The value of ``cfg.optimized_metric`` when training ended (``None`` when unset)."""
+    name = cfg.get("optimized_metric")
+    if name is None:
+        return None
+    if name not in trainer.callback_metrics:
+        logged = sorted(
+            key for key in trainer.callback_metrics if key.startswith(("train/", "val/"))
+        )
+        raise ValueError(
+            f"optimized_metric={name}: the student logged no such metric; it logged {logged}"
+        )
+    return float(trainer.callback_metrics[name])
 
 
 @rank_zero_only
@@ -237,8 +280,11 @@ def report(summary: dict[str, Any], output_dir: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
-    """The ``kd-train`` command; returns the student's test accuracy (for Hydra sweepers)."""
+    """The ``kd-train`` command; returns ``optimized_metric`` (for Hydra sweepers, e.g.
+    ``hparams_search=mnist1d_optuna``), or when unset the student's test accuracy."""
     summary, _ = train(cfg)
+    if "optimized_metric" in summary:
+        return summary["optimized_metric"]["value"]
     return summary["test_accuracy"]["student"]
 
 
