@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_object
+from hydra.utils import get_class, get_object
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -81,6 +81,16 @@ def sweep_group() -> str | None:
     if hydra.mode != RunMode.MULTIRUN:
         return None
     return Path(hydra.sweep.dir).name
+
+
+def layer_classes(names: Sequence[str]) -> set[type]:
+    """The classes at the dotted paths ``names``, e.g. an FSDP ``auto_wrap_policy`` from a config.
+
+    Example:
+        >>> layer_classes(["torch.nn.Linear"])
+        {<class 'torch.nn.modules.linear.Linear'>}
+    """
+    return {get_class(name) for name in names}
 
 
 def register_resolvers() -> None:
