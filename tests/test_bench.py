@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -30,13 +31,20 @@ def check_structure(report: dict, epochs: int) -> None:
         assert entry["ms_per_epoch"] > 0
         assert entry["x_plain"] == entry["ms_per_epoch"] / plain
     workloads = report["workloads"]
-    ratios = report["ratios"]
-    assert ratios["live/handwritten"] == (
-        workloads["live"]["ms_per_epoch"] / workloads["handwritten"]["ms_per_epoch"]
-    )
-    assert (
-        ratios["aekd/live"] == workloads["aekd"]["ms_per_epoch"] / workloads["live"]["ms_per_epoch"]
-    )
+    for pair, value in report["ratios"].items():
+        a, b = pair.split("/")
+        times = zip(workloads[a]["ms_epochs"], workloads[b]["ms_epochs"], strict=True)
+        paired = [x / y for x, y in times]
+        assert value == pytest.approx(statistics.median(paired))
+        spread = report["ratio_spread"][pair]
+        if epochs > 1:
+            assert min(paired) <= spread[0] <= value <= spread[1] <= max(paired)
+        else:
+            assert spread is None
+    assert set(report["ratios"]) >= {
+        "live/lightning_handwritten",
+        "cached/cached_lightning_handwritten",
+    }
     machine = report["machine"]
     assert machine["threads"] >= 1 and machine["torch"]
     assert "randomly initialised" in report["note"]
@@ -44,13 +52,13 @@ def check_structure(report: dict, epochs: int) -> None:
 
 
 def test_run_benchmark_reports_every_workload():
-    report = run_benchmark(epochs=1, warmup=0, threads=1, **TINY)
-    check_structure(report, epochs=1)
+    report = run_benchmark(epochs=3, warmup=0, threads=1, **TINY)
+    check_structure(report, epochs=3)
     assert report["machine"]["threads"] == 1
     table = format_report(report)
     for name in WORKLOADS:
         assert name in table
-    assert "live/handwritten" in table and "aekd/live" in table
+    assert "live/lightning_handwritten" in table and "quartiles" in table
 
 
 def test_main_writes_json(tmp_path, capsys):

@@ -39,6 +39,8 @@ WORKLOADS = (
     "plain_handwritten",
     "cached",
     "cached_handwritten",
+    "lightning_handwritten",
+    "cached_lightning_handwritten",
 )
 LR = 0.01  # the project's default optimizer: Adam, lr 0.01
 ALPHA = 0.5  # the project's default method (conf/method/ensemble.yaml)
@@ -228,6 +230,44 @@ def _handwritten_loop(
         workload.epoch_end()
 
 
+class HandwrittenKDModule(L.LightningModule):
+    """KD as a user writes it in their own ``LightningModule`` without this library: the teachers
+    in a list, run under ``torch.no_grad`` (or their logits read from a cache by the batch's sample
+    indices), :func:`handwritten_kd` in plain torch ops, the loss, CE, KD and accuracy logged with
+    ``self.log(..., on_step=False, on_epoch=True)``, Adam.
+
+    Example:
+        >>> module = HandwrittenKDModule(nn.Linear(4, 3), [nn.Linear(4, 3), nn.Linear(4, 3)])
+        >>> module.teacher_logits((torch.randn(2, 4), torch.tensor([0, 1]))).shape
+        torch.Size([2, 2, 3])
+    """
+
+    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module] | CachedTeachers) -> None:
+        super().__init__()
+        self.student = student
+        self.cache = teachers if isinstance(teachers, CachedTeachers) else None
+        self.teachers = nn.ModuleList(() if self.cache is not None else teachers)
+        self.teachers.eval().requires_grad_(False)
+
+    def teacher_logits(self, batch: Any) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.logits("train", batch[2]).to(self.device)
+        with torch.no_grad():
+            return torch.stack([teacher(batch[0]) for teacher in self.teachers])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch[0], batch[1]
+        logits = self.student(inputs)
+        loss, hard, soft = handwritten_kd(logits, self.teacher_logits(batch), labels)
+        accuracy = (logits.argmax(-1) == labels).float().mean()
+        for name, value in (("loss", loss), ("ce", hard), ("kd", soft), ("acc", accuracy)):
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.student.parameters(), lr=LR)
+
+
 def _trainer(workload: Workload, limit: int | None) -> L.Trainer:
     return L.Trainer(
         accelerator="gpu" if workload.device.type == "cuda" else "cpu",
@@ -283,6 +323,11 @@ def build_workload(
             GradientSpaceWeights(), alpha=ALPHA, temperature=TEMPERATURE, aggregation="loss"
         )
         module = DistillationModule(student, TeacherEnsemble(make_teachers(teachers)), loss, adam)
+    elif name == "lightning_handwritten":
+        module = HandwrittenKDModule(student, list(make_teachers(teachers).values()))
+    elif name == "cached_lightning_handwritten":
+        module = HandwrittenKDModule(student, _cache(teachers, loader))
+        loader = indexed_loader(loader)
     elif name == "cached":
         loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
         module = DistillationModule(student, _cache(teachers, loader), loss, adam)
