@@ -213,19 +213,22 @@ def run_benchmark(
     for entry in results.values():
         entry["x_plain"] = entry["ms_per_epoch"] / plain
 
-    def paired(a: str, b: str, key: str) -> list[float]:
-        """Round by round, ``a``'s epoch over ``b``'s."""
+    def paired(pair: str, key: str) -> list[float] | None:
+        """Round by round, the first workload's epoch over the second's; ``None`` if one is absent."""
+        a, b = pair.split("/")
+        if a not in results or b not in results:
+            return None
         return [x / y for x, y in zip(results[a][key], results[b][key], strict=True)]
 
-    def ratio(a: str, b: str, key: str = "ms_epochs") -> float | None:
-        if a in results and b in results:
-            return statistics.median(paired(a, b, key))
-        return None
+    def ratio(pair: str, key: str = "ms_epochs") -> float | None:
+        rounds = paired(pair, key)
+        return None if rounds is None else statistics.median(rounds)
 
-    def spread(a: str, b: str) -> list[float] | None:
-        if a not in results or b not in results or epochs < 2:
+    def spread(pair: str) -> list[float] | None:
+        rounds = paired(pair, "ms_epochs")
+        if rounds is None or len(rounds) < 2:
             return None
-        low, _, high = statistics.quantiles(paired(a, b, "ms_epochs"), n=4, method="inclusive")
+        low, _, high = statistics.quantiles(rounds, n=4, method="inclusive")
         return [low, high]
 
     if device.type == "cuda":
@@ -264,11 +267,11 @@ def run_benchmark(
             "temperature": TEMPERATURE,
         },
         "workloads": results,
-        "ratios": {pair: ratio(*pair.split("/")) for pair in RATIOS},
-        "ratio_spread": {pair: spread(*pair.split("/")) for pair in RATIOS},
+        "ratios": {pair: ratio(pair) for pair in RATIOS},
+        "ratio_spread": {pair: spread(pair) for pair in RATIOS},
         # The CPU time of each workload's own thread: all of its work with threads=1, and far
         # less sensitive than wall time to other processes sharing the machine.
-        "cpu_ratios": {pair: ratio(*pair.split("/"), "cpu_ms_epochs") for pair in CPU_RATIOS},
+        "cpu_ratios": {pair: ratio(pair, "cpu_ms_epochs") for pair in CPU_RATIOS},
         "memory": memory,
         "note": NOTE,
     }

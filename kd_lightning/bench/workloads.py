@@ -246,7 +246,7 @@ class HandwrittenKDModule(L.LightningModule):
         super().__init__()
         self.student = student
         self.cache = teachers if isinstance(teachers, CachedTeachers) else None
-        self.teachers = nn.ModuleList(() if self.cache is not None else teachers)
+        self.teachers = nn.ModuleList(teachers if not isinstance(teachers, CachedTeachers) else ())
         self.teachers.eval().requires_grad_(False)
 
     def teacher_logits(self, batch: Any) -> torch.Tensor:
