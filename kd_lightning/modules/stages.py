@@ -49,18 +49,31 @@ def stage_path(stage_dir: Path, name: str) -> Path:
 def save_weights(state: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str]) -> None:
     """Write a state dict as safetensors atomically: the file appears only once complete.
 
+    Tensors that share memory (tied weights, e.g. a language model's embedding and head) are
+    written each as its own copy, which loading ties again through the model's own parameters.
+
     Example:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "sub" / "linear.safetensors"
         >>> save_weights(nn.Linear(2, 1).state_dict(), path, {"stage": "demo"})
         >>> sorted(p.name for p in path.parent.iterdir())
         ['linear.safetensors']
+        >>> tied = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+        >>> tied[1].weight = tied[0].weight
+        >>> save_weights(tied.state_dict(), path, {"stage": "tied"})  # both keys written
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
     try:
         save_file(
-            {key: value.detach().cpu().contiguous() for key, value in state.items()},
+            tensors,
             str(partial),
             metadata=dict(metadata),
         )
