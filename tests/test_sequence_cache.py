@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from kd_lightning import BatchAdapter, DistillationLoss, DistillationModule
+from kd_lightning import DistillationLoss, DistillationModule
 from kd_lightning.data import TextDataModule
 from kd_lightning.data.indexed import IndexedDataModule
 from kd_lightning.losses import ChunkedDistillationLoss
@@ -272,6 +272,18 @@ def test_a_batch_of_other_tokens_or_length_is_refused(built):
     batch = {"input_ids": torch.stack([data[3]["input_ids"], data[4]["input_ids"]])}
     good = built.outputs(batch["input_ids"], {**batch, "index": torch.tensor([3, 4])}, "train")
     assert good.logits.shape == (3, 2, L, 40) and good.ran == (0, 1, 2)
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": torch.ones_like(batch["input_ids"]),
+    }
+    from_mapping = built.outputs(inputs, {**batch, "index": torch.tensor([3, 4])}, "train")
+    assert torch.equal(from_mapping.logits, good.logits)  # model inputs as BatchAdapter gives them
+    with pytest.raises(
+        MismatchedCacheError, match=r"mapping holding them as 'input_ids', got dict"
+    ):
+        built.outputs(
+            {"tokens": batch["input_ids"]}, {**batch, "index": torch.tensor([3])}, "train"
+        )
     with pytest.raises(MismatchedCacheError, match="block 5 of split 'train' holds other tokens"):
         built.outputs(batch["input_ids"], {**batch, "index": torch.tensor([3, 5])}, "train")
     short = batch["input_ids"][:, :8]
@@ -298,11 +310,12 @@ class Flaky(nn.Module):
         self.blocks = 0
         self.fail_after: int | None = None
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        if self.fail_after is not None and self.blocks + len(input_ids) > self.fail_after:
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        count = len(inputs["input_ids"])
+        if self.fail_after is not None and self.blocks + count > self.fail_after:
             raise RuntimeError("killed")
-        self.blocks += len(input_ids)
-        return self.inner(input_ids)
+        self.blocks += count
+        return self.inner(inputs)
 
 
 def test_a_killed_build_leaves_no_cache_and_the_rerun_reuses_its_chunks(tmp_path):
@@ -376,7 +389,6 @@ def test_a_distillation_module_fits_an_epoch_from_the_cache(tmp_path):
         student,
         cache,
         loss=ChunkedDistillationLoss("entropy", alpha=0.5, temperature=2.0, chunk_tokens=64),
-        batch_adapter=BatchAdapter("input_ids", "labels"),
     )
     trainer = make_trainer(tmp_path, max_epochs=1)
     trainer.fit(module, datamodule=IndexedDataModule(text_data(tmp_path)))

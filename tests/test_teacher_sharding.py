@@ -85,8 +85,8 @@ def test_sharded_teachers_refuse_another_group_size_and_non_tensor_inputs(tmp_pa
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         alone = ShardedTeachers(heterogeneous_teachers(), rank=0, world_size=1)
-        with pytest.raises(TypeError, match="need a tensor, got dict"):
-            alone({"x": torch.randn(2, NUM_FEATURES)})
+        with pytest.raises(TypeError, match="need a tensor or a mapping of tensors, got list"):
+            alone([torch.randn(2, NUM_FEATURES)])
         x = torch.randn(2, NUM_FEATURES)
         outputs = alone.outputs(x, batch=None, stage="train")
         torch.testing.assert_close(outputs.logits, heterogeneous_teachers()(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -34,6 +35,8 @@ class CausalLM(nn.Module):
     logits of the same sequence unpadded; the logits at padded positions are finite but
     meaningless (label them ``-100``). Without a mask, or with one that is all ones, attention
     takes the ``is_causal`` fast path (checking the mask costs one host synchronisation).
+    The inputs may also come as one mapping, ``{"input_ids": ..., "attention_mask": ...}``: the
+    model inputs of a Hugging Face batch, as :class:`~kd_lightning.BatchAdapter` passes them.
 
     Submodules, for :class:`~kd_lightning.models.taps.FeatureTaps` (feature hints, a learned
     gate): ``embedding``, ``position`` (learned positions only), ``blocks.{i}`` (each block's
@@ -66,6 +69,9 @@ class CausalLM(nn.Module):
         >>> padded = torch.tensor([[0, 0, 1, 2, 3, 4]])  # left padding, hidden by the mask
         >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
         >>> torch.allclose(model(padded, mask)[:, 2:], logits[:1], atol=1e-5)
+        True
+        >>> batch_inputs = {"input_ids": padded, "attention_mask": mask}  # as BatchAdapter gives
+        >>> torch.equal(model(batch_inputs), model(padded, mask))
         True
     """
 
@@ -125,22 +131,29 @@ class CausalLM(nn.Module):
         if tie_embeddings:
             self.head.weight = self.embedding.weight
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor | Mapping[str, Tensor], attention_mask: Tensor | None = None
+    ) -> Tensor:
         """Next-token logits ``(B, L, V)`` for token ids ``(B, L)``.
 
         Args:
-            input_ids: Integer token ids ``(B, L)``, ``L ≤ max_len``.
+            input_ids: Integer token ids ``(B, L)``, ``L ≤ max_len``; or the model inputs of a
+                Hugging Face batch as one mapping, ``{"input_ids": ..., "attention_mask": ...}``
+                (the mask optional), as :class:`~kd_lightning.BatchAdapter` gives them.
             attention_mask: ``(B, L)``, nonzero at real tokens and zero at padding; ``None``
                 treats every token as real.
         """
+        if isinstance(input_ids, Mapping):
+            input_ids, attention_mask = self._read_inputs(input_ids, attention_mask)
         if (
-            input_ids.ndim != 2
+            not isinstance(input_ids, Tensor)
+            or input_ids.ndim != 2
             or input_ids.is_floating_point()
             or input_ids.shape[1] > self.max_len
         ):
             raise ValueError(
                 f"CausalLM expects integer input_ids of shape (B, L ≤ {self.max_len}), got "
-                f"{tuple(input_ids.shape)} of dtype {input_ids.dtype}"
+                f"{_describe(input_ids)}"
             )
         batch, length = input_ids.shape
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -173,6 +186,26 @@ class CausalLM(nn.Module):
         for block in self.blocks:
             hidden = block(hidden, rotary, allowed)
         return self.head(self.final_norm(hidden))
+
+    @staticmethod
+    def _read_inputs(
+        inputs: Mapping[str, Tensor], attention_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``input_ids`` and ``attention_mask`` of a mapping of model inputs."""
+        if "input_ids" not in inputs:
+            raise ValueError(f"CausalLM reads token ids from 'input_ids', got {sorted(inputs)}")
+        unknown = sorted(set(inputs) - {"input_ids", "attention_mask"})
+        if unknown:
+            raise ValueError(
+                f"CausalLM reads the inputs 'input_ids' and 'attention_mask' (optional), got "
+                f"{sorted(inputs)}: leave {unknown} out, e.g. with "
+                f"BatchAdapter(input_key=('input_ids', 'attention_mask'), target_key='labels')"
+            )
+        if attention_mask is not None and "attention_mask" in inputs:
+            raise ValueError(
+                "CausalLM got an attention_mask both in its inputs and as an argument: pass one"
+            )
+        return inputs["input_ids"], inputs.get("attention_mask", attention_mask)
 
 
 class DecoderBlock(nn.Module):
@@ -256,6 +289,12 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding in the half-split layout (GPT-NeoX): pairs ``(x_i, x_{i + d/2})``."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"{tuple(value.shape)} of dtype {value.dtype}"
+    return type(value).__name__
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -13,8 +13,9 @@ class FeatureTaps:
 
     ``taps[name]`` (or ``taps.features``) holds the output of the latest forward of
     ``module.get_submodule(name)``. A module returning a tuple or list (e.g. ``nn.GRU``, which
-    returns ``(output, h_n)``) is tapped at element 0. Outputs are stored as they are, with their
-    autograd graph (under ``no_grad`` they carry none).
+    returns ``(output, h_n)``) is tapped at element 0, one returning a mapping (e.g. a Hugging
+    Face ``ModelOutput``) at its first value (``last_hidden_state``). Outputs are stored as they
+    are, with their autograd graph (under ``no_grad`` they carry none).
 
     Args:
         module: the network to tap.
@@ -49,7 +50,9 @@ class FeatureTaps:
 
     def _hook(self, name: str):
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
-            if isinstance(output, tuple | list):
+            if isinstance(output, Mapping):
+                output = next(iter(output.values()))
+            elif isinstance(output, tuple | list):
                 output = output[0]
             self.features[name] = output
 

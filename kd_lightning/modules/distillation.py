@@ -279,8 +279,26 @@ class DistillationModule(MethodModule):
 
     def _check_classes(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
         student_classes, teacher_classes = student_logits.shape[-1], teacher_logits.shape[-1]
-        if student_classes != teacher_classes:
+        if student_classes == teacher_classes:
+            return
+        student = type(self.student).__name__
+        if student_logits.ndim < 3:
             raise ValueError(
-                f"the student ({type(self.student).__name__}) outputs {student_classes} classes but the "
+                f"the student ({student}) outputs {student_classes} classes but the "
                 f"teachers {self.teachers.names} output {teacher_classes}"
             )
+        try:  # name the teachers whose vocabulary differs, when the source has networks
+            sizes = {
+                name: getattr(network, "vocab_size", None)
+                for name, network in self.teachers.networks().items()
+            }
+        except ValueError:
+            sizes = {}
+        culprits = [name for name, size in sizes.items() if size == teacher_classes]
+        names = culprits or self.teachers.names
+        who = f"teacher '{names[0]}' has" if len(names) == 1 else f"teachers {names} have"
+        raise ValueError(
+            f"{who} a vocabulary of {teacher_classes} tokens but the student ({student}) has "
+            f"{student_classes}: cross-tokenizer distillation is not supported yet; give teachers "
+            f"and student one tokenizer and vocabulary size"
+        )

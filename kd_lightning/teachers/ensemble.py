@@ -54,6 +54,11 @@ class TeacherEnsemble(nn.Module):
     Outputs are checked: every teacher must give logits of the same shape, and finite ones the
     first time it runs (``check_finite``).
 
+    Teachers get the inputs the student gets: a tensor, or for a language-model batch the mapping
+    of its model inputs (``{"input_ids": ..., "attention_mask": ...}``, see
+    :class:`~kd_lightning.BatchAdapter`), passed as it is to every teacher, offloaded, stacked or
+    not.
+
     Teachers may differ in preprocessing and in class layout. Each teacher ``k`` computes
     ``class_map_k(adapter_k(teacher_k(transform_k(inputs))))``: logits always come back in the
     student's class space. A teacher whose classes are a permutation of the student's is reordered;
@@ -68,8 +73,9 @@ class TeacherEnsemble(nn.Module):
             model's output into logits. Teachers without an adapter must return a tensor.
         input_transforms: name → callable applied to the batch inputs before that teacher only
             (e.g. :class:`~kd_lightning.teachers.Standardize` for a teacher trained on standardised
-            inputs). An ``nn.Module`` transform is a frozen, eval-locked submodule of the ensemble:
-            it follows ``.to(device)``, and its state lives under ``input_transforms.<name>``, so a
+            inputs); given mapping inputs, it takes and returns the mapping. An ``nn.Module``
+            transform is a frozen, eval-locked submodule of the ensemble: it follows
+            ``.to(device)``, and its state lives under ``input_transforms.<name>``, so a
             :class:`~kd_lightning.DistillationModule` leaves it out of checkpoints with the teachers.
         class_maps: name → sequence ``m`` with one entry per teacher class: ``m[j]`` is the student
             class of the teacher's class ``j``. Distinct integers in ``[0, num_classes)``.
@@ -467,6 +473,7 @@ class TeacherEnsemble(nn.Module):
                     f"teachers disagree on output shape: '{first_name}' gives {tuple(first.shape)}, "
                     f"'{name}' gives {tuple(output.shape)} (the last dimension is the number of classes)"
                     + self._width_hint(first_name, name, first.shape[-1], output.shape[-1])
+                    + _vocabulary_hint(first, output)
                 )
         stacked = torch.stack(list(logits))
         self._check_finite(names, stacked)
@@ -484,7 +491,7 @@ class TeacherEnsemble(nn.Module):
         # check: apply check_finite here (one teacher alone) rather than to the stacked logits.
         transform = self.input_transform(name)
         if transform is not None:
-            inputs = transform(inputs)
+            inputs = self._transformed(name, transform, inputs)
         model = self._compiled.get(name, self.teachers[name])
         if self._offload is None:
             output = model(inputs)
@@ -503,6 +510,20 @@ class TeacherEnsemble(nn.Module):
         if check:
             self._check_finite([name], output.unsqueeze(0))
         return self._to_student_classes(name, output)
+
+    @staticmethod
+    def _transformed(name: str, transform: InputTransform, inputs: Any) -> Any:
+        """``transform(inputs)``; a transform of tensors given a mapping is named."""
+        if not isinstance(inputs, Mapping):
+            return transform(inputs)
+        try:
+            return transform(inputs)
+        except (TypeError, AttributeError) as error:
+            raise TypeError(
+                f"input_transforms['{name}'] failed on mapping inputs (keys {sorted(inputs)}, "
+                f"from a Hugging Face style batch): a transform of such batches takes and returns "
+                f"the mapping ({type(error).__name__}: {error})"
+            ) from error
 
     def _to_student_classes(self, name: str, output: Tensor) -> Tensor:
         width = output.shape[-1] if output.dim() else 0
@@ -561,6 +582,16 @@ class _TeacherView(nn.Module):
         with teacher_context(ensemble.device, ensemble.autocast_dtype, ensemble.inference_mode):
             logits = ensemble._teacher_logits(self.name, inputs, check=True)
         return logits.clone() if ensemble.inference_mode else logits
+
+
+def _vocabulary_hint(first: Tensor, output: Tensor) -> str:
+    """For token-level logits ``(B, L, V)`` of other widths: teachers of other tokenizers."""
+    if first.ndim < 3 or first.shape[-1] == output.shape[-1]:
+        return ""
+    return (
+        "; for language models, the widths are vocabularies: cross-tokenizer distillation is "
+        "not supported yet, so every teacher and the student must share one tokenizer"
+    )
 
 
 def _index_buffer(name: str) -> str:

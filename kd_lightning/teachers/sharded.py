@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,9 +44,11 @@ class ShardedTeachers(nn.Module):
     result is what the whole ensemble gives on the local batch: ``(K, B, *S)``.
 
     Every rank must call :meth:`forward` (or :meth:`outputs`) at the same steps, as data-parallel
-    training does. Inputs must be one tensor of the same shape on every rank but for the batch
-    size. As a :class:`~kd_lightning.teachers.source.TeacherSource` it gives every teacher's logits
-    at every step; no rank holds every teacher, so none can tap their layers. Built by
+    training does. Inputs are one tensor, or a mapping of tensors (a language-model batch's
+    ``input_ids`` and ``attention_mask``, as :class:`~kd_lightning.BatchAdapter` gives them), of
+    the same shapes on every rank but for the batch size. As a
+    :class:`~kd_lightning.teachers.source.TeacherSource` it gives every teacher's logits at every
+    step; no rank holds every teacher, so none can tap their layers. Built by
     :meth:`TeacherEnsemble.shard <kd_lightning.teachers.TeacherEnsemble.shard>`.
 
     Args:
@@ -130,30 +133,53 @@ class ShardedTeachers(nn.Module):
                 f"these teachers were sharded over {self.world_size} ranks, but this process runs "
                 f"in a group of {running}: each rank holds only its own teachers"
             )
-        if not isinstance(inputs, Tensor):
-            raise TypeError(
-                f"sharded teachers exchange inputs between ranks: they need a tensor, got "
-                f"{type(inputs).__name__}"
-            )
-        sizes = self._gather_sizes(inputs)
-        global_inputs = self._gather_inputs(inputs, sizes)
+        parts = _input_parts(inputs)
+        sizes = self._gather_sizes(parts)
+        gathered = {key: self._gather_inputs(part, sizes) for key, part in parts.items()}
+        global_inputs = gathered[""] if isinstance(inputs, Tensor) else gathered
         local_logits = self.local(global_inputs)  # (K_r, N, *S)
         if not self._shapes_checked:
             self._check_shapes(local_logits)
         return self._exchange(local_logits, sizes)
 
-    def _gather_sizes(self, inputs: Tensor) -> list[int]:
-        """Every rank's batch size, after checking that the ranks' inputs agree on the rest."""
-        shape = torch.tensor(inputs.shape, device=inputs.device)
+    def _gather_sizes(self, parts: dict[str, Tensor]) -> list[int]:
+        """Every rank's batch size, after checking that the ranks' inputs agree on the rest: one
+        collective for a tensor, two for a mapping (its keys and ranks first, then its shapes)."""
+        first = next(iter(parts.values()))
+        mapping = list(parts) != [""]
+        if mapping:
+            self._check_keys(parts)
+        sizes = [
+            size
+            for part in parts.values()
+            for size in ([part.ndim] if mapping else []) + [*part.shape]
+        ]
+        shape = torch.tensor(sizes, device=first.device)
         shapes = [torch.zeros_like(shape) for _ in range(self.world_size)]
         dist.all_gather(shapes, shape, group=self.group)
-        if len({tuple(s[1:].tolist()) for s in shapes}) > 1:
+        per_rank = [_shapes(s.tolist(), list(parts)) for s in shapes]
+        if len({tuple(shape[1:] for shape in rank.values()) for rank in per_rank}) > 1:
+            described = [rank[""] if list(rank) == [""] else rank for rank in per_rank]
             raise ValueError(
                 f"sharded teachers gather the ranks' inputs into one batch, but their shapes "
-                f"differ beyond the batch dimension: {[tuple(s.tolist()) for s in shapes]} "
-                f"(pad sequences to one length on every rank)"
+                f"differ beyond the batch dimension: {described} (pad sequences to one length on "
+                f"every rank)"
             )
-        return [int(s[0]) for s in shapes]
+        return [next(iter(rank.values()))[0] for rank in per_rank]
+
+    def _check_keys(self, parts: dict[str, Tensor]) -> None:
+        """The ranks' input mappings must hold the same keys, with tensors of the same ranks."""
+        first = next(iter(parts.values()))
+        signature = "\0".join(f"{key}:{part.ndim}" for key, part in parts.items())
+        mine = torch.tensor([zlib.crc32(signature.encode())], device=first.device)
+        found = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(found, mine, group=self.group)
+        if len({int(value) for value in found}) > 1:
+            raise ValueError(
+                f"sharded teachers gather the ranks' inputs into one batch, but the ranks' input "
+                f"mappings differ in their keys or tensor ranks (rank {self.rank} holds "
+                f"{ {key: tuple(part.shape) for key, part in parts.items()} })"
+            )
 
     def _gather_inputs(self, inputs: Tensor, sizes: list[int]) -> Tensor:
         largest = max(sizes)
@@ -201,3 +227,39 @@ class ShardedTeachers(nn.Module):
         by_rank = received.view(self.world_size, mine, per_rank, *sample_shape)
         rows = [by_rank[k % self.world_size, :, k // self.world_size] for k in range(len(self))]
         return torch.stack(rows)
+
+
+def _input_parts(inputs: Any) -> dict[str, Tensor]:
+    """The tensors to gather: ``{"": inputs}`` for a tensor, the mapping's for a mapping of
+    tensors (e.g. ``input_ids`` and ``attention_mask``), all of one batch size."""
+    if isinstance(inputs, Tensor):
+        return {"": inputs}
+    if (
+        not isinstance(inputs, Mapping)
+        or not inputs
+        or not all(isinstance(value, Tensor) and value.ndim >= 1 for value in inputs.values())
+    ):
+        raise TypeError(
+            f"sharded teachers exchange inputs between ranks: they need a tensor or a mapping "
+            f"of tensors, got {type(inputs).__name__}"
+        )
+    parts = {str(key): value for key, value in inputs.items()}
+    if len({part.shape[0] for part in parts.values()}) > 1:
+        raise ValueError(
+            f"sharded teachers split inputs by sample, but the mapping's tensors differ in batch "
+            f"size: { {key: tuple(part.shape) for key, part in parts.items()} }"
+        )
+    return parts
+
+
+def _shapes(values: list[int], keys: list[str]) -> dict[str, tuple[int, ...]]:
+    """Key → shape, read back from a rank's list of sizes: a tensor's shape, or for a mapping
+    each tensor's number of dimensions followed by its shape."""
+    if keys == [""]:
+        return {"": tuple(values)}
+    shapes, at = {}, 0
+    for key in keys:
+        ndim = values[at]
+        shapes[key] = tuple(values[at + 1 : at + 1 + ndim])
+        at += 1 + ndim
+    return shapes

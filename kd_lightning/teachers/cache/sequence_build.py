@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from kd_lightning.batch import MODEL_INPUT_KEYS
 from kd_lightning.teachers.cache.fingerprint import dataset_fingerprint, teacher_fingerprint
 from kd_lightning.teachers.cache.parts import sync_directory
 from kd_lightning.teachers.cache.sequence_store import (
@@ -103,6 +104,9 @@ def build_sequence_cache(
         batch_size: blocks per teacher forward; part of the fingerprint (see the module's
             docstring).
         input_key: the key of the token ids in dict batches (tuple batches: their first item).
+            With ``"input_ids"``, the teachers read every model-input field of the batch (e.g.
+            its ``attention_mask``) as one mapping, as in training with the default
+            :class:`~kd_lightning.BatchAdapter`; with another key, the token ids alone.
         device: where the teachers run; the ensemble's device by default.
         progress: show a progress bar.
 
@@ -195,7 +199,7 @@ def build_sequence_cache(
                     f"split {split!r}: blocks of shape {tuple(inputs.shape[1:])}, expected "
                     f"({block_size},) token ids"
                 )
-            logits = teachers(inputs.to(target))  # (K, B, L, V)
+            logits = teachers(_model_inputs(batch, input_key, target))  # (K, B, L, V)
             if logits.shape[-1] != vocab_size:
                 raise ValueError(
                     f"the teachers output {logits.shape[-1]} logits per token, the cache is for "
@@ -286,6 +290,15 @@ def _inputs(batch: Any, input_key: str) -> Tensor:
             f"{getattr(inputs, 'dtype', '')} (input_key={input_key!r})"
         )
     return inputs
+
+
+def _model_inputs(batch: Any, input_key: str, device: torch.device) -> Any:
+    """What the teachers read, on ``device``: the model-input fields of a Hugging Face style
+    batch as one mapping, as :class:`~kd_lightning.BatchAdapter` gives them in training, or
+    the token ids alone (another ``input_key``, a tuple batch)."""
+    if isinstance(batch, Mapping) and input_key == "input_ids":
+        return {key: batch[key].to(device) for key in MODEL_INPUT_KEYS if key in batch}
+    return _inputs(batch, input_key).to(device)
 
 
 def _is_complete(path: Path, blocks: int, dtype: np.dtype) -> bool:

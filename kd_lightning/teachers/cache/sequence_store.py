@@ -527,16 +527,21 @@ class SequenceCachedTeachers(StoredOutputs):
 
     def outputs(self, inputs: Any, batch: Any, stage: Stage) -> TeacherOutputs:
         """Every teacher's cached logits ``(K, B, L, V)`` for the batch's blocks (their indices
-        read from ``batch["index"]``), on the device of ``inputs``, the ``(B, L)`` token ids.
+        read from ``batch["index"]``), on the device of ``inputs``: the ``(B, L)`` token ids, or
+        a mapping of model inputs holding them as ``"input_ids"``.
 
         Raises:
             MismatchedCacheError: ``inputs`` are not the tokens the cache was built on.
         """
         indices = sample_indices(batch)
+        if isinstance(inputs, Mapping) and "input_ids" in inputs:
+            inputs = inputs["input_ids"]
         if not isinstance(inputs, Tensor) or inputs.ndim != 2 or inputs.is_floating_point():
+            keys = f" with keys {sorted(inputs)}" if isinstance(inputs, Mapping) else ""
             raise MismatchedCacheError(
-                f"a sequence cache reads (B, L) token ids as inputs, got "
-                f"{type(inputs).__name__} {tuple(getattr(inputs, 'shape', ()))}"
+                f"a sequence cache reads (B, L) token ids as inputs, or a mapping holding them as "
+                f"'input_ids', got {type(inputs).__name__}{keys} "
+                f"{tuple(getattr(inputs, 'shape', ()))}"
             )
         if inputs.shape[1] != self.block_size:
             raise MismatchedCacheError(
