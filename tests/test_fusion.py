@@ -635,3 +635,68 @@ def test_learned_rules_add_their_l2_penalty_to_the_loss() -> None:
     assert gate.theta.grad is not None and gate.theta.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="l2 must be >= 0"):
         LearnedWeights(num_teachers=2, l2=-1.0)
+
+
+# --- learned rules' own optimizer and training window ----------------------------------------
+
+
+def test_learned_weights_take_the_gates_optimizer_and_window_options(tmp_path) -> None:
+    from functools import partial
+
+    from hydra.utils import instantiate
+
+    from .app_helpers import compose_config
+
+    assert LearnedWeights(num_teachers=3).own_optimizer is None  # the student's, throughout
+    rule = LearnedWeights(
+        num_teachers=3,
+        optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+        lr_milestones=[40, 50],
+        train_epochs=80,
+    )
+    plan = rule.own_optimizer
+    assert plan is not None and plan.milestones == (40, 50) and plan.epochs == 80
+    assert [plan.learning_rate_factor(e) for e in (0, 45, 60, 80)] == pytest.approx(
+        [1.0, 0.1, 0.01, 0.0]
+    )
+    with pytest.raises(ValueError, match="LearnedWeights: lr_milestones and train_epochs need"):
+        LearnedWeights(num_teachers=3, train_epochs=10)
+    configured = instantiate(compose_config(tmp_path, ["fusion=learned"]).fusion)
+    assert configured.l2 == 0.5 and configured.own_optimizer is not None
+    assert configured.own_optimizer.epochs == 80
+    assert configured.own_optimizer.milestones == (40, 50)
+
+
+def test_learned_weights_train_with_their_own_optimizer_during_their_window_only(
+    tmp_path, teachers, datamodule
+) -> None:
+    from functools import partial
+
+    from lightning.pytorch import Callback
+
+    from kd_lightning import DistillationModule
+    from kd_lightning.modules.optim import JointOptimizer
+
+    from .conftest import make_trainer, small_mlp
+
+    class Snapshots(Callback):
+        def __init__(self) -> None:
+            self.values: list[torch.Tensor] = []
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.values.append(pl_module.loss.fusion.weight_logits.detach().clone())
+
+    rule = LearnedWeights(
+        num_teachers=len(teachers), optimizer=partial(torch.optim.SGD, lr=0.5), train_epochs=1
+    )
+    module = DistillationModule(small_mlp(), teachers, DistillationLoss(rule, alpha=1.0))
+    initial = rule.weight_logits.detach().clone()
+    snapshots = Snapshots()
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[snapshots])
+    trainer.fit(module, datamodule=datamodule)
+    joint = trainer.optimizers[0]
+    assert isinstance(joint, JointOptimizer) and isinstance(joint.optimizers[1], torch.optim.SGD)
+    assert joint.optimizers[1].param_groups[0]["params"] == [rule.weight_logits]
+    after_window, after_run = snapshots.values
+    assert not torch.equal(after_window, initial)  # trained during epoch 0
+    torch.testing.assert_close(after_run, after_window, rtol=0, atol=0)  # frozen in epoch 1

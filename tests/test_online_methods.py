@@ -292,5 +292,76 @@ def test_afd_feature_optimizer_drives_only_the_adversarial_phase(tmp_path, datam
     )
     _, trainer = one_step(tmp_path, module, datamodule)
     discriminators, features, networks = trainer.optimizers
-    assert isinstance(features, torch.optim.SGD) and features.param_groups[0]["lr"] == 1e-4
+    assert isinstance(features, torch.optim.SGD) and features.defaults["lr"] == 1e-4
     assert isinstance(discriminators, torch.optim.Adam) and isinstance(networks, torch.optim.Adam)
+
+
+def _adversarial_rates(trainer, index: int) -> list[float]:
+    """The learning rate of optimizer ``index`` at 0, 1/4 and 1/2 of the run's steps."""
+    schedule = trainer.lr_scheduler_configs[index].scheduler
+    total = int(trainer.estimated_stepping_batches)
+    base = schedule.base_lrs[0]
+    return [base * schedule.lr_lambdas[0](step) for step in (0, total // 4, total // 2)]
+
+
+def assert_paper_adversarial_optimizers(trainer) -> None:
+    """Phases 1 and 2: Adam at 2e-5, weight decay 0.1, divided by 10 at 1/4 and 1/2 of training."""
+    discriminators, features, _ = trainer.optimizers
+    for index, optimizer in ((0, discriminators), (1, features)):
+        assert type(optimizer).__name__ == "Adam"
+        assert optimizer.defaults["lr"] == 2e-5 and optimizer.defaults["weight_decay"] == 0.1
+        assert _adversarial_rates(trainer, index) == pytest.approx([2e-5, 2e-6, 2e-7])
+
+
+def test_afd_adversarial_optimizers_default_to_the_papers(tmp_path, datamodule):
+    module = AFDModule(
+        small_mlp(),
+        small_mlp(),
+        feature_layers="1",
+        optimizer=partial(torch.optim.Adam, lr=1e-2),
+        scheduler=partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0),
+    )
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=4, limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    assert_paper_adversarial_optimizers(trainer)
+    networks = trainer.optimizers[2]
+    assert isinstance(networks, torch.optim.Adam) and networks.defaults["lr"] == 1e-2
+    assert isinstance(
+        trainer.lr_scheduler_configs[2].scheduler, torch.optim.lr_scheduler.ConstantLR
+    )
+
+
+def test_afd_adversarial_optimizers_default_to_the_papers_in_kd_train(tmp_path):
+    from kd_lightning.cli.train import train
+
+    from .app_helpers import FAST, compose_config
+
+    overrides = [*FAST, "method=afd", "baseline=false", "callbacks=none", "trainer.max_epochs=1"]
+    _, objects = train(compose_config(tmp_path, overrides))
+    assert_paper_adversarial_optimizers(objects["trainer"])
+    networks = objects["trainer"].optimizers[2]  # the paper's SGD, as the module's default
+    assert type(networks).__name__ == "SGD"
+    expected = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+    assert {key: networks.defaults[key] for key in expected} == expected
+    default = AFDModule(small_mlp(), small_mlp(), feature_layers="1").optimizer_factory
+    built = default([nn.Parameter(torch.zeros(1))])
+    assert isinstance(built, torch.optim.SGD)
+    assert {key: built.defaults[key] for key in expected} == expected
+
+
+def test_afd_null_adversarial_optimizers_take_the_networks_own(tmp_path, datamodule):
+    module = AFDModule(
+        small_mlp(),
+        small_mlp(),
+        feature_layers="1",
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        discriminator_optimizer=None,
+        feature_optimizer=None,
+        discriminator_scheduler=None,
+        feature_scheduler=None,
+        scheduler=partial(torch.optim.lr_scheduler.ConstantLR, factor=0.5),
+    )
+    _, trainer = one_step(tmp_path, module, datamodule)
+    for optimizer, config in zip(trainer.optimizers, trainer.lr_scheduler_configs, strict=True):
+        assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.1
+        assert isinstance(config.scheduler, torch.optim.lr_scheduler.ConstantLR)

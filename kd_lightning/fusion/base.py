@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -65,6 +65,91 @@ class FusionContext:
     batch_fields: Mapping[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RuleOptimizer:
+    """How a learned rule's own parameters train when not with the student's optimizer: their
+    own optimizer, its learning rate divided by 10 at each epoch of ``milestones``, and a window
+    of ``epochs`` training epochs after which the parameters stay as they are (learning rate 0).
+
+    AMTML-KD's code trains its gate so (:class:`~kd_lightning.fusion.LearnedGate`). A
+    :class:`~kd_lightning.DistillationModule` builds the optimizer with :meth:`build` and calls
+    :meth:`start_epoch` at the start of every training epoch; a plain training loop does the same.
+
+    Attributes:
+        factory: called with the rule's parameters, e.g. ``partial(torch.optim.SGD, lr=0.1)``.
+        milestones: epochs (counted from 0) from which the learning rate is divided by 10 once more.
+        epochs: train during the first ``epochs`` epochs only; ``None``: throughout.
+
+    Example:
+        >>> from functools import partial
+        >>> plan = RuleOptimizer(partial(torch.optim.SGD, lr=0.1), milestones=(2,), epochs=3)
+        >>> optimizer = plan.build([nn.Parameter(torch.zeros(1))])
+        >>> rates = []
+        >>> for epoch in range(4):
+        ...     plan.start_epoch(optimizer, epoch)
+        ...     rates.append(round(optimizer.param_groups[0]["lr"], 4))
+        >>> rates
+        [0.1, 0.1, 0.01, 0.0]
+    """
+
+    factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    milestones: tuple[int, ...] = ()
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if any(int(m) != m or m < 0 for m in self.milestones):
+            raise ValueError(f"lr_milestones must be epochs >= 0, got {list(self.milestones)}")
+        if self.epochs is not None and (int(self.epochs) != self.epochs or self.epochs < 1):
+            raise ValueError(f"train_epochs must be a whole number >= 1 or null, got {self.epochs}")
+
+    @classmethod
+    def from_options(
+        cls,
+        rule: str,
+        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None,
+        lr_milestones: Sequence[int],
+        train_epochs: int | None,
+    ) -> RuleOptimizer | None:
+        """A rule's plan from its ``optimizer``, ``lr_milestones`` and ``train_epochs`` options;
+        ``None`` when ``optimizer`` is ``None`` (trained with the student's optimizer, so neither
+        milestones nor a window can apply). Errors name the rule and the option.
+
+        Example:
+            >>> RuleOptimizer.from_options("Rule", None, (), None) is None
+            True
+        """
+        if optimizer is None:
+            if list(lr_milestones) or train_epochs is not None:
+                raise ValueError(
+                    f"{rule}: lr_milestones and train_epochs need the rule's own optimizer; "
+                    f"optimizer=None trains it with the student's, throughout"
+                )
+            return None
+        try:
+            return cls(optimizer, tuple(lr_milestones), train_epochs)
+        except ValueError as error:
+            raise ValueError(f"{rule}: {error}") from None
+
+    def learning_rate_factor(self, epoch: int) -> float:
+        """``0.1^(milestones reached)``, or 0 once the window of ``epochs`` is over."""
+        if self.epochs is not None and epoch >= self.epochs:
+            return 0.0
+        return 0.1 ** sum(epoch >= milestone for milestone in self.milestones)
+
+    def build(self, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer over ``parameters``, each group remembering its initial learning rate."""
+        optimizer = self.factory(list(parameters))
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        return optimizer
+
+    def start_epoch(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        """Set ``optimizer``'s learning rates (built by :meth:`build`) for ``epoch``."""
+        factor = self.learning_rate_factor(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+
 class FusionRule(nn.Module, ABC):
     """A rule that turns stacked teacher logits into per-teacher weights and a fused target.
 
@@ -73,7 +158,8 @@ class FusionRule(nn.Module, ABC):
     probabilities, ``Σ_k ŵ_k softmax(z_k / T)`` with ``ŵ = w / Σ_k w_k``. A rule declares what it
     reads: ``needs_labels`` (the ground truth), ``needs_student`` (the student's logits),
     :attr:`student_layers` (outputs of named student layers, e.g. a learned gate's features) and
-    :attr:`batch_fields` (fields of the batch, e.g. a routed rule's teacher id).
+    :attr:`batch_fields` (fields of the batch, e.g. a routed rule's teacher id). A rule with
+    parameters may declare :attr:`own_optimizer`: its own optimizer and training window.
 
     A subclass that passes ``name="..."`` (``class Rule(FusionRule, name="rule")``) can be built
     by that name, e.g. ``DistillationLoss("rule")`` (see :func:`build_fusion`).
@@ -121,6 +207,12 @@ class FusionRule(nn.Module, ABC):
         """The batch fields the rule reads from ``batch_fields`` (e.g. a routing id); none by
         default."""
         return ()
+
+    @property
+    def own_optimizer(self) -> RuleOptimizer | None:
+        """How the rule's parameters train apart from the student's (their own optimizer and
+        window); ``None`` (the default): with the student's optimizer, throughout."""
+        return None
 
     def forward(
         self,

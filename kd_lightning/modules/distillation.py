@@ -15,7 +15,12 @@ from kd_lightning.losses.hints import FeatureHintLoss
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.base import MethodModule
 from kd_lightning.modules.epoch_means import Stage
-from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
+from kd_lightning.modules.optim import (
+    JointOptimizer,
+    JointSchedule,
+    OptimizerFactory,
+    SchedulerFactory,
+)
 from kd_lightning.teachers import TeacherEnsemble, TeacherOutputs, TeacherSource
 
 
@@ -276,6 +281,38 @@ class DistillationModule(MethodModule):
         if labels.ndim > 1:  # sequence batches: which positions are real tokens
             outputs["mask"] = torch.ones_like(hits) if out.real is None else out.real
         return outputs
+
+    def configure_optimizers(self) -> Any:
+        """The student's optimizer and schedule over every trainable parameter; a fusion rule
+        that declares its own optimizer (:attr:`~kd_lightning.fusion.FusionRule.own_optimizer`,
+        e.g. AMTML-KD's gate) gets it for its parameters, stepped with the student's as one
+        :class:`~kd_lightning.modules.optim.JointOptimizer`, its rate set each epoch by
+        :meth:`on_train_epoch_start`; the student's schedule leaves it alone."""
+        plan = self.loss.fusion.own_optimizer
+        own = [p for p in self.loss.fusion.parameters() if p.requires_grad]
+        if plan is None or not own:
+            return super().configure_optimizers()
+        held = {id(p) for p in own}
+        config = self.optimizer_config(p for p in self.parameters() if id(p) not in held)
+        joint = JointOptimizer([config["optimizer"], plan.build(own)])
+        if "lr_scheduler" not in config:
+            return {"optimizer": joint}
+        schedule = JointSchedule(joint, config["lr_scheduler"]["scheduler"])
+        return {
+            "optimizer": joint,
+            "lr_scheduler": {**config["lr_scheduler"], "scheduler": schedule},
+        }
+
+    def on_train_epoch_start(self) -> None:
+        """Set the learning rate of the fusion rule's own optimizer for this epoch (divided at
+        its milestones, 0 once its training window is over)."""
+        super().on_train_epoch_start()
+        plan = self.loss.fusion.own_optimizer
+        if plan is None:
+            return
+        for optimizer in self.trainer.optimizers:
+            if isinstance(optimizer, JointOptimizer):  # built by configure_optimizers, rule's last
+                plan.start_epoch(optimizer.optimizers[-1], self.current_epoch)
 
     def _check_classes(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
         student_classes, teacher_classes = student_logits.shape[-1], teacher_logits.shape[-1]
