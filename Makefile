@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all train teachers cache bench results results-smoke lint format clean
+.PHONY: install test test-all train teachers cache bench results results-smoke docs lint format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ results:
 results-smoke:
 	$(BIN)/kd-results --preset smoke --out results-smoke $(ARGS)
 
+# The documentation site (docs/, API reference from the docstrings) into site/.
+docs:
+	$(BIN)/mkdocs build --strict
+
 lint:
 	$(BIN)/ruff check kd_lightning tests
 	$(BIN)/ruff format --check kd_lightning tests
@@ -51,4 +55,4 @@ format:
 	$(BIN)/ruff check --fix kd_lightning tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache outputs multirun lightning_logs logs bench.json
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache outputs multirun lightning_logs logs bench.json site

@@ -10,7 +10,7 @@ Three layers, each importing only those below it:
 ``reporting`` (plots, loggers) and ``bench`` sit beside them. The names below are loaded on first
 use (PEP 562), so ``import kd_lightning.fusion`` pulls in nothing above the core.
 
-Example:
+Examples:
     >>> import kd_lightning
     >>> kd_lightning.DistillationLoss().alpha
     0.9

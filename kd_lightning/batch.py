@@ -58,7 +58,7 @@ class BatchAdapter:
     Raises:
         BatchFormatError: a batch follows no convention, lacks a key, or fails a check above.
 
-    Example:
+    Examples:
         >>> adapter = BatchAdapter(input_key="x", target_key="label")
         >>> adapter({"x": 1, "label": 2, "id": 3})
         (1, 2)
@@ -175,7 +175,7 @@ def not_shifted(input_ids: Tensor, labels: Tensor) -> Tensor:
     Shifted labels equal to the tokens at every real position would mean ``input_ids[:, t] =
     input_ids[:, t + 1]`` there, so the second condition keeps runs of one token from counting.
 
-    Example:
+    Examples:
         >>> tokens = torch.tensor([[1, 2, 3, 4]])
         >>> bool(not_shifted(tokens, tokens)), bool(not_shifted(tokens, torch.tensor([[2, 3, 4, -100]])))
         (True, False)
@@ -198,7 +198,7 @@ def unmasked_padding(input_ids: Tensor, labels: Tensor) -> Tensor:
     before left padding may be labelled with the first real token. A trailing run's first
     position and the labelled position after a leading run are therefore left out.
 
-    Example:
+    Examples:
         >>> tokens = torch.tensor([[4, 5, 6, 0, 0]])  # right-padded with token 0
         >>> bool(unmasked_padding(tokens, torch.tensor([[5, 6, -100, -100, -100]])))
         True

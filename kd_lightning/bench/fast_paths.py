@@ -7,7 +7,7 @@ fp16 on a GPU), and with ``compile=True`` ``torch.compile``. Every configuration
 ``repeats`` rounds of ``calls`` forwards each (round-robin, so machine noise spreads over all of
 them); the median round gives the figure. On a GPU each round ends with a synchronisation.
 
-Example:
+Examples:
     >>> table = time_fast_paths(torch.device("cpu"), calls=1, repeats=1, sizes=(2,), kinds=("mlp",))
     >>> sorted(table["2 × mlp"])
     ['bf16 autocast', 'inference mode', 'loop', 'stacked']
@@ -39,7 +39,7 @@ ROUNDS = 5
 def fast_path_options(device: torch.device, compile: bool = False) -> dict[str, dict[str, Any]]:
     """Column label → ``TeacherEnsemble`` options, for ``device``.
 
-    Example:
+    Examples:
         >>> list(fast_path_options(torch.device("cpu")))
         ['loop', 'inference mode', 'stacked', 'bf16 autocast']
     """
@@ -104,7 +104,7 @@ def _round_ms(
 def format_fast_paths(table: dict[str, dict[str, float]]) -> str:
     """The table as Markdown, one row per ensemble.
 
-    Example:
+    Examples:
         >>> print(format_fast_paths({"3 × mlp": {"loop": 4.25, "stacked": 5.5}}))
         | teachers | loop | stacked |
         |---|---|---|

@@ -28,7 +28,7 @@ same call costs repeated alone. On a GPU the time inside a check includes waitin
 queued before it, an upper bound of what its synchronisation costs; the difference of the two
 ``step`` rows shows what the step loses (on a CPU it is below the steps' own noise).
 
-Example:
+Examples:
     >>> table = time_sync_costs(torch.device("cpu"), 4, ("mlp",), steps=1, rounds=1)
     >>> list(table["ms"])
     ['step', "step, check_finite='first_step'", 'teacher logits finite', 'label range']
@@ -129,7 +129,7 @@ def format_sync_costs(table: dict[str, dict[str, float]]) -> str:
     """The table as Markdown: ms per step and share of a step; whether each check is under the
     :data:`THRESHOLD` a check run at every step may cost.
 
-    Example:
+    Examples:
         >>> print(format_sync_costs({
         ...     "ms": {"step": 4.0, "teacher logits finite": 0.01},
         ...     "share_of_step": {"teacher logits finite": 0.0025},

@@ -77,7 +77,7 @@ class _Aborted(Exception):
 class Turns:
     """Hands one workload thread the turn at a time; the thread gives it back at each epoch end.
 
-    Example:
+    Examples:
         >>> turns = Turns()
         >>> worker = threading.Thread(target=lambda: (turns.wait_turn(), turns.end_turn()))
         >>> worker.start()
@@ -113,7 +113,7 @@ class Turns:
 class Workload:
     """One workload's timed epochs: wall and thread CPU seconds, and the peak CUDA memory.
 
-    Example:
+    Examples:
         >>> workload = Workload("plain", torch.device("cpu"), total_epochs=1)
         >>> workload.turns.go.set()  # the scheduler's next turn, granted in advance
         >>> workload.epoch_start()
@@ -236,7 +236,7 @@ class HandwrittenKDModule(L.LightningModule):
     indices), :func:`handwritten_kd` in plain torch ops, the loss, CE, KD and accuracy logged with
     ``self.log(..., on_step=False, on_epoch=True)``, Adam.
 
-    Example:
+    Examples:
         >>> module = HandwrittenKDModule(nn.Linear(4, 3), [nn.Linear(4, 3), nn.Linear(4, 3)])
         >>> module.teacher_logits((torch.randn(2, 4), torch.tensor([0, 1]))).shape
         torch.Size([2, 2, 3])

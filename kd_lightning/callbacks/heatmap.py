@@ -33,7 +33,7 @@ class AgreementHeatmapCallback(StageCallback):
     Raises:
         ValueError: for an unknown stage.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> callbacks = [TeacherAgreementCallback(), AgreementHeatmapCallback(stages=("val",))]
         >>> trainer = Trainer(callbacks=callbacks, logger=False)

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 class LabelledProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar with a label before the epoch, e.g. ``teacher gru · epoch 3/60``.
 
-    Example:
+    Examples:
         >>> bar = LabelledProgressBar("teacher cnn")
         >>> bar.label
         'teacher cnn'
@@ -30,7 +30,7 @@ def progress_bar(label: str, enabled: bool = True) -> list[Callback]:
     """A labelled bar as a callback list, or none when ``enabled`` is false (the value of the
     Trainer's ``enable_progress_bar``).
 
-    Example:
+    Examples:
         >>> [bar.label for bar in progress_bar("student")], progress_bar("student", enabled=False)
         (['student'], [])
     """

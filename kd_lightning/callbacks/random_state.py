@@ -41,7 +41,7 @@ class RandomStateCheckpoint(Callback):
     The states are stored as tensors and plain Python values, so the checkpoint still loads with
     ``torch.load(weights_only=True)``.
 
-    Example:
+    Examples:
         >>> callback = RandomStateCheckpoint()
         >>> state = callback.state_dict()
         >>> first = torch.rand(2)

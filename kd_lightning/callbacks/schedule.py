@@ -26,7 +26,7 @@ class LossSchedule(Callback):
         kind: ``"constant"``, ``"linear"``, ``"cosine"`` or ``"ramp_up"``.
         interval: update every ``"step"`` or every ``"epoch"``.
 
-    Example:
+    Examples:
         >>> schedule = LossSchedule("temperature", start=8.0, end=2.0, kind="cosine")
         >>> schedule.value(0.5)
         5.0

@@ -26,7 +26,7 @@ def partial_node(node: Any) -> DictConfig | None:
     """``${partial:${student}}``: a model config as a factory (``_partial_: true``), so that a
     method builds as many fresh networks as it needs, when it needs them; null stays null.
 
-    Example:
+    Examples:
         >>> cfg = OmegaConf.create({"student": {"_target_": "m.MLP"}, "f": "${partial:${student}}"})
         >>> cfg.f._partial_
         True
@@ -46,7 +46,7 @@ def first_teacher(path: str, *, _root_: DictConfig) -> Any:
     an ``input_transform`` or a ``class_map``, which such a network cannot take: the method then
     refuses, naming its argument.
 
-    Example:
+    Examples:
         >>> cfg = OmegaConf.create({"teachers": {"cnn": {"fit": {"seed": 3}, "class_map": None}},
         ...                         "seed": "${first_teacher:fit.seed}", "name": "${first_teacher:name}"})
         >>> cfg.seed, cfg.name
@@ -71,7 +71,7 @@ def sweep_group() -> str | None:
     """``${sweep_group:}``: in a multirun, the name of its sweep directory (one per sweep, e.g.
     ``2026-12-03_12-30-00``), so a logger groups the sweep's runs; ``None`` in a single run.
 
-    Example:
+    Examples:
         >>> sweep_group() is None  # no Hydra run here
         True
     """
@@ -86,7 +86,7 @@ def sweep_group() -> str | None:
 def layer_classes(names: Sequence[str]) -> set[type]:
     """The classes at the dotted paths ``names``, e.g. an FSDP ``auto_wrap_policy`` from a config.
 
-    Example:
+    Examples:
         >>> layer_classes(["torch.nn.Linear"])
         {<class 'torch.nn.modules.linear.Linear'>}
     """
@@ -119,7 +119,7 @@ def show_progress(cfg: Mapping[str, Any]) -> bool:
 def method_target(cfg: DictConfig) -> Callable[..., Any]:
     """The class or pipeline function that ``cfg.method`` instantiates (not yet called).
 
-    Example:
+    Examples:
         >>> method_target(OmegaConf.create({"method": {"_target_": "kd_lightning.modules.DMLModule"}}))
         <class 'kd_lightning.modules.online.dml.DMLModule'>
     """
@@ -130,7 +130,7 @@ def method_arguments(cfg: DictConfig) -> set[str]:
     """The arguments of ``cfg.method``'s target, which say what the run passes it (``teachers``,
     ``stages``; see :class:`~kd_lightning.modules.base.MethodModule`).
 
-    Example:
+    Examples:
         >>> sorted(method_arguments(OmegaConf.create({"method": {"_target_": "kd_lightning.modules.takd_pipeline"}})))[:4]
         ['assistants', 'fusion', 'loss', 'optimizer']
     """

@@ -90,7 +90,7 @@ def protocol(teachers: Sequence[str] = ("cnn", "gru", "mlp")) -> list[Entry]:
     """Every entry: single-teacher KD, each fusion rule (mean of probabilities first), each
     target transform, each method.
 
-    Example:
+    Examples:
         >>> [entry.label for entry in protocol()][:4]
         ['fusion=mean_probs', 'teachers=[cnn]', 'teachers=[gru]', 'teachers=[mlp]']
     """
@@ -167,7 +167,7 @@ def read_summaries(out: Path, entries: Sequence[Entry], seeds: int) -> dict[str,
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value).
 
-    Example:
+    Examples:
         >>> mean_std([0.5, 0.7])
         (0.6, 0.14142135623730948)
     """

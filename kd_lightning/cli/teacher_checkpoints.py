@@ -59,7 +59,7 @@ def teacher_key(name: str, cfg: DictConfig) -> str:
 def check_teacher_name(name: str) -> None:
     """Refuse a teacher name that could not be a plain file name inside the cache.
 
-    Example:
+    Examples:
         >>> check_teacher_name("cnn_wide-2")
         >>> check_teacher_name("../../evil")
         Traceback (most recent call last):
@@ -168,7 +168,7 @@ def teacher_class_map(teacher: DictConfig) -> list[int] | None:
 def draws_per_step(cfg: DictConfig) -> int | None:
     """``teacher_runtime.draw_per_step``, checked: ``None`` or from 1 to the number of teachers.
 
-    Example:
+    Examples:
         >>> cfg = OmegaConf.create({"teachers": {"a": {}, "b": {}}, "teacher_runtime": {"draw_per_step": 1}})
         >>> draws_per_step(cfg)
         1

@@ -31,7 +31,7 @@ def augment_mnist1d(
     Returns:
         The augmented batch, shaped like ``x``.
 
-    Example:
+    Examples:
         >>> batch = torch.zeros(4, 40)
         >>> augment_mnist1d(batch, generator=torch.Generator().manual_seed(0)).shape
         torch.Size([4, 40])

@@ -28,7 +28,7 @@ class AugmentedViews(Dataset[tuple[Any, ...]]):
         num_views: views per sample.
         seed: the seed of the views.
 
-    Example:
+    Examples:
         >>> from torch.utils.data import TensorDataset
         >>> noisy = lambda x, g: x + torch.randn(x.shape, generator=g)
         >>> views = AugmentedViews(TensorDataset(torch.zeros(3, 2), torch.arange(3)), noisy, 4)
@@ -65,7 +65,7 @@ class OneViewPerSample(Sampler[int]):
     Indices address an :class:`AugmentedViews` dataset; randomness comes from torch's global
     generator, which ``seed_everything`` seeds (as for ``shuffle=True``).
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> sorted(index // 3 for index in OneViewPerSample(4, 3))
         [0, 1, 2, 3]

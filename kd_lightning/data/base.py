@@ -14,7 +14,7 @@ DatasetT = TypeVar("DatasetT", bound=Dataset)
 class DictDataset(Dataset[dict[str, Tensor]]):
     """Samples as ``{"input": x, "target": y}`` dicts.
 
-    Example:
+    Examples:
         >>> import torch
         >>> DictDataset(torch.tensor([[1.0], [2.0]]), torch.tensor([0, 1]))[1]
         {'input': tensor([2.]), 'target': tensor(1)}
@@ -41,7 +41,7 @@ class SplitDataModule(L.LightningDataModule, Generic[DatasetT]):
         batch_size: Batch size of every dataloader.
         num_workers: Dataloader worker processes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
         >>> class Ramp(SplitDataModule[TensorDataset]):
@@ -106,7 +106,7 @@ class GeneratedDataModule(SplitDataModule[Dataset]):
         val_fraction: Share of samples in the validation split.
         test_fraction: Share of samples in the test split.
 
-    Example:
+    Examples:
         >>> import torch
         >>> class Ramp(GeneratedDataModule):
         ...     def generate(self):

@@ -25,7 +25,7 @@ __all__ = [
 class IndexedDataset(Dataset[tuple[Any, int]]):
     """``dataset[i]`` as the pair ``(sample, i)``; :class:`IndexedCollate` batches such pairs.
 
-    Example:
+    Examples:
         >>> from torch.utils.data import TensorDataset
         >>> IndexedDataset(TensorDataset(torch.tensor([5.0, 6.0])))[1]
         ((tensor(6.),), 1)
@@ -49,7 +49,7 @@ class IndexedCollate:
     A dict batch gains the key ``"index"``. :func:`sample_indices` reads them back (as a
     :class:`~kd_lightning.teachers.CachedTeachers` does).
 
-    Example:
+    Examples:
         >>> from torch.utils.data import TensorDataset
         >>> data = IndexedDataset(TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 2])))
         >>> x, y, index = IndexedCollate()([data[2], data[0]])
@@ -99,7 +99,7 @@ class IndexedDataModule(L.LightningDataModule):
     Args:
         datamodule: the DataModule whose loaders to wrap.
 
-    Example:
+    Examples:
         >>> from kd_lightning.data import SyntheticDataModule
         >>> dm = IndexedDataModule(SyntheticDataModule(num_samples=40, batch_size=4))
         >>> dm.setup("fit")

@@ -70,7 +70,7 @@ class MNIST1DDataModule(SplitDataModule[TensorDataset]):
         num_workers: Dataloader worker processes.
         augment: Apply :func:`augment_mnist1d` to training batches.
 
-    Example:
+    Examples:
         >>> dm = MNIST1DDataModule(num_samples=100, val_size=10, batch_size=16)
         >>> dm.setup("fit")
         >>> len(dm.train_set), len(dm.val_set), len(dm.test_set)

@@ -36,7 +36,7 @@ class SequenceDataModule(GeneratedDataModule):
         test_fraction: Share of sequences in the test split.
         pad_id: The padding token.
 
-    Example:
+    Examples:
         >>> dm = SequenceDataModule(
         ...     num_samples=40, vocab_size=8, num_classes=4, min_len=2, max_len=6, batch_size=4
         ... )

@@ -33,7 +33,7 @@ class SyntheticDataModule(GeneratedDataModule):
         as_dict: Yield ``{"input": x, "target": y}`` batches instead of ``(x, y)`` tuples.
         noise: Standard deviation of the samples around their class mean.
 
-    Example:
+    Examples:
         >>> dm = SyntheticDataModule(num_samples=100, batch_size=8, as_dict=True)
         >>> dm.setup()
         >>> len(dm.train_set), len(dm.val_set), len(dm.test_set)

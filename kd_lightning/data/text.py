@@ -39,7 +39,7 @@ and hold deliberately malformed files: bad encodings, syntax errors, Python 2 so
 def default_cache_dir() -> Path:
     """``$KD_LIGHTNING_CACHE/text``, or ``~/.cache/kd_lightning/text`` (as ``conf/paths``).
 
-    Example:
+    Examples:
         >>> default_cache_dir().name
         'text'
     """
@@ -55,7 +55,7 @@ def split_of(name: str, val_fraction: float, test_fraction: float) -> Split:
     depends on the order or the number of the other files, and files added to a corpus leave the
     others where they were.
 
-    Example:
+    Examples:
         >>> split_of("json/decoder.py", 0.05, 0.05), split_of("json/decoder.py", 0.0, 0.0)
         ('train', 'train')
         >>> [split_of(f"file{i}.py", 0.3, 0.3) for i in range(5)]
@@ -108,7 +108,7 @@ class PackedBlocks(Dataset[dict[str, Tensor]]):
     block's last label, so every token but the first is a target exactly once. A leftover shorter
     than a block is dropped. ``attention_mask`` is all ones (blocks hold no padding).
 
-    Example:
+    Examples:
         >>> blocks = PackedBlocks(np.arange(10), block_size=4)
         >>> len(blocks), blocks[1]["input_ids"].tolist(), blocks[1]["labels"].tolist()
         (2, [4, 5, 6, 7], [5, 6, 7, 8])
@@ -187,7 +187,7 @@ class TextDataModule(SplitDataModule[PackedBlocks]):
             :func:`default_cache_dir`.
         num_workers: Dataloader worker processes.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> temporary = tempfile.TemporaryDirectory()
         >>> folder = temporary.name

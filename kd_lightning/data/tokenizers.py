@@ -51,7 +51,7 @@ class ByteTokenizer:
     The tokenizer of byte-level language models (e.g. ByT5, Xue et al. 2022): no training, no
     unknown token, ``V = 258``; a text of ``n`` UTF-8 bytes is ``n`` tokens.
 
-    Example:
+    Examples:
         >>> tokenizer = ByteTokenizer()
         >>> tokenizer.encode("hé"), tokenizer.vocab_size
         ([104, 195, 169], 258)
@@ -88,7 +88,7 @@ class BPETokenizer:
     ``<|endoftext|>`` and ``<|pad|>``. Train one with :meth:`train`, or train-or-load a cached one
     with :func:`cached_bpe`.
 
-    Example:
+    Examples:
         >>> texts = ["def add(a, b):\\n    return a + b\\n"] * 20
         >>> tokenizer = BPETokenizer.train(texts, vocab_size=300)
         >>> ids = tokenizer.encode("def add(a, b):")
@@ -194,7 +194,7 @@ def cached_bpe(
         vocab_size: The largest vocabulary.
         cache_dir: Where the tokenizer is kept.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as cache:
         ...     first = cached_bpe(lambda: ["a b a b c"] * 9, "demo", 260, cache)
@@ -215,7 +215,7 @@ def corpus_fingerprint(files: Iterable[tuple[str | Path, int | None]]) -> str:
     """A hash of a corpus: each file's resolved path, size, modification time and how many of its
     bytes are read (``None``: all), in the order given.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.NamedTemporaryFile() as file:
         ...     whole = corpus_fingerprint([(file.name, None)])
@@ -235,7 +235,7 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Call ``write`` on a temporary file beside ``path``, then move it onto ``path``
     (``os.replace``), so readers see the old file or the whole new one.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     write_atomically(Path(folder) / "a" / "b.txt", lambda file: file.write(b"hi"))

@@ -1,6 +1,6 @@
 """Pure-torch functional core: divergences between distributions and agreement statistics.
 
-Example:
+Examples:
     >>> import torch
     >>> from kd_lightning.functional import kd_loss
     >>> s = torch.zeros(2, 3)

@@ -45,7 +45,7 @@ def top1_agreement(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     Returns:
         A float32 scalar in ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> a = torch.tensor([[2.0, 1.0], [0.0, 1.0]])
         >>> b = torch.tensor([[3.0, 0.0], [1.0, 0.0]])
         >>> top1_agreement(a, b).item()
@@ -69,7 +69,7 @@ def student_teacher_agreement(student_logits: Tensor, teacher_logits: Tensor) ->
     Returns:
         Float32 ratios ``(K,)``.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         >>> t = torch.stack([s, -s])
         >>> student_teacher_agreement(s, t).tolist()
@@ -94,7 +94,7 @@ def pairwise_agreement(teacher_logits: Tensor) -> Tensor:
     Returns:
         A symmetric float32 matrix ``(K, K)`` with ones on the diagonal.
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[2.0, 0.0]]])
         >>> pairwise_agreement(t).tolist()
         [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
@@ -114,7 +114,7 @@ def per_teacher_accuracy(teacher_logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         Float32 accuracies ``(K,)``.
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]]])
         >>> per_teacher_accuracy(t, torch.tensor([0, 0])).tolist()
         [1.0, 0.5]
@@ -134,7 +134,7 @@ def disagreement(teacher_logits: Tensor) -> Tensor:
     Returns:
         A float32 scalar in ``[0, 1]``; ``0`` when ``K = 1``.
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[2.0, 0.0]]])
         >>> round(disagreement(t).item(), 4)  # pairs (0,1), (1,2) disagree: 2 of 3
         0.6667
@@ -167,7 +167,7 @@ def ensemble_jsd(
     Returns:
         Non-negative float32 divergence (nats), reduced as requested.
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[[0.0, -1e4]], [[-1e4, 0.0]]])  # two confident, opposite teachers
         >>> round(ensemble_jsd(t).item(), 4)  # H(½, ½) - 0 = log 2
         0.6931

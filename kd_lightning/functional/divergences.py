@@ -85,7 +85,7 @@ def kl_divergence(
     Returns:
         The float32 divergence, reduced as requested.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[0.0, 0.0]])
         >>> p = torch.tensor([[1.0, 0.0]])
         >>> round(kl_divergence(s, p).item(), 4)  # 1 · (log 1 - log ½) = log 2
@@ -118,7 +118,7 @@ def reverse_kl_divergence(
     Returns:
         The float32 divergence, reduced as requested.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[0.0, 0.0]])
         >>> p = torch.tensor([[0.5, 0.5]])
         >>> round(reverse_kl_divergence(s, p).item(), 4)
@@ -149,7 +149,7 @@ def js_divergence(
     Returns:
         The float32 divergence, reduced as requested.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[0.0, -1e4]])  # q = (1, 0)
         >>> p = torch.tensor([[0.0, 1.0]])
         >>> round(js_divergence(s, p).item(), 4)  # disjoint supports: log 2
@@ -184,7 +184,7 @@ def soft_cross_entropy(
     Returns:
         The float32 cross-entropy, reduced as requested.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[0.0, 0.0]])
         >>> p = torch.tensor([[0.5, 0.5]])
         >>> round(soft_cross_entropy(s, p).item(), 4)  # -log ½
@@ -212,7 +212,7 @@ def logit_mse(
     Returns:
         The float32 error, reduced as requested.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[1.0, 3.0]])
         >>> z = torch.tensor([[0.0, 0.0]])
         >>> logit_mse(s, z).item()  # (1 + 9) / 2
@@ -243,7 +243,7 @@ def kd_loss(
     Returns:
         The float32 loss, reduced as requested.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[1.0, 2.0, 3.0]])
         >>> round(kd_loss(s, s).item(), 4)
         0.0

@@ -45,7 +45,7 @@ def dml_peer_loss(
     ``(K − 1, B, C)``, which are detached. ``c = 1/(K − 1)`` with ``peer_reduction="mean"`` (the
     paper's Eq. 10) or ``c = 1`` with ``"sum"`` (the official code).
 
-    Example:
+    Examples:
         >>> z = torch.tensor([[2.0, 0.0]])
         >>> round(dml_peer_loss(z, z[None], torch.tensor([0])).item(), 4)  # KL = 0, CE only
         0.1269
@@ -69,7 +69,7 @@ def dml_losses(
     All targets are detached, so ``losses.sum()`` has, for each peer, the gradient of its own loss:
     the simultaneous update of the official DML code.
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(3, 2, 4)
         >>> dml_losses(logits, torch.tensor([0, 1])).shape
         torch.Size([3])
@@ -100,7 +100,7 @@ def codistillation_loss(
     is a cross-entropy toward the mean of the peers' predicted distributions. ``None`` (during
     burn-in) leaves plain cross-entropy.
 
-    Example:
+    Examples:
         >>> z = torch.tensor([[0.0, 0.0]])
         >>> round(codistillation_loss(z, None, torch.tensor([0])).item(), 4)
         0.6931
@@ -121,7 +121,7 @@ def attention_targets(peer_logits: Tensor, queries: Tensor, keys: Tensor) -> Ten
     sum over ``b`` includes ``a`` itself, as in the official code. Nothing is detached: the
     projections learn through the targets. Returns ``(m, B, C)``.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
         >>> attention_targets(logits, torch.zeros(2, 1, 3), torch.zeros(2, 1, 3))[0]  # uniform α
         tensor([[0.5000, 0.5000]])
@@ -146,7 +146,7 @@ def okddip_loss(
     with ``w = α · ramp-up(epoch)``. Neither the attention targets ``peer_targets`` nor the
     leader's target (the mean of the peers' logits) is detached, as in the official code.
 
-    Example:
+    Examples:
         >>> z = torch.zeros(2, 1, 3)
         >>> round(okddip_loss(z, z[0], z, torch.tensor([0])).item(), 4)  # 3 · log 3
         3.2958
@@ -174,7 +174,7 @@ def ffl_loss(
     the fused classifier teaches every sub-network and the sub-networks' ensemble (mean of
     logits) teaches the fused classifier; both targets are detached.
 
-    Example:
+    Examples:
         >>> z = torch.zeros(2, 1, 3)
         >>> round(ffl_loss(z, z[0], torch.tensor([0])).item(), 4)  # 3 · log 3
         3.2958
@@ -194,7 +194,7 @@ def cyclic_kd_losses(logits: Tensor, labels: Tensor, temperature: float = 3.0) -
     Network ``k`` learns from network ``k − 1`` (network 0 from network ``K − 1``): the paper's
     cyclic scheme, which for two networks is mutual learning with a temperature.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
         >>> cyclic_kd_losses(logits, torch.tensor([0]), temperature=1.0).shape
         torch.Size([2])
@@ -213,7 +213,7 @@ def lsgan_discriminator_loss(real_scores: Tensor, fake_scores: Tensor) -> Tensor
     """Least-squares GAN discriminator loss ``mean (D(real) − 1)² + mean D(fake)²`` (Mao et al. 2017),
     AFD's discriminator objective.
 
-    Example:
+    Examples:
         >>> lsgan_discriminator_loss(torch.ones(4, 1), torch.zeros(4, 1))
         tensor(0.)
     """
@@ -224,7 +224,7 @@ def lsgan_generator_loss(fake_scores: Tensor) -> Tensor:
     """Least-squares GAN generator loss ``mean (D(fake) − 1)²``: AFD's adversarial loss of a
     network's feature extractor.
 
-    Example:
+    Examples:
         >>> lsgan_generator_loss(torch.zeros(4, 1))
         tensor(1.)
     """
@@ -234,7 +234,7 @@ def lsgan_generator_loss(fake_scores: Tensor) -> Tensor:
 def pool_features(features: Tensor) -> Tensor:
     """Vectors ``(B, D)`` as they are; maps ``(B, C, *spatial)`` averaged over the spatial dims.
 
-    Example:
+    Examples:
         >>> pool_features(torch.ones(2, 3, 5)).shape
         torch.Size([2, 3])
     """

@@ -42,7 +42,7 @@ def prokt_teacher_loss(
         constraint: λ, the weight of the KL constraint towards the student.
         temperature: T of both softmaxes; the KL term carries T².
 
-    Example:
+    Examples:
         >>> z = torch.zeros(2, 3)
         >>> round(prokt_teacher_loss(z, z, torch.tensor([0, 1])).item(), 4)  # 0.6 · ln 3
         0.6592
@@ -61,7 +61,7 @@ def prokt_student_loss(
 
     The teacher logits are detached inside, so no gradient reaches the teacher.
 
-    Example:
+    Examples:
         >>> import math
         >>> s, t = torch.zeros(1, 2), torch.tensor([[0.0, math.log(3.0)]])
         >>> round(prokt_student_loss(s, t).item(), 4)  # KL([1/4, 3/4] ‖ [1/2, 1/2])
@@ -76,7 +76,7 @@ def virtual_teacher_probs(labels: Tensor, num_classes: int, correct_prob: float 
     Yuan et al., "Revisiting Knowledge Distillation via Label Smoothing Regularization" (CVPR
     2020), section 4, with ``a = 0.99``. Returns ``(*labels.shape, C)`` float32 probabilities.
 
-    Example:
+    Examples:
         >>> [round(p, 4) for p in virtual_teacher_probs(torch.tensor([1]), 3, 0.8)[0].tolist()]
         [0.1, 0.8, 0.1]
     """
@@ -93,7 +93,7 @@ def virtual_teacher_logits(labels: Tensor, num_classes: int, correct_prob: float
     """The virtual teacher as logits: ``log p_d``, so ``softmax(log p_d / T)`` is the paper's
     softened ``p_d^τ`` (``∝ p_d^{1/T}``) and any KD loss can take it as a teacher.
 
-    Example:
+    Examples:
         >>> logits = virtual_teacher_logits(torch.tensor([0]), 2, 0.75)
         >>> [round(p, 4) for p in torch.softmax(logits, -1)[0].tolist()]
         [0.75, 0.25]
@@ -115,7 +115,7 @@ def tfkd_virtual_loss(
     nearly uniform for large T), omits T², averages the KL over classes (``KLDivLoss``'s default)
     and multiplies the term by a hand-tuned "multiplier" (50 to 100) to compensate.
 
-    Example:
+    Examples:
         >>> import math
         >>> s = torch.zeros(4, 10)
         >>> loss = tfkd_virtual_loss(s, torch.arange(4), alpha=0.0, temperature=4.0)

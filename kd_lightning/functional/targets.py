@@ -24,7 +24,7 @@ def probability_shift(teacher_logits: Tensor, labels: Tensor) -> Tensor:
     Returns:
         The corrected logits, same shape and dtype.
 
-    Example:
+    Examples:
         >>> import torch
         >>> z = torch.tensor([[[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]]])  # K = 1, B = 2, C = 3
         >>> probability_shift(z, torch.tensor([0, 1])).tolist()  # wrong on sample 0 only

@@ -4,7 +4,7 @@ Each rule is an ``nn.Module`` called as ``rule(teacher_logits, labels, temperatu
 stacked logits ``(K, *batch, C)``; it returns a :class:`Fusion`. Its :meth:`FusionRule.weights`
 receives one :class:`FusionContext`. Build a rule by name with :func:`build_fusion`.
 
-Example:
+Examples:
     >>> import torch
     >>> rule = build_fusion("entropy", tau=1.0)
     >>> rule(torch.randn(3, 8, 10)).target.shape
@@ -43,7 +43,7 @@ def build_fusion(name: str, **kwargs: Any) -> FusionRule:
     Returns:
         The rule.
 
-    Example:
+    Examples:
         >>> build_fusion("static", weights=[1.0, 3.0]).fixed_weights.tolist()
         [0.25, 0.75]
     """

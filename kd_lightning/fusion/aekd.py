@@ -62,7 +62,7 @@ class GradientSpaceWeights(FusionRule, name="aekd"):
         iterations: The most accelerated projected-gradient steps of the solver (it stops once
             the KKT conditions certify its point optimal, usually much earlier).
 
-    Example:
+    Examples:
         >>> z = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 0.0, 4.0]]])  # K = 2 teachers, B = 1, C = 3
         >>> s = torch.zeros(1, 3)  # the student; teacher 0 is closer to it (smaller gradient)
         >>> def weights(rule):
@@ -174,7 +174,7 @@ def kd_logit_gradients(
     Returns:
         Float32 gradients ``(K, *batch, C)``.
 
-    Example:
+    Examples:
         >>> kd_logit_gradients(torch.tensor([[[0.0, 0.0]]]), torch.tensor([[0.0, 0.0]])).tolist()
         [[[0.0, 0.0]]]
     """
@@ -204,7 +204,7 @@ def min_norm_capped_simplex(gram: Tensor, max_weight: float, iterations: int = 1
     Returns:
         The minimiser ``λ`` ``(K,)`` in ``gram``'s dtype.
 
-    Example:
+    Examples:
         >>> gram = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
         >>> min_norm_capped_simplex(gram, max_weight=1.0).tolist()  # ∝ 1 / diag
         [0.75, 0.25]
@@ -303,7 +303,7 @@ def project_capped_simplex(values: Tensor, max_weight: float) -> Tensor:
     Returns:
         The projections ``(..., K)``.
 
-    Example:
+    Examples:
         >>> project_capped_simplex(torch.tensor([2.0, 0.0, 0.0]), 0.5).tolist()
         [0.5, 0.25, 0.25]
     """

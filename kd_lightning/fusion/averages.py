@@ -15,7 +15,7 @@ class MeanProbabilities(FusionRule, name="mean_probs"):
     soft targets are the average of its members' predictive distributions. Weights are ``1/K``
     and sum to one.
 
-    Example:
+    Examples:
         >>> import torch
         >>> z = torch.tensor([[[0.0, -1e4]], [[-1e4, 0.0]]])  # K = 2 opposite, confident teachers
         >>> MeanProbabilities()(z).target.tolist()
@@ -39,7 +39,7 @@ class MeanLogits(FusionRule, name="mean_logits"):
     target from :class:`MeanProbabilities`: a class that any one teacher rejects stays unlikely.
     Weights are ``1/K`` and sum to one.
 
-    Example:
+    Examples:
         >>> import torch
         >>> z = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]])
         >>> [round(p, 4) for p in MeanLogits()(z).target[0].tolist()]  # softmax([1, 0])

@@ -22,7 +22,7 @@ class Fusion:
         target: Fused target distribution ``(*batch, C)`` at the requested temperature, float32,
             each row summing to one.
 
-    Example:
+    Examples:
         >>> fusion = Fusion(weights=torch.full((2, 3), 1 / 3), target=torch.full((2, 4), 0.25))
         >>> fusion.weights.shape, fusion.target.shape
         (torch.Size([2, 3]), torch.Size([2, 4]))
@@ -52,7 +52,7 @@ class FusionContext:
         batch_fields: The batch fields the rule names in :attr:`FusionRule.batch_fields`, by
             name (e.g. a teacher id per sample or per token).
 
-    Example:
+    Examples:
         >>> FusionContext(temperature=2.0).student_features
         {}
     """
@@ -80,7 +80,7 @@ class RuleOptimizer:
         milestones: epochs (counted from 0) from which the learning rate is divided by 10 once more.
         epochs: train during the first ``epochs`` epochs only; ``None``: throughout.
 
-    Example:
+    Examples:
         >>> from functools import partial
         >>> plan = RuleOptimizer(partial(torch.optim.SGD, lr=0.1), milestones=(2,), epochs=3)
         >>> optimizer = plan.build([nn.Parameter(torch.zeros(1))])
@@ -114,7 +114,7 @@ class RuleOptimizer:
         ``None`` when ``optimizer`` is ``None`` (trained with the student's optimizer, so neither
         milestones nor a window can apply). Errors name the rule and the option.
 
-        Example:
+        Examples:
             >>> RuleOptimizer.from_options("Rule", None, (), None) is None
             True
         """
@@ -168,7 +168,7 @@ class FusionRule(nn.Module, ABC):
     ("target" mode) or ``Σ_k w_k kl_T(p_k, s)`` ("loss" mode). For weights that do not depend on
     the student and sum to one, the two have the same gradient (identity E1).
 
-    Example:
+    Examples:
         >>> class FirstTeacher(FusionRule):
         ...     def weights(self, teacher_logits, context):
         ...         weights = torch.zeros_like(teacher_logits[..., 0]).movedim(0, -1)
@@ -325,7 +325,7 @@ class FusionRule(nn.Module, ABC):
         """A regulariser of the rule's own parameters that the loss adds to its objective; none
         (0) by default. Learned rules offer an L2 penalty (``l2``), as AMTML-KD trains its gate.
 
-        Example:
+        Examples:
             >>> from kd_lightning.fusion import MeanProbabilities
             >>> MeanProbabilities().penalty()
             0.0
@@ -371,7 +371,7 @@ def uniform_weights(teacher_logits: Tensor) -> Tensor:
     Returns:
         Float32 weights ``(*batch, K)`` summing to one.
 
-    Example:
+    Examples:
         >>> uniform_weights(torch.zeros(4, 2, 3))[0].tolist()
         [0.25, 0.25, 0.25, 0.25]
     """

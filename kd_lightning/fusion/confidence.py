@@ -18,7 +18,7 @@ class ConfidenceAware(FusionRule, name="confidence"):
     is 1. We follow the paper: the reference code (Rorozhl/CA-MKD) divides once more by ``K``,
     which only rescales the distillation term by ``1/K``. Needs labels.
 
-    Example:
+    Examples:
         >>> import math
         >>> z = torch.tensor([[[0.0, 0.0]], [[math.log(3.0), 0.0]]])
         >>> # CE = (log 2, log 4/3); softmax(CE) = (2, 4/3) / (10/3) = (0.6, 0.4)

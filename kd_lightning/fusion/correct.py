@@ -14,7 +14,7 @@ class CorrectTeachersOnly(FusionRule, name="correct_only"):
     Per sample, a teacher gets weight ``1 / #correct`` if ``argmax z_k = y`` and 0 otherwise; when
     no teacher is right, all get ``1/K``. The weights sum to one. Needs labels.
 
-    Example:
+    Examples:
         >>> z = torch.tensor([[[2.0, 0.0], [2.0, 0.0]], [[0.0, 2.0], [2.0, 0.0]]])
         >>> CorrectTeachersOnly()(z, torch.tensor([1, 0])).weights.tolist()
         [[0.0, 1.0], [0.5, 0.5]]

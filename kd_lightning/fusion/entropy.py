@@ -27,7 +27,7 @@ class EntropyWeighted(FusionRule, name="entropy"):
         tau: Temperature of the softmax variant, or None for the paper's rule.
         normalize: Divide the paper's weights by ``K - 1`` so they sum to one.
 
-    Example:
+    Examples:
         >>> z = torch.tensor([[[0.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, -1e4, -1e4]]])
         >>> # H = (log 4, log 2) = (2, 1)·log 2, so w = (1 - 2/3, 1 - 1/3)
         >>> [round(w, 4) for w in EntropyWeighted()(z).weights[0].tolist()]

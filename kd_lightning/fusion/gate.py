@@ -84,7 +84,7 @@ class LearnedGate(FusionRule, name="learned_gate"):
         train_epochs: train the gate during the first ``train_epochs`` epochs only; ``None``:
             throughout.
 
-    Example:
+    Examples:
         >>> from kd_lightning.models.taps import FeatureTaps
         >>> student = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
         >>> gate = LearnedGate(num_teachers=2, student_layer="1")

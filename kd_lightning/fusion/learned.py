@@ -42,7 +42,7 @@ class LearnedWeights(FusionRule, name="learned"):
         train_epochs: train ``θ`` during the first ``train_epochs`` epochs only; ``None``:
             throughout.
 
-    Example:
+    Examples:
         >>> import torch
         >>> z = torch.zeros(2, 1, 3)  # K = 2 teachers, B = 1, C = 3
         >>> rule = LearnedWeights(num_teachers=2)

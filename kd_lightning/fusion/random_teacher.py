@@ -28,7 +28,7 @@ class RandomTeacher(FusionRule, name="random"):
     source :class:`~kd_lightning.teachers.DrawnTeachers` (``teacher_runtime.draw_per_step=1``),
     under which any rule (e.g. mean of probabilities) sees that teacher alone.
 
-    Example:
+    Examples:
         >>> _ = torch.manual_seed(0)
         >>> z = torch.randn(3, 2, 4)  # K = 3 teachers, B = 2, C = 4
         >>> fusion = RandomTeacher()(z)

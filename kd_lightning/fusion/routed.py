@@ -28,7 +28,7 @@ class RoutedTeachers(FusionRule, name="routed"):
         routes: route id → teacher indices; ``None``: id ``r`` → teacher ``r``.
         within: the rule fusing the served teachers, a :class:`FusionRule` or a registered name.
 
-    Example:
+    Examples:
         >>> z = torch.zeros(3, 2, 4)  # K = 3 teachers, B = 2, C = 4
         >>> rule = RoutedTeachers(routes={0: [0], 1: [1, 2]})
         >>> rule(z, batch_fields={"teacher_id": torch.tensor([0, 1])}).weights.tolist()

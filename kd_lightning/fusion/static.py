@@ -22,7 +22,7 @@ class StaticWeights(FusionRule, name="static"):
         weights: Non-negative per-teacher weights, not all zero.
         num_teachers: The number of teachers, when ``weights`` is not given.
 
-    Example:
+    Examples:
         >>> z = torch.zeros(2, 1, 3)  # K = 2 teachers, B = 1, C = 3
         >>> StaticWeights([3.0, 1.0])(z).weights.tolist()
         [[0.75, 0.25]]

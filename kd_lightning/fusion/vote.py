@@ -22,7 +22,7 @@ class MajorityVote(FusionRule, name="vote"):
     ``K = 1`` this rule gives the teacher's hard prediction, not Hinton KD. Weights are uniform over
     the teachers that voted for the winner and sum to one.
 
-    Example:
+    Examples:
         >>> z = torch.tensor([[[2.0, 0.0, 0.0]], [[0.0, 2.0, 0.0]], [[3.0, 0.0, 0.0]]])
         >>> fusion = MajorityVote()(z)
         >>> fusion.target.tolist(), fusion.weights.tolist()
@@ -49,7 +49,7 @@ class MajorityVote(FusionRule, name="vote"):
         Returns:
             Float32 ratios ``(*batch)`` in ``[1/K, 1]``.
 
-        Example:
+        Examples:
             >>> z = torch.tensor([[[2.0, 0.0, 0.0]], [[0.0, 2.0, 0.0]], [[3.0, 0.0, 0.0]]])
             >>> [round(a, 4) for a in MajorityVote().agreement(z).tolist()]
             [0.6667]

@@ -81,7 +81,7 @@ class ChunkedDistillationLoss(DistillationLoss):
         chunk_tokens: positions per chunk; ``None`` sizes chunks so that a stacked
             ``(K, chunk, V)`` tensor holds about :data:`CHUNK_ELEMENTS` elements.
 
-    Example:
+    Examples:
         >>> student = torch.randn(2, 6, 50, requires_grad=True)  # (B, L, V)
         >>> teachers, labels = torch.randn(3, 2, 6, 50), torch.randint(0, 50, (2, 6))
         >>> labels[1, 4:] = -100  # padding
@@ -116,7 +116,7 @@ class ChunkedDistillationLoss(DistillationLoss):
     def chunk_size(self, num_teachers: int, num_classes: int) -> int:
         """Positions per chunk for ``K`` teachers and ``V`` classes.
 
-        Example:
+        Examples:
             >>> ChunkedDistillationLoss().chunk_size(num_teachers=2, num_classes=8192)
             256
         """

@@ -88,7 +88,7 @@ class DistillationLoss(nn.Module):
             fusion rule and the KD term see the corrected teachers, the returned weights come from
             them too.
 
-    Example:
+    Examples:
         >>> loss = DistillationLoss("mean_probs", alpha=0.9, temperature=4.0)
         >>> out = loss(torch.randn(8, 10), torch.randn(3, 8, 10), torch.randint(0, 10, (8,)))
         >>> out.loss.shape, out.weights.shape
@@ -254,7 +254,7 @@ def check_shapes(
     0.7 % of a training step on a 2-core CPU (MNIST-1D, batch 100), under the 1 % a step may spend
     on it, so it always runs.
 
-    Example:
+    Examples:
         >>> check_shapes(torch.zeros(2, 3), torch.zeros(4, 2, 3), torch.tensor([0, 2]), -100)
         False
     """

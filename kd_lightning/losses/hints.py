@@ -103,7 +103,7 @@ class FeatureHintLoss(nn.Module):
             ``"head"``); when given, the per-sample weights come through these heads (CA-MKD) and
             :meth:`forward` needs ``labels`` and ``heads`` (see :meth:`heads_for`).
 
-    Example:
+    Examples:
         >>> hint = FeatureHintLoss("hidden", {"a": "conv3", "b": "hidden"})
         >>> student, teachers = torch.randn(4, 8), {"a": torch.randn(4, 3, 5), "b": torch.randn(4, 6)}
         >>> hint.materialize(student, teachers)

@@ -18,7 +18,7 @@ def schedule_value(kind: ScheduleKind, start: float, end: float, progress: float
     * ``ramp_up``: ``start + (end − start)·exp(−5 (1 − progress)²)``, the sigmoid-shaped ramp of
       Laine & Aila (2017) used by OKDDip and FFL for their consistency weights.
 
-    Example:
+    Examples:
         >>> [round(schedule_value("cosine", 4.0, 1.0, p), 2) for p in (0.0, 0.5, 1.0)]
         [4.0, 2.5, 1.0]
     """

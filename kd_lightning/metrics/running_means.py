@@ -24,7 +24,7 @@ class RunningMeans:
     Args:
         names: the scalars, in a fixed order.
 
-    Example:
+    Examples:
         >>> means = RunningMeans(["loss", "acc"])
         >>> means.update([torch.tensor(2.0), torch.tensor(1.0)], [3, torch.tensor(3)])
         >>> means.update([torch.tensor(4.0), torch.tensor(0.0)], [1, torch.tensor(1)])

@@ -56,7 +56,7 @@ class CausalLM(nn.Module):
         tie_embeddings: Share the head's weight with the token embedding.
         rotary_base: The base ``θ`` of the rotary frequencies ``θ^(−2i/d)``.
 
-    Example:
+    Examples:
         >>> model = CausalLM(vocab_size=11, d_model=16, n_layers=2, n_heads=2, max_len=8)
         >>> tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
         >>> logits = model(tokens)
@@ -211,7 +211,7 @@ class CausalLM(nn.Module):
 class DecoderBlock(nn.Module):
     """One pre-LN block: ``x + attention(LN(x))``, then ``x + mlp(LN(x))``.
 
-    Example:
+    Examples:
         >>> block = DecoderBlock(d_model=8, n_heads=2)
         >>> block(torch.randn(3, 5, 8)).shape
         torch.Size([3, 5, 8])
@@ -246,7 +246,7 @@ class DecoderBlock(nn.Module):
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``scaled_dot_product_attention``.
 
-    Example:
+    Examples:
         >>> attention = CausalSelfAttention(d_model=8, n_heads=2)
         >>> attention(torch.randn(3, 5, 8)).shape
         torch.Size([3, 5, 8])

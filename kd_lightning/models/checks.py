@@ -6,7 +6,7 @@ from __future__ import annotations
 def check_positive(**values: int) -> None:
     """Refuse the first value below 1, naming its argument.
 
-    Example:
+    Examples:
         >>> check_positive(hidden=4, num_classes=0)
         Traceback (most recent call last):
         ...
@@ -20,7 +20,7 @@ def check_positive(**values: int) -> None:
 def check_non_negative(**values: float) -> None:
     """Refuse the first negative value, naming its argument.
 
-    Example:
+    Examples:
         >>> check_non_negative(scale=0.1, noise=-1.0)
         Traceback (most recent call last):
         ...

@@ -36,7 +36,7 @@ class CNN1D(nn.Module):
         num_classes: Number of output logits.
         channels: Channels of every convolution.
 
-    Example:
+    Examples:
         >>> model = CNN1D()
         >>> model(torch.zeros(8, 40)).shape, model(torch.zeros(8, 1, 40)).shape
         (torch.Size([8, 10]), torch.Size([8, 10]))

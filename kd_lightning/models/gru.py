@@ -22,7 +22,7 @@ class GRUClassifier(nn.Module):
         num_classes: Number of output logits.
         hidden: Hidden size of each GRU direction.
 
-    Example:
+    Examples:
         >>> model = GRUClassifier()
         >>> model(torch.zeros(8, 40)).shape
         torch.Size([8, 10])

@@ -39,7 +39,7 @@ class HuggingFaceLM(nn.Module):
         vocab_size: the model's ``config.vocab_size``, its output width (``None`` without a
             config).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=8,
@@ -74,7 +74,7 @@ class HuggingFaceLM(nn.Module):
         cleared unless given: the library's losses read no special token, and the data bring
         their own.
 
-        Example:
+        Examples:
             >>> lm = HuggingFaceLM.from_config(
             ...     "llama", vocab_size=40, hidden_size=16, intermediate_size=32,
             ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,

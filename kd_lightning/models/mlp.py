@@ -39,7 +39,7 @@ class MLP(nn.Module):
         hidden: Width of both hidden layers.
         dropout: Dropout probability after each hidden activation; 0 disables dropout.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = MLP()
         >>> model(torch.zeros(8, 40)).shape

@@ -21,7 +21,7 @@ class FeatureTaps:
         module: the network to tap.
         layers: dotted submodule names, as in :meth:`torch.nn.Module.get_submodule`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> with FeatureTaps(net, ["0"]) as taps:

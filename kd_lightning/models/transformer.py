@@ -27,7 +27,7 @@ class TinyTransformerTagger(nn.Module):
         max_len: Longest sequence accepted.
         pad_id: The padding token.
 
-    Example:
+    Examples:
         >>> model = TinyTransformerTagger(vocab_size=10, num_classes=5)
         >>> tokens = torch.tensor([[3, 4, 5, 0, 0], [1, 2, 3, 4, 5]])  # 0 pads the first sequence
         >>> model(tokens).shape

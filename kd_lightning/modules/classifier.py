@@ -37,7 +37,7 @@ class ClassifierModule(MethodModule):
         scheduler_interval: ``"step"`` or ``"epoch"``.
         batch_adapter: turns a batch into ``(inputs, labels)``.
 
-    Example:
+    Examples:
         >>> module = ClassifierModule(nn.Linear(4, 3))
         >>> module(torch.randn(2, 4)).shape
         torch.Size([2, 3])

@@ -81,7 +81,7 @@ class DistillationModule(MethodModule):
             ``W`` of them, every one at every step: no hints, no draws) and ``save_teachers`` be
             off. The sharded module then runs only in a group of the same size.
 
-    Example:
+    Examples:
         >>> module = DistillationModule(nn.Linear(4, 3), {"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
         >>> module(torch.randn(2, 4)).shape
         torch.Size([2, 3])

@@ -22,7 +22,7 @@ def cosine_schedule(optimizer: Optimizer, total_steps: int, warmup_steps: int = 
     Modules pass ``total_steps`` themselves (the trainer's estimated stepping batches), so a config
     only names the function: ``{_target_: kd_lightning.modules.optim.cosine_schedule, _partial_: true}``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
         >>> schedule = cosine_schedule(optimizer, total_steps=4)
@@ -54,7 +54,7 @@ def step_schedule(
     names the function and its milestones:
     ``{_target_: kd_lightning.modules.optim.step_schedule, _partial_: true, milestones: [0.5]}``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
         >>> schedule = step_schedule(optimizer, total_steps=4)
@@ -111,7 +111,7 @@ class JointOptimizer(Optimizer):
     unscaling and learning-rate monitors see every parameter; a schedule of one inner optimizer
     is registered with :class:`JointSchedule`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> a, b = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
         >>> joint = JointOptimizer([torch.optim.SGD([a], lr=0.5), torch.optim.Adam([b], lr=0.1)])
@@ -176,7 +176,7 @@ class JointSchedule(LRScheduler):
     optimizers that ``configure_optimizers`` returns). The other inner optimizers' learning rates
     are left alone.
 
-    Example:
+    Examples:
         >>> import torch
         >>> a, b = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
         >>> student, rule = torch.optim.SGD([a], lr=1.0), torch.optim.SGD([b], lr=0.1)

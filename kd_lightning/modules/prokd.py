@@ -22,7 +22,7 @@ def trajectory_index(epoch: int, max_epochs: int, num_checkpoints: int) -> int:
     """Which teacher checkpoint is the target in student epoch ``epoch`` (0-based): the
     checkpoints share the epochs evenly, in order, the last one ending training.
 
-    Example:
+    Examples:
         >>> [trajectory_index(epoch, 6, 3) for epoch in range(6)]
         [0, 0, 1, 1, 2, 2]
     """
@@ -62,7 +62,7 @@ class ProKDModule(DistillationModule):
         temperature_schedule: ``"linear"``, ``"cosine"``, ``"constant"`` or ``"ramp_up"``.
         optimizer, scheduler, batch_adapter: as for :class:`DistillationModule`.
 
-    Example:
+    Examples:
         >>> teacher = nn.Linear(4, 3)
         >>> trajectory = [{k: torch.full_like(v, i) for k, v in teacher.state_dict().items()} for i in range(2)]
         >>> module = ProKDModule(nn.Linear(4, 3), teacher, trajectory, teacher_name="linear")
@@ -110,7 +110,7 @@ class ProKDModule(DistillationModule):
     ) -> None:
         """Refuse settings the constructor would refuse, before any teacher is trained.
 
-        Example:
+        Examples:
             >>> ProKDModule.check_settings(0.5, 4.0, 0.0, "linear")
             Traceback (most recent call last):
             ...
@@ -208,7 +208,7 @@ def prokd_pipeline(
         alpha, max_temperature, min_temperature, temperature_schedule, optimizer, scheduler: as
             for :class:`ProKDModule`.
 
-    Example:
+    Examples:
         >>> prokd_pipeline(nn.Linear(4, 3), None, None, "cnn")
         Traceback (most recent call last):
         ...

@@ -55,7 +55,7 @@ class ProKTModule(MethodModule):
             ``None``.
         batch_adapter: turns a batch into ``(inputs, labels)``.
 
-    Example:
+    Examples:
         >>> module = ProKTModule(nn.Linear(4, 3), nn.Linear(4, 3), teacher_name="linear")
         >>> module.teacher_names, module(torch.randn(2, 4)).shape
         (['linear'], torch.Size([2, 3]))
@@ -205,7 +205,7 @@ def prokt_pipeline(
         teacher_seed: seeds the teacher's initialisation (``kd-train``: its ``fit.seed``).
         constraint, temperature, optimizer, scheduler: as for :class:`ProKTModule`.
 
-    Example:
+    Examples:
         >>> module = prokt_pipeline(
         ...     nn.Linear(4, 3), StageRunner(None, "unused", {}), nn.Linear(4, 3), "linear",
         ...     teacher_init="scratch",

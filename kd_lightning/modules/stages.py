@@ -32,7 +32,7 @@ def build_network(network: NetworkSpec, seed: int) -> nn.Module:
     Pipelines build the networks of their stages this way, so that their initialisation depends
     on the seed alone.
 
-    Example:
+    Examples:
         >>> a, b = build_network(lambda: nn.Linear(2, 2), 0), build_network(lambda: nn.Linear(2, 2), 0)
         >>> bool((a.weight == b.weight).all())
         True
@@ -52,7 +52,7 @@ def save_weights(state: Mapping[str, Tensor], path: Path, metadata: Mapping[str,
     Tensors that share memory (tied weights, e.g. a language model's embedding and head) are
     written each as its own copy, which loading ties again through the model's own parameters.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "sub" / "linear.safetensors"
         >>> save_weights(nn.Linear(2, 1).state_dict(), path, {"stage": "demo"})
@@ -94,7 +94,7 @@ def stage_trainer(
     ``trainer_cfg`` holds the run's trainer settings; its accelerator, precision, batch limits
     and ``enable_progress_bar`` carry over (the others, e.g. ``devices``, do not).
 
-    Example:
+    Examples:
         >>> trainer = stage_trainer({"accelerator": "cpu", "enable_progress_bar": False}, "demo", 3)
         >>> trainer.max_epochs, trainer.logger
         (3, None)
@@ -131,7 +131,7 @@ class StageRunner:
         pretrained: teacher name → the file of its pretrained weights; ``None`` when the run
             has none to give.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> from torch.utils.data import TensorDataset
         >>> from kd_lightning.modules import ClassifierModule
@@ -238,7 +238,7 @@ class TrajectoryCheckpoints(Callback):
     With the trainer's total steps ``N``, checkpoint ``i`` (0-based) is taken after step
     ``ceil((i + 1)·N / n)``; when ``n`` divides the epochs these are ends of epochs.
 
-    Example:
+    Examples:
         >>> TrajectoryCheckpoints.steps(total_steps=10, num_checkpoints=4)
         [3, 5, 8, 10]
     """

@@ -55,7 +55,7 @@ def takd_pipeline(
         stage_epochs: epochs of each assistant hop.
         optimizer, scheduler: of every hop.
 
-    Example:
+    Examples:
         >>> takd_pipeline(nn.Linear(4, 3), TeacherEnsemble({"t": nn.Linear(4, 3)}), None, [])
         Traceback (most recent call last):
         ...

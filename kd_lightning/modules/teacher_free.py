@@ -48,7 +48,7 @@ class VirtualTeacherModule(MethodModule):
         optimizer, scheduler, scheduler_interval, batch_adapter: as for
             :class:`~kd_lightning.modules.base.MethodModule`.
 
-    Example:
+    Examples:
         >>> module = VirtualTeacherModule(nn.Linear(4, 3), num_classes=3)
         >>> module.teacher_names, module(torch.randn(2, 4)).shape
         (['virtual'], torch.Size([2, 3]))
@@ -157,7 +157,7 @@ def tfkd_pipeline(
         stage_epochs: epochs of the pretrained-student stage.
         optimizer, scheduler: of every network trained.
 
-    Example:
+    Examples:
         >>> stages = StageRunner(None, "unused", {})  # virtual trains no stage
         >>> tfkd_pipeline(nn.Linear(4, 3), stages, num_classes=3).teacher_names
         ['virtual']

@@ -28,7 +28,7 @@ def has_wandb_credentials() -> bool:
     Raises:
         wandb.errors.AuthenticationError: if a key is found but is malformed.
 
-    Example:
+    Examples:
         >>> isinstance(has_wandb_credentials(), bool)
         True
     """
@@ -52,7 +52,7 @@ def resolve_wandb_mode(mode: str | None = None) -> str:
         ValueError: for an unknown mode, or an online mode without credentials (which would make
             wandb prompt for an API key).
 
-    Example:
+    Examples:
         >>> resolve_wandb_mode("disabled")
         'disabled'
     """
@@ -96,7 +96,7 @@ def wandb_logger(
         mode: one of :data:`WANDB_MODES`; see :func:`resolve_wandb_mode`.
         **kwargs: passed on to ``WandbLogger`` and ``wandb.init`` (e.g. ``config``, ``log_model``).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     logger = wandb_logger(save_dir=tmp, mode="disabled")

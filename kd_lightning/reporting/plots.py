@@ -34,7 +34,7 @@ def agreement_heatmap(
     Raises:
         ValueError: if the matrix is not square, does not match ``names``, or leaves [0, 1].
 
-    Example:
+    Examples:
         >>> fig = agreement_heatmap([[1.0, 0.75], [0.75, 1.0]], ["cnn", "gru"])
         >>> [text.get_text() for text in fig.axes[0].texts]
         ['100.0%', '75.0%', '75.0%', '100.0%']
@@ -108,7 +108,7 @@ def accuracy_bars(
         reference: an accuracy drawn as a dashed vertical line (e.g. the scratch baseline).
         title: the figure title.
 
-    Example:
+    Examples:
         >>> fig = accuracy_bars(["scratch", "mean_probs"], [0.62, 0.66], [0.01, 0.02], reference=0.62)
         >>> [tick.get_text() for tick in fig.axes[0].get_yticklabels()]
         ['scratch', 'mean_probs']
@@ -154,7 +154,7 @@ def metric_curves(
         percent: show values in [0, 1] as percentages.
         min_span: the least height of a panel's y range, so near-flat curves stay flat.
 
-    Example:
+    Examples:
         >>> fig = metric_curves({"entropy": {"cnn": [0.3, 0.4], "gru": [0.7, 0.6]}}, "weight", "Fusion weights")
         >>> fig.axes[0].get_title(), [line.get_label() for line in fig.axes[0].lines]
         ('entropy', ['cnn', 'gru'])

@@ -20,7 +20,7 @@ def map_classes(output: Tensor, index: Tensor, num_classes: int) -> Tensor:
     """Logits ``(..., num_classes)`` with teacher class ``j`` at student class ``index[j]`` and
     every class the teacher does not know at ``row max − MISSING_CLASS_LOGIT_GAP``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> map_classes(torch.tensor([[1.0, 3.0]]), torch.tensor([2, 0]), 3).tolist()
         [[3.0, -9997.0, 1.0]]
@@ -34,7 +34,7 @@ def map_classes(output: Tensor, index: Tensor, num_classes: int) -> Tensor:
 def check_class_map(name: str, class_map: Any, num_classes: int | None) -> tuple[int, ...]:
     """Validate ``class_maps[name]`` and return it as a tuple of ints.
 
-    Example:
+    Examples:
         >>> check_class_map("pair", [2, 0], num_classes=3)
         (2, 0)
     """

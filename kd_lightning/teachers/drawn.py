@@ -33,7 +33,7 @@ class DrawnTeachers(nn.Module):
         ensemble: the teachers to draw from.
         per_step: how many teachers run in each training step, from 1 to ``len(ensemble)``.
 
-    Example:
+    Examples:
         >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3), "c": nn.Linear(4, 3)})
         >>> drawn = DrawnTeachers(ensemble, per_step=1)
         >>> x = torch.randn(5, 4)

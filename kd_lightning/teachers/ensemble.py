@@ -33,7 +33,7 @@ InputTransform = Callable[[Any], Any]
 def attribute_adapter(name: str) -> OutputAdapter:
     """Adapter reading logits from an attribute or mapping key of a model output (e.g. ``"logits"``).
 
-    Example:
+    Examples:
         >>> attribute_adapter("logits")({"logits": torch.zeros(2, 3)}).shape
         torch.Size([2, 3])
     """
@@ -114,7 +114,7 @@ class TeacherEnsemble(nn.Module):
     every step; :meth:`tap` adds the outputs of named teacher layers (feature hints) and
     :meth:`shard` splits it over data-parallel ranks.
 
-    Example:
+    Examples:
         >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
         >>> ensemble(torch.randn(5, 4)).shape
         torch.Size([2, 5, 3])
@@ -292,7 +292,7 @@ class TeacherEnsemble(nn.Module):
         """Bytes of weights on the compute device at the peak of a forward: the input transform
         modules' and every teacher's, or with ``offload=True`` only the largest teacher's.
 
-        Example:
+        Examples:
             >>> teachers = {"a": nn.Linear(4, 3), "b": nn.Linear(40, 3)}  # 60 and 492 bytes
             >>> TeacherEnsemble(teachers).device_weight_bytes()
             552
@@ -343,7 +343,7 @@ class TeacherEnsemble(nn.Module):
         """A new ensemble of the teachers ``names`` (the same modules, not copies), in that order,
         with their transforms, adapters, class maps and this ensemble's runtime options.
 
-        Example:
+        Examples:
             >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})
             >>> ensemble.select(["b"]).names
             ['b']
@@ -370,7 +370,7 @@ class TeacherEnsemble(nn.Module):
 
         ``batch`` and ``stage`` do not matter: live teachers run alike in every stage.
 
-        Example:
+        Examples:
             >>> b = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
             >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3), "b": b})
             >>> ensemble.tap({"b": "0"})

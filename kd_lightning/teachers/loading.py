@@ -33,7 +33,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
         TeacherLoadError: the file is missing, unreadable, would need unsafe unpickling, or holds
             something other than a mapping of names to tensors.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "linear.pt")
         >>> torch.save(nn.Linear(2, 3).state_dict(), path)
@@ -79,7 +79,7 @@ def strip_prefix(state_dict: Mapping[str, Tensor], expected: set[str]) -> StateD
     Raises:
         KeyError: no prefix makes the keys match.
 
-    Example:
+    Examples:
         >>> strip_prefix({"model.w": torch.zeros(1), "loss.t": torch.ones(1)}, {"w"})
         {'w': tensor([0.])}
     """
@@ -123,7 +123,7 @@ def load_teacher(
         TeacherLoadError: naming the teacher and the file, when the file cannot be read safely or
             its keys or shapes do not fit ``model``.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "teacher.pt")
         >>> torch.save({"state_dict": {"model.weight": torch.ones(1, 2), "model.bias": torch.zeros(1)}}, path)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 def weight_bytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers, a shared (tied) tensor counted once.
 
-    Example:
+    Examples:
         >>> weight_bytes(nn.Linear(3, 2))  # 6 weights and 2 biases, float32
         32
     """
@@ -34,7 +34,7 @@ def peak_weight_bytes(teachers: Iterable[nn.Module], offload: bool) -> int:
     """Bytes of teacher weights on the compute device at the peak of a forward: every teacher's,
     or with ``offload`` the largest teacher's.
 
-    Example:
+    Examples:
         >>> teachers = [nn.Linear(3, 2), nn.Linear(30, 2)]  # 32 and 248 bytes
         >>> peak_weight_bytes(teachers, offload=False), peak_weight_bytes(teachers, offload=True)
         (280, 248)
@@ -56,7 +56,7 @@ class TeacherOffload:
             as Lightning moves a module), its teachers staying on the host.
         peak_bytes: the most bytes of teacher tensors lent to the device at once so far.
 
-    Example:
+    Examples:
         >>> offload = TeacherOffload()
         >>> teacher = nn.Linear(3, 2)
         >>> with offload.lent(teacher):
@@ -107,7 +107,7 @@ def on_host(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """``fn`` (a ``Module._apply`` function) for a tensor that stays on its device: a move
     becomes its dtype change alone; any other function applies as it is.
 
-    Example:
+    Examples:
         >>> to_double_on_meta = on_host(lambda t: t.to("meta", torch.float64))
         >>> moved = to_double_on_meta(torch.zeros(2))
         >>> moved.device, moved.dtype

@@ -40,7 +40,7 @@ AUTOCAST_DTYPES = {
 def autocast_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     """``autocast_dtype`` as a torch dtype: ``None``, ``torch.bfloat16``/``torch.float16`` or a name.
 
-    Example:
+    Examples:
         >>> autocast_dtype("bf16"), autocast_dtype(None)
         (torch.bfloat16, None)
     """
@@ -72,7 +72,7 @@ def check_finite_logits(names: Sequence[str], logits: Tensor) -> None:
     """Raise :class:`~kd_lightning.errors.TeacherOutputError` naming the first teacher whose row of
     ``logits`` ``(K, ...)`` holds NaN or inf: one reduction, read once (one device sync).
 
-    Example:
+    Examples:
         >>> check_finite_logits(["a", "b"], torch.tensor([[0.0], [float("nan")]]))
         Traceback (most recent call last):
         ...
@@ -97,7 +97,7 @@ class StackedForward:
     Args:
         teachers: name → model, all of the same class with the same parameter and buffer shapes.
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0) and None
         >>> teachers = {"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)}
         >>> x = torch.randn(5, 4)

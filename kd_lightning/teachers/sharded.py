@@ -18,7 +18,7 @@ from kd_lightning.teachers.source import Stage, TeacherOutputs, TeacherSource
 def teacher_shard(num_teachers: int, rank: int, world_size: int) -> list[int]:
     """The indices of the teachers rank ``rank`` holds: every ``world_size``-th, from ``rank``.
 
-    Example:
+    Examples:
         >>> teacher_shard(5, 0, 2), teacher_shard(5, 1, 2)
         ([0, 2, 4], [1, 3])
     """
@@ -57,7 +57,7 @@ class ShardedTeachers(nn.Module):
         world_size: the number of ranks in ``group``; at most ``len(ensemble)``.
         group: the process group; the default group when ``None``.
 
-    Example:
+    Examples:
         One rank holds every teacher and behaves as the ensemble:
 
         >>> import tempfile

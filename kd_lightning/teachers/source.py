@@ -23,7 +23,7 @@ class TeacherOutputs:
         features: teacher name → output of its tapped layer (see :meth:`TeacherSource.tap`);
             empty unless layers were tapped.
 
-    Example:
+    Examples:
         >>> import torch
         >>> outputs = TeacherOutputs(torch.zeros(1, 2, 3), ran=(2,))
         >>> outputs.logits.shape, outputs.ran, outputs.features
@@ -56,7 +56,7 @@ class TeacherSource(Protocol):
     cannot do what :meth:`tap`, :meth:`networks` or :meth:`shard` ask raises ``ValueError``
     saying why, when the module is configured rather than mid-training.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from kd_lightning.teachers import TeacherEnsemble
         >>> source = TeacherEnsemble({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)})

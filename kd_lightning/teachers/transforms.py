@@ -22,7 +22,7 @@ class Standardize(nn.Module):
         mean: value(s) to subtract.
         std: positive value(s) to divide by.
 
-    Example:
+    Examples:
         >>> Standardize(mean=1.0, std=2.0)(torch.tensor([[1.0, 3.0, -1.0]]))
         tensor([[ 0.,  1., -1.]])
         >>> x = torch.randn(100, 40) * 3 + 5
@@ -72,7 +72,7 @@ class ReverseSequence(nn.Module):
     Args:
         dim: the axis to flip; ``-1`` is the sequence axis of ``(B, L)`` and ``(B, 1, L)`` inputs.
 
-    Example:
+    Examples:
         >>> ReverseSequence()(torch.tensor([[1, 2, 3], [4, 5, 6]]))
         tensor([[3, 2, 1],
                 [6, 5, 4]])

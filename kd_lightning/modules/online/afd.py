@@ -97,7 +97,7 @@ class AFDModule(OnlinePeersModule):
         scheduler_interval: ``"step"`` or ``"epoch"``.
         batch_adapter: turns a batch into ``(inputs, labels)``.
 
-    Example:
+    Examples:
         >>> net = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> module = AFDModule(net(), net, feature_layers="1")
         >>> module.materialize((torch.randn(5, 4), torch.zeros(5, dtype=torch.long)))

@@ -55,7 +55,7 @@ class CodistillationModule(OnlinePeersModule):
         scheduler_interval: ``"step"`` or ``"epoch"``.
         batch_adapter: turns a batch into ``(inputs, labels)``.
 
-    Example:
+    Examples:
         >>> module = CodistillationModule(nn.Linear(4, 3), nn.Linear(4, 3), burn_in=0)
         >>> module.refresh_snapshots()
         >>> loss, _ = module.objective(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
@@ -172,7 +172,7 @@ def shard_weights(num_peers: int, world_size: int, rank: int) -> list[float]:
     """Loss weights of the peers on ``rank``: ``num_peers`` for the peer this rank trains
     (``rank mod num_peers``), 0 for the others.
 
-    Example:
+    Examples:
         >>> shard_weights(num_peers=2, world_size=4, rank=3)
         [0.0, 2.0]
     """

@@ -45,7 +45,7 @@ class DMLModule(OnlinePeersModule):
         scheduler_interval: ``"step"`` or ``"epoch"``.
         batch_adapter: turns a batch into ``(inputs, labels)``.
 
-    Example:
+    Examples:
         >>> module = DMLModule(nn.Linear(4, 3), nn.Linear(4, 3), update="simultaneous")
         >>> loss, logits = module.objective(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
         >>> module.teacher_names, logits["peer0"].shape

@@ -44,7 +44,7 @@ class FFLModule(OnlinePeersModule):
         ramp_epochs: epochs of the ramp-up of w (80, as in OKDDip's code).
         optimizer, scheduler, scheduler_interval, batch_adapter: as in :class:`DMLModule`.
 
-    Example:
+    Examples:
         >>> net = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> module = FFLModule(net(), net, feature_layers="1")
         >>> module.materialize((torch.randn(5, 4), torch.zeros(5, dtype=torch.long)))

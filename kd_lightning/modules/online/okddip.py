@@ -48,7 +48,7 @@ class OKDDipModule(OnlinePeersModule):
         shared_projections: one ``W_q, W_k`` pair for all peers.
         optimizer, scheduler, scheduler_interval, batch_adapter: as in :class:`DMLModule`.
 
-    Example:
+    Examples:
         >>> peer = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> module = OKDDipModule(nn.Linear(4, 3), peer, feature_layers="1", num_peers=3)
         >>> module.materialize((torch.randn(5, 4), torch.zeros(5, dtype=torch.long)))

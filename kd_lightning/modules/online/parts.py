@@ -31,7 +31,7 @@ class FusionClassifier(nn.Module):
         features: one batch of each sub-network's features (only the shapes are used).
         num_classes: logits produced.
 
-    Example:
+    Examples:
         >>> fusion = FusionClassifier([torch.zeros(2, 4, 6), torch.zeros(2, 3, 6)], num_classes=5)
         >>> fusion([torch.randn(2, 4, 6), torch.randn(2, 3, 6)]).shape
         torch.Size([2, 5])
@@ -84,7 +84,7 @@ class FeatureDiscriminator(nn.Module):
         features: one batch of the features it will judge (only the shape is used).
         hidden: width of the hidden layers.
 
-    Example:
+    Examples:
         >>> FeatureDiscriminator(torch.zeros(2, 4, 6))(torch.randn(2, 4, 6)).shape
         torch.Size([2, 1])
     """
@@ -117,7 +117,7 @@ def feature_adapter(source: Tensor, target: Tensor) -> nn.Module:
     """Map features shaped like ``source`` to the shape of ``target``: identity when they match,
     else a linear layer (vectors) or a 1×1 convolution (maps of the same length).
 
-    Example:
+    Examples:
         >>> feature_adapter(torch.zeros(2, 3, 5), torch.zeros(2, 4, 5))(torch.zeros(2, 3, 5)).shape
         torch.Size([2, 4, 5])
     """

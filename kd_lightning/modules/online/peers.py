@@ -32,7 +32,7 @@ def name_peers(
     names; a factory is called ``num_peers − 1`` times (``num_peers`` counts the student and is
     read only then). Refuses a group of fewer than ``minimum`` networks.
 
-    Example:
+    Examples:
         >>> list(name_peers(nn.Linear(2, 2), lambda: nn.Linear(2, 2), num_peers=3).keys())
         ['peer0', 'peer1', 'peer2']
         >>> list(name_peers(nn.Linear(2, 2), {"wide": nn.Linear(2, 2)}, student_name="leader"))
@@ -71,7 +71,7 @@ def name_peers(
 def layers_per_peer(layers: str | Sequence[str], names: Sequence[str]) -> dict[str, str]:
     """One tapped layer per peer: the same name for all, or one per peer in order.
 
-    Example:
+    Examples:
         >>> layers_per_peer("hidden", ["peer0", "peer1"])
         {'peer0': 'hidden', 'peer1': 'hidden'}
     """
@@ -117,7 +117,7 @@ class OnlinePeersModule(MethodModule):
         student_name: the student's name among the peers.
         minimum: the fewest networks the method trains together.
 
-    Example:
+    Examples:
         >>> from kd_lightning.functional import dml_losses
         >>> class Mutual(OnlinePeersModule):
         ...     def objective(self, inputs, labels):

@@ -83,7 +83,7 @@ def cache_fingerprint(
     with the batch around it (kernels are chosen by shape), so a cache built at another batch size
     is another cache.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> from torch.utils.data import TensorDataset
         >>> ensemble = TeacherEnsemble({"a": nn.Linear(2, 3)})
@@ -241,7 +241,7 @@ def build_output_cache(
             rank's part is done, before raising
             :class:`~kd_lightning.teachers.cache.parts.MissingPartsError` naming the missing parts.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from torch import nn
         >>> from torch.utils.data import TensorDataset

@@ -52,7 +52,7 @@ def _update(digest: Any, value: Any) -> None:
 def fingerprint(value: Any) -> str:
     """A short SHA-256 hex digest of ``value``'s contents (dtype, shape and bytes of tensors).
 
-    Example:
+    Examples:
         >>> fingerprint({"w": torch.zeros(2)}) == fingerprint({"w": torch.zeros(2)})
         True
         >>> fingerprint(torch.zeros(2)) == fingerprint(torch.zeros(2, dtype=torch.float64))
@@ -85,7 +85,7 @@ def teacher_fingerprint(ensemble: TeacherEnsemble, name: str) -> str:
     only), its output adapter (by name), its class map and the ensemble's ``num_classes``. Names
     of the other teachers do not enter it.
 
-    Example:
+    Examples:
                 >>> ensemble = TeacherEnsemble({"a": nn.Linear(4, 3)})
         >>> before = teacher_fingerprint(ensemble, "a")
         >>> with torch.no_grad():
@@ -120,7 +120,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     a dataset that returns different samples for the same index (random augmentation) raises
     :class:`NondeterministicDataError`, since its teacher outputs could not be cached.
 
-    Example:
+    Examples:
         >>> data = TensorDataset(torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 0]))
         >>> dataset_fingerprint(data) == dataset_fingerprint(TensorDataset(*data.tensors))
         True

@@ -16,7 +16,7 @@ def sample_indices(batch: Any) -> Tensor:
 
     :class:`~kd_lightning.data.indexed.IndexedCollate` puts them there.
 
-    Example:
+    Examples:
         >>> import torch
         >>> sample_indices((torch.zeros(2, 3), torch.zeros(2), torch.tensor([7, 4])))
         tensor([7, 4])

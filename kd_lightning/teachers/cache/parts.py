@@ -52,7 +52,7 @@ class MissingPartsError(TimeoutError):
 def check_rank(rank: int, world_size: int) -> None:
     """Raise ``ValueError`` unless ``0 <= rank < world_size``, both integers.
 
-    Example:
+    Examples:
         >>> check_rank(1, 2)
         >>> check_rank(2, 2)
         Traceback (most recent call last):
@@ -77,7 +77,7 @@ def row_range(size: int, rank: int, world_size: int, batch_size: int = 1) -> ran
     differ in its last bits with the other rows of its batch, as matrix kernels change with the
     batch's shape). With ``batch_size=1`` these are the rows ``[r*N//W, (r+1)*N//W)``.
 
-    Example:
+    Examples:
         >>> [list(row_range(5, rank, 2)) for rank in range(2)]
         [[0, 1], [2, 3, 4]]
         >>> [list(row_range(10, rank, 2, batch_size=4)) for rank in range(2)]

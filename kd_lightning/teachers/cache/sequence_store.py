@@ -106,7 +106,7 @@ class MismatchedCacheError(ValueError):
 def low_bits(vocab_size: int, top_k: int) -> int:
     """``l = ⌊log2(V / k)⌋``, the bits of each id's low part in the Elias-Fano code.
 
-    Example:
+    Examples:
         >>> low_bits(8192, 128), low_bits(258, 128), low_bits(10, 10)
         (6, 1, 0)
     """
@@ -116,7 +116,7 @@ def low_bits(vocab_size: int, top_k: int) -> int:
 def id_bytes(vocab_size: int, top_k: int) -> int:
     """``I``, the bytes of one row's Elias-Fano coded top-k ids.
 
-    Example:
+    Examples:
         >>> id_bytes(8192, 128), id_bytes(65536, 128), id_bytes(128256, 128)
         (128, 176, 192)
     """
@@ -127,7 +127,7 @@ def id_bytes(vocab_size: int, top_k: int) -> int:
 def row_dtype(vocab_size: int, top_k: int, value_bits: int | None) -> np.dtype:
     """The record of one (teacher, position): ids, then the values (see the module's docstring).
 
-    Example:
+    Examples:
         >>> row_dtype(8192, 128, 8).itemsize, row_dtype(8192, 128, None).itemsize
         (268, 644)
     """
@@ -163,7 +163,7 @@ def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
     """Unsigned integers ``(..., n)`` below ``2^width`` as ``⌈n·width / 8⌉`` bytes, most
     significant bit first.
 
-    Example:
+    Examples:
         >>> pack_bits(np.array([[1, 2, 3]]), 2)  # 01 10 11, padded with zeros
         array([[108]], dtype=uint8)
         >>> unpack_bits(pack_bits(np.array([[5, 0, 7]]), 3), 3, 3)
@@ -195,7 +195,7 @@ def _bits_to_int(bits: np.ndarray, count: int, width: int) -> np.ndarray:
 def encode_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     """Elias-Fano code ``(..., I)`` of ids ``(..., k)`` sorted ascending, each row distinct.
 
-    Example:
+    Examples:
         >>> ids = np.array([[0, 3, 4, 9]])
         >>> code = encode_ids(ids, 10)
         >>> code.shape, decode_ids(code, 4, 10)
@@ -237,7 +237,7 @@ def checksum(records: np.ndarray) -> np.ndarray:
 def input_checksums(input_ids: Tensor | np.ndarray) -> np.ndarray:
     """CRC-32 of each block's token ids ``(B, L)`` as little-endian int64, ``(B,)`` uint32.
 
-    Example:
+    Examples:
         >>> first, again, other = input_checksums(torch.tensor([[1, 2], [1, 2], [2, 1]]))
         >>> bool(first == again), bool(first == other)
         (True, False)
@@ -311,7 +311,7 @@ class SequenceCachedTeachers(StoredOutputs):
         CorruptCacheError: a partial, truncated or altered cache.
         MismatchedCacheError: a cache of another tokenizer, block length or vocabulary.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from kd_lightning.models.causal_lm import CausalLM
         >>> from kd_lightning.teachers import TeacherEnsemble
@@ -590,7 +590,7 @@ def quantise(values: Tensor, value_bits: int) -> tuple[np.ndarray, np.ndarray, n
     Codes are rounded against the float32 ``top`` and ``step`` that are stored, so that each logit
     read back as ``top − code · step`` is within ``step / 2`` of its value (plus float32 rounding).
 
-    Example:
+    Examples:
         >>> top, step, codes = quantise(torch.tensor([[3.0, 1.0, 0.0]]), value_bits=2)
         >>> top, step, codes
         (array([3.], dtype=float32), array([1.], dtype=float32), array([[0, 2, 3]]))
@@ -606,7 +606,7 @@ def quantise(values: Tensor, value_bits: int) -> tuple[np.ndarray, np.ndarray, n
 def encode_rows(logits: Tensor, top_k: int, value_bits: int | None) -> np.ndarray:
     """The row records (see :func:`row_dtype`) of one teacher's logits ``(..., V)``.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[0.5, 3.0, -1.0, 2.0, 0.0]])
         >>> rows = encode_rows(logits, top_k=2, value_bits=None)
         >>> decode_ids(rows["ids"], 2, 5), rows["values"]

@@ -86,7 +86,7 @@ class CachedTeachers(StoredOutputs):
         path: a cache directory written by :func:`build_output_cache`.
         expected_fingerprint: refuse the cache unless its manifest carries this fingerprint.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from torch import nn
         >>> from torch.utils.data import TensorDataset

@@ -38,7 +38,7 @@ def compress_topk(logits: Tensor, k: int) -> TopKLogits:
     The tail's ``logsumexp`` is computed in float64 from the logits themselves, not as
     ``log(1 − Σ top-k probabilities)``, so a tail of tiny mass keeps its relative precision.
 
-    Example:
+    Examples:
         >>> packed = compress_topk(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), k=2)
         >>> packed.values, packed.indices
         (tensor([[3., 2.]]), tensor([[1, 2]], dtype=torch.int16))
@@ -67,7 +67,7 @@ def expand_topk(packed: TopKLogits) -> Tensor:
     evenly over the other classes. At ``k = C`` the logits come back unchanged. Temperature
     ``T ≠ 1`` keeps the top-k classes' ratios exact; the tail then stands for the T = 1 mass.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
         >>> rebuilt = expand_topk(compress_topk(logits, k=2))
         >>> torch.allclose(rebuilt.softmax(-1)[0, 1:3], logits.softmax(-1)[0, 1:3])
