@@ -165,3 +165,12 @@ def test_sync_costs_prints_and_writes_each_check_against_a_step(tmp_path, capsys
     assert shares == {check: table["ms"][check] / table["ms"]["step"] for check in shares}
     with pytest.raises(ValueError, match="unknown teachers"):
         main(["--sync-costs", "--teachers", "nope"])
+
+
+def test_profile_names_the_library_ranges_and_lightning_hooks(capsys):
+    main(["--profile", "live", "--teachers", "mlp", "--batch-size", "16"])
+    table = capsys.readouterr().out
+    for name in ("kd/student_forward", "kd/teachers", "kd/loss", "kd/fusion", "training_step"):
+        assert name in table
+    with pytest.raises(ValueError, match="--profile takes one of"):
+        main(["--profile", "handwritten"])

@@ -54,11 +54,13 @@ import torch
 
 from kd_lightning.bench.fast_paths import CALLS, ROUNDS, format_fast_paths, time_fast_paths
 from kd_lightning.bench.memory import memory_table, probe_in_subprocess
+from kd_lightning.bench.profile import format_profile, profile_workload
 from kd_lightning.bench.sync_costs import ROUNDS as SYNC_ROUNDS
 from kd_lightning.bench.sync_costs import STEPS as SYNC_STEPS
 from kd_lightning.bench.sync_costs import format_sync_costs, time_sync_costs
 from kd_lightning.bench.workloads import (
     ALPHA,
+    LIGHTNING_WORKLOADS,
     TEMPERATURE,
     WORKLOADS,
     Workload,
@@ -359,8 +361,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="instead, time the per-step checks that read a value back from the device",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="WORKLOAD",
+        default=None,
+        help=f"instead, profile a few training steps of one workload ({', '.join(LIGHTNING_WORKLOADS)})",
+    )
     args = parser.parse_args(argv)
-    if args.fast_paths:
+    if args.profile is not None:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        teachers = [name for name in args.teachers.split(",") if name]
+        report = profile_workload(
+            args.profile, batch_size=args.batch_size, teachers=teachers, seed=args.seed
+        )
+        print(format_profile(report))
+    elif args.fast_paths:
         report = fast_paths_report(args.batch_size, args.threads, args.compile, args.seed)
         print(report["title"] + "\n\n" + format_fast_paths(report["ms_per_forward"]))
     elif args.sync_costs:

@@ -303,7 +303,6 @@ def build_workload(
     """Build the models of workload ``name`` (seeded) and return the function that trains it."""
     torch.manual_seed(seed)
     student = MLP()
-    adam = partial(torch.optim.Adam, lr=LR)
     if name == "plain_handwritten":
         return lambda: _handwritten_loop(workload, student, loader, limit)
     if name == "handwritten":
@@ -312,30 +311,50 @@ def build_workload(
     if name == "cached_handwritten":
         cache, indexed = _cache(teachers, loader), indexed_loader(loader)
         return lambda: _handwritten_loop(workload, student, indexed, limit, cache)
-    module: L.LightningModule
+    module, loader = lightning_workload(name, student, teachers, loader)
+    trainer = _trainer(workload, limit)
+    return lambda: trainer.fit(module, train_dataloaders=loader)
+
+
+LIGHTNING_WORKLOADS = (
+    "plain",
+    "live",
+    "aekd",
+    "cached",
+    "lightning_handwritten",
+    "cached_lightning_handwritten",
+)
+
+
+def lightning_workload(
+    name: str, student: nn.Module, teachers: Sequence[str], loader: DataLoader
+) -> tuple[L.LightningModule, DataLoader]:
+    """The LightningModule of workload ``name`` (one of :data:`LIGHTNING_WORKLOADS`) around
+    ``student``, and the loader it trains on (with sample indices for the cached ones)."""
+    adam = partial(torch.optim.Adam, lr=LR)
+    mean_probs = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
     if name == "plain":
-        module = ClassifierModule(student, optimizer=adam)
-    elif name == "live":
-        loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
-        module = DistillationModule(student, TeacherEnsemble(make_teachers(teachers)), loss, adam)
-    elif name == "aekd":
+        return ClassifierModule(student, optimizer=adam), loader
+    if name == "live":
+        return DistillationModule(
+            student, TeacherEnsemble(make_teachers(teachers)), mean_probs, adam
+        ), loader
+    if name == "aekd":
         loss = DistillationLoss(
             GradientSpaceWeights(), alpha=ALPHA, temperature=TEMPERATURE, aggregation="loss"
         )
-        module = DistillationModule(student, TeacherEnsemble(make_teachers(teachers)), loss, adam)
-    elif name == "lightning_handwritten":
-        module = HandwrittenKDModule(student, list(make_teachers(teachers).values()))
-    elif name == "cached_lightning_handwritten":
-        module = HandwrittenKDModule(student, _cache(teachers, loader))
-        loader = indexed_loader(loader)
-    elif name == "cached":
-        loss = DistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
-        module = DistillationModule(student, _cache(teachers, loader), loss, adam)
-        loader = indexed_loader(loader)
-    else:
-        raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
-    trainer = _trainer(workload, limit)
-    return lambda: trainer.fit(module, train_dataloaders=loader)
+        return DistillationModule(
+            student, TeacherEnsemble(make_teachers(teachers)), loss, adam
+        ), loader
+    if name == "cached":
+        return DistillationModule(
+            student, _cache(teachers, loader), mean_probs, adam
+        ), indexed_loader(loader)
+    if name == "lightning_handwritten":
+        return HandwrittenKDModule(student, list(make_teachers(teachers).values())), loader
+    if name == "cached_lightning_handwritten":
+        return HandwrittenKDModule(student, _cache(teachers, loader)), indexed_loader(loader)
+    raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
 
 
 def _cache(teachers: Sequence[str], loader: DataLoader) -> CachedTeachers:

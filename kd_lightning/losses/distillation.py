@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from kd_lightning.functional import (
     js_divergence,
@@ -176,15 +177,16 @@ class DistillationLoss(nn.Module):
                 rule_labels = torch.where(real, labels, 0)
             if self.probability_shift:
                 teachers = probability_shift(teachers, rule_labels)
-            fusion = self.fusion(
-                teachers,
-                rule_labels,
-                self.temperature,
-                student_logits=student,
-                student_features=student_features,
-                teacher_indices=teacher_indices,
-                batch_fields=batch_fields,
-            )
+            with record_function("kd/fusion"):
+                fusion = self.fusion(
+                    teachers,
+                    rule_labels,
+                    self.temperature,
+                    student_logits=student,
+                    student_features=student_features,
+                    teacher_indices=teacher_indices,
+                    batch_fields=batch_fields,
+                )
             hard_sum = F.cross_entropy(
                 student.reshape(-1, student.shape[-1]),
                 labels.reshape(-1),
