@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from kd_lightning.losses.distillation import DistillationLoss, DistillationOutput
 from kd_lightning.losses.hints import FeatureHintLoss
@@ -239,10 +240,14 @@ class DistillationModule(MethodModule):
 
     def step(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
         inputs, labels = self.batch_adapter(batch)
-        student_logits, student_features = self._run_student(inputs)
-        teachers = self.teachers.outputs(inputs, batch, stage)
+        # Named ranges for torch.profiler (`kd-bench --profile`); free when nothing profiles.
+        with record_function("kd/student_forward"):
+            student_logits, student_features = self._run_student(inputs)
+        with record_function("kd/teachers"):
+            teachers = self.teachers.outputs(inputs, batch, stage)
         self._check_classes(student_logits, teachers.logits)
-        out = self._loss(batch, labels, student_logits, student_features, teachers)
+        with record_function("kd/loss"):
+            out = self._loss(batch, labels, student_logits, student_features, teachers)
         total = out.loss
         hint: Tensor | None = None
         if self.hints is not None:
