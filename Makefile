@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all train teachers cache bench results results-smoke docs lint format clean
+.PHONY: install test test-all train teachers cache bench results results-smoke bench-gpu docs lint format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ cache:
 bench:
 	$(BIN)/kd-bench --json bench.json
 
+# On a machine with a GPU (under 8 minutes): fast paths, LM workloads, teacher offload, one JSON.
+bench-gpu:
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -m kd_lightning.bench.gpu --json bench-gpu.json
+
 # The MNIST-1D table and plots in results/ (about 7 h on 2 CPU cores; rerun to continue).
 results:
 	$(BIN)/kd-results --preset full --jobs 2 $(ARGS)
@@ -55,4 +60,4 @@ format:
 	$(BIN)/ruff check --fix kd_lightning tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache outputs multirun lightning_logs logs bench.json site
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache outputs multirun lightning_logs logs bench.json bench-gpu.json site

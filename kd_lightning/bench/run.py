@@ -53,6 +53,7 @@ import lightning as L
 import torch
 
 from kd_lightning.bench.fast_paths import CALLS, ROUNDS, format_fast_paths, time_fast_paths
+from kd_lightning.bench.lm import QUICK, LMSize, format_lm_report, run_lm_benchmark
 from kd_lightning.bench.memory import memory_table, probe_in_subprocess
 from kd_lightning.bench.profile import format_profile, profile_workload
 from kd_lightning.bench.sync_costs import ROUNDS as SYNC_ROUNDS
@@ -367,8 +368,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help=f"instead, profile a few training steps of one workload ({', '.join(LIGHTNING_WORKLOADS)})",
     )
+    parser.add_argument(
+        "--lm",
+        action="store_true",
+        help="instead, tokens/s of LM distillation workloads against plain LM training",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="with --lm: tiny models and 2 epochs (seconds)"
+    )
+    parser.add_argument(
+        "--trl",
+        action="store_true",
+        help="with --lm: also pair TRL's GKD trainer with the library (pip install '.[bench]')",
+    )
     args = parser.parse_args(argv)
-    if args.profile is not None:
+    if args.lm:
+        report = lm_report(args)
+    elif args.profile is not None:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         teachers = [name for name in args.teachers.split(",") if name]
@@ -428,6 +444,25 @@ def sync_costs_report(
         f"{info['threads']} threads, device {device}"
     )
     return {"machine": info, "title": title, "table": table}
+
+
+def lm_report(args: argparse.Namespace) -> dict[str, Any]:
+    """``kd-bench --lm``: :func:`~kd_lightning.bench.lm.run_lm_benchmark` with the machine it ran
+    on, printed as a table; ``--quick`` for tiny models and 2 epochs."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"lightning\.")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    size, epochs = (QUICK, 2) if args.quick else (LMSize(), 20)
+    report = run_lm_benchmark(size, epochs=epochs, warmup=1, seed=args.seed, trl=args.trl)
+    device = torch.device(report["settings"]["device"])
+    report = {"machine": machine(torch.get_num_threads(), device), **report}
+    m = report["machine"]
+    print(
+        f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, "
+        f"{m['threads']} threads\n{format_lm_report(report)}"
+    )
+    return report
 
 
 def epochs_report(args: argparse.Namespace) -> dict[str, Any]:
