@@ -15,10 +15,15 @@ class BatchFormatError(ValueError):
     """A batch could not be unpacked into inputs and targets."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training step's loss was NaN or infinite; the message names the step, the terms and the
+    network whose outputs were not finite."""
+
+
 class ConfigError(ValueError):
     """A composed config that cannot run; lists every problem found, each with its config key.
 
-    Example:
+    Examples:
         >>> print(ConfigError(["trainer.devices=0: must be a positive count"]))
         the config has 1 problem, found before any work:
           - trainer.devices=0: must be a positive count

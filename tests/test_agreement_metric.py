@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -155,6 +156,7 @@ def test_a_teacher_or_ensemble_never_measured_is_nan_and_counts_merge_exactly(da
     assert set(logged) == {
         "train/agreement/student_vs_a",
         "train/teacher_acc/a",
+        "train/teacher_ce/a",
         "train/kl/a_to_student",
     }
     whole = TeacherAgreement(num_teachers=3)
@@ -167,3 +169,50 @@ def test_a_teacher_or_ensemble_never_measured_is_nan_and_counts_merge_exactly(da
         whole.update(student, teachers[[0]], labels, teacher_indices=[0, 1])
     with pytest.raises(ValueError, match="pass teacher_indices when only some teachers ran"):
         whole.update(student, teachers[[0]], labels)
+
+
+def test_cross_entropies_match_numpy_over_real_tokens_only():
+    """Token-level logits (B, L, V): each teacher's CE, −log p_k(label), and the ensemble's,
+    −log mean_k p_k(label), averaged over the real tokens; padded ones (mask false, label -100)
+    change nothing, however garbage their logits."""
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 5, 7, generator=generator)
+    teachers = torch.randn(3, 2, 5, 7, generator=generator) * 2
+    labels = torch.randint(0, 7, (2, 5), generator=generator)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    labels[~mask] = -100
+    teachers[:, ~mask] = 1e4  # padding: must not reach any statistic
+    metric = TeacherAgreement(num_teachers=3)
+    metric.update(student[:1], teachers[:, :1], labels[:1], mask=mask[:1])
+    metric.update(student[1:], teachers[:, 1:], labels[1:], mask=mask[1:])
+    result = metric.compute()
+
+    real = mask.numpy()
+    p = np_softmax(teachers.double().numpy()[:, real])  # (3, 8 real tokens, 7)
+    y = labels.numpy()[real]
+    label_p = p[:, np.arange(len(y)), y]  # (3, 8)
+    np.testing.assert_allclose(result["teacher_ce"], -np.log(label_p).mean(1), rtol=1e-5)
+    ensemble = -np.log(label_p.mean(0)).mean()
+    assert result["ensemble_ce"].item() == pytest.approx(ensemble, rel=1e-5)
+    logged = agreement_log_dict("val", ["a", "b", "c"], result)
+    assert logged["val/teacher_ce/b"] == pytest.approx(-np.log(label_p[1]).mean(), rel=1e-5)
+    assert logged["val/ensemble/ce"] == pytest.approx(ensemble, rel=1e-5)
+
+
+def test_cross_entropy_by_hand_and_for_the_teachers_that_ran():
+    # One sample, label 0. Teacher 0 gives p(0) = 1/2, teacher 1 gives p(0) = 1/4:
+    # CEs log 2 and log 4; the ensemble's p(0) = 3/8, CE log(8/3).
+    teachers = torch.log(torch.tensor([[[0.5, 0.5]], [[0.25, 0.75]]]))
+    metric = TeacherAgreement(num_teachers=2)
+    metric.update(torch.zeros(1, 2), teachers, torch.tensor([0]))
+    result = metric.compute()
+    torch.testing.assert_close(result["teacher_ce"], torch.tensor([math.log(2), math.log(4)]))
+    assert result["ensemble_ce"].item() == pytest.approx(math.log(8 / 3))
+    # A second sample where only teacher 1 ran, p(1) = 3/4: its CE averages over both samples,
+    # teacher 0's and the ensemble's stay as they were.
+    metric.update(torch.zeros(1, 2), teachers[1:], torch.tensor([1]), teacher_indices=[1])
+    result = metric.compute()
+    expected = (math.log(4) + math.log(4 / 3)) / 2
+    torch.testing.assert_close(result["teacher_ce"], torch.tensor([math.log(2), expected]))
+    assert result["ensemble_ce"].item() == pytest.approx(math.log(8 / 3))

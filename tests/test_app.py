@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from kd_lightning.cli import teacher_checkpoints as teacher_cache
 from kd_lightning.cli import train as train_command
 from kd_lightning.cli.config import CONFIG_DIR, method_arguments
+from kd_lightning.cli.summary import build_summary, format_summary
 from kd_lightning.cli.teachers import train_teachers
 from kd_lightning.cli.train import train
 from kd_lightning.errors import ConfigError
@@ -187,7 +188,7 @@ def test_the_baseline_trains_the_distilled_network_from_its_initial_weights(tmp_
 
     def baseline(cfg, datamodule, network):
         trained.append(network)
-        return 0.5
+        return {"test/acc": 0.5}
 
     monkeypatch.setattr(train_command, "train_baseline", baseline)
     cfg = compose_config(tmp_path, [*FAST, "method=tfkd", "callbacks=none"])  # no teacher needed
@@ -221,3 +222,32 @@ def test_relaunch_in_the_same_directory_resumes_from_last_checkpoint(tmp_path):
     steps = first["trainer"].global_step
     _, again = train(compose_config(tmp_path, [*overrides, "trainer.max_epochs=3"]))
     assert again["trainer"].global_step == steps + steps // 2  # only the third epoch ran
+
+
+def test_classification_summary_keeps_its_table_and_adds_cross_entropies():
+    metrics = {
+        "test/acc": 0.7,
+        "test/ce": 0.9,
+        "test/teacher_acc/cnn": 0.9,
+        "test/teacher_ce/cnn": 0.3,
+        "test/ensemble/accuracy": 0.9,
+        "test/ensemble/ce": 0.3,
+        "test/agreement/student_vs_cnn": 0.75,
+    }
+    scratch = {"val/acc": 0.62, "val/loss": 1.2, "test/acc": 0.6, "test/loss": 1.1}
+    choices = {"method": "ensemble", "fusion": "mean_probs", "student": "mlp"}
+    summary = build_summary(
+        ["cnn"], metrics, scratch, choices, 10.0, val_metrics={"val/teacher_acc/cnn": 0.91}
+    )
+    assert summary["test_ce"] == {
+        "student": 0.9,
+        "baseline": 1.1,
+        "ensemble": 0.3,
+        "teachers": {"cnn": 0.3},
+    }
+    assert summary["val_accuracy"]["teachers"] == {"cnn": 0.91}
+    assert summary["val_accuracy"]["baseline"] == 0.62 and summary["val_ce"]["student"] is None
+    assert "test_perplexity" not in summary and not summary["per_token"]
+    table = format_summary(summary)
+    assert "ppl" not in table and "test acc  agrees with student" in table
+    assert table.endswith("distillation gain over scratch: +10.0 points")

@@ -72,18 +72,35 @@ def test_ddp_inside_a_multirun_is_refused(tmp_path):
     assert "cannot run inside a local multirun" in result.stderr
 
 
-def test_wandb_offline_run_holds_the_agreement_metrics(tmp_path):
+def test_wandb_offline_run_holds_the_config_every_csv_metric_the_heatmap_and_the_summary(tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_dir")}
-    result = run_command(["-m", "kd_lightning.cli.train", "logger=wandb", *QUICK], tmp_path, env)
+    result = run_command(
+        ["-m", "kd_lightning.cli.train", "logger=[csv,wandb]", *QUICK], tmp_path, env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_file,) = tmp_path.rglob("offline-run-*/run-*.wandb")
-    logged = {key for row in history_rows(run_file) for key in row}
-    assert {"test/agreement/student_vs_cnn", "val/agreement/cnn_vs_gru"} <= logged
-    assert any(key.startswith("test/agreement_heatmap/") for key in logged)
+    records = read_wandb_records(run_file)
+    rows = history_rows(run_file)
+    logged = {key for row in rows for key in row}
+    (csv_file,) = tmp_path.rglob("csv/version_0/metrics.csv")
+    csv_keys = set(csv_file.read_text().splitlines()[0].split(",")) - {"epoch", "step"}
+    assert csv_keys and csv_keys <= logged, sorted(csv_keys - logged)
+    heatmap = {key: row[key] for row in rows for key in row if "agreement_heatmap" in key}
+    assert heatmap.get("test/agreement_heatmap/_type") == "images/separated", heatmap
+    assert heatmap["test/agreement_heatmap/format"] == "png"
     config_keys = {
         item.key
-        for record in read_wandb_records(run_file)
+        for record in records
         if record.WhichOneof("record_type") == "config"
         for item in record.config.update
     }
     assert {"fusion", "teachers", "method", "trainer"} <= config_keys
+    run_summary = {
+        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+        for record in records
+        if record.WhichOneof("record_type") == "summary"
+        for item in record.summary.update
+    }
+    summary = only_summary(tmp_path)
+    assert run_summary["summary/test_accuracy/student"] == summary["test_accuracy"]["student"]
+    assert run_summary["summary/method"] == "ensemble"

@@ -2,6 +2,7 @@
 
 from kd_lightning.callbacks.agreement import TeacherAgreementCallback, agreement_log_dict
 from kd_lightning.callbacks.heatmap import AgreementHeatmapCallback
+from kd_lightning.callbacks.nonfinite import NonFiniteLossGuard
 from kd_lightning.callbacks.progress import LabelledProgressBar
 from kd_lightning.callbacks.random_state import RandomStateCheckpoint
 from kd_lightning.callbacks.schedule import LossSchedule
@@ -10,6 +11,7 @@ __all__ = [
     "AgreementHeatmapCallback",
     "LabelledProgressBar",
     "LossSchedule",
+    "NonFiniteLossGuard",
     "RandomStateCheckpoint",
     "TeacherAgreementCallback",
     "agreement_log_dict",

@@ -113,9 +113,12 @@ class TeacherAgreementCallback(StageCallback):
     * ``val/agreement/student_vs_cnn`` — top-1 agreement of the student with the teacher;
     * ``val/agreement/cnn_vs_gru`` — top-1 agreement between two teachers (each pair once);
     * ``val/teacher_acc/cnn`` — the teacher's accuracy;
+    * ``val/teacher_ce/cnn`` — its mean cross-entropy on the labels (per real token for a
+      language model: the log of its perplexity);
     * ``val/kl/cnn_to_student`` — KL(p_cnn ‖ p_student) at T = 1;
     * ``val/fusion_weight/cnn`` — the teacher's mean fusion weight;
-    * ``val/ensemble/{accuracy,disagreement,jsd}`` — the ensemble as a whole.
+    * ``val/ensemble/{accuracy,ce,disagreement,jsd}`` — the ensemble (mean of probabilities)
+      as a whole.
 
     A value with nothing counted in the epoch (a teacher never drawn, a pair never drawn together,
     the ensemble when never all teachers ran) is not logged. The last computed statistics of each
@@ -190,7 +193,11 @@ def agreement_log_dict(
     """
     k = len(names)
     shaped = with_teacher_dims(dict(values), k)
-    agreement, accuracy = shaped["student_agreement"], shaped["teacher_accuracy"]
+    agreement, accuracy, ce = (
+        shaped["student_agreement"],
+        shaped["teacher_accuracy"],
+        shaped["teacher_ce"],
+    )
     kl, weights, pairwise = (
         shaped["student_kl"],
         shaped["fusion_weight"],
@@ -200,11 +207,13 @@ def agreement_log_dict(
     for index, name in enumerate(names):
         logs[f"{stage}/agreement/student_vs_{name}"] = agreement[index]
         logs[f"{stage}/teacher_acc/{name}"] = accuracy[index]
+        logs[f"{stage}/teacher_ce/{name}"] = ce[index]
         logs[f"{stage}/kl/{name}_to_student"] = kl[index]
         logs[f"{stage}/fusion_weight/{name}"] = weights[index]
         for other in range(index + 1, k):
             logs[f"{stage}/agreement/{name}_vs_{names[other]}"] = pairwise[index, other]
     logs[f"{stage}/ensemble/accuracy"] = values["ensemble_accuracy"]
+    logs[f"{stage}/ensemble/ce"] = values["ensemble_ce"]
     logs[f"{stage}/ensemble/disagreement"] = values["disagreement"]
     logs[f"{stage}/ensemble/jsd"] = values["ensemble_jsd"]
     return {key: value.item() for key, value in logs.items() if not value.isnan()}

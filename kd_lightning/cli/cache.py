@@ -10,16 +10,16 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from kd_lightning.cli.logit_cache import (
+    OutputCache,
     cache_datamodule,
     check_cacheable,
     describe,
     open_output_cache,
 )
 from kd_lightning.cli.teachers import command, data_and_teachers
-from kd_lightning.teachers.cache.store import CachedTeachers
 
 
-def cache_teachers(cfg: DictConfig) -> CachedTeachers:
+def cache_teachers(cfg: DictConfig) -> OutputCache:
     """Build (or find) the teacher-output cache of ``cfg``; print and return it."""
     check_cacheable(cfg)
     datamodule, teachers = data_and_teachers(cfg)

@@ -16,6 +16,7 @@ from kd_lightning.cli.config import method_arguments, method_name
 from kd_lightning.data import augment_mnist1d
 from kd_lightning.data.augmented_views import AugmentedViewsDataModule
 from kd_lightning.data.indexed import IndexedDataModule
+from kd_lightning.data.text import TextDataModule
 from kd_lightning.teachers import TeacherEnsemble
 from kd_lightning.teachers.cache.build import (
     CachedTeachers,
@@ -23,6 +24,10 @@ from kd_lightning.teachers.cache.build import (
     remove_partial_builds,
 )
 from kd_lightning.teachers.cache.fingerprint import NondeterministicDataError
+from kd_lightning.teachers.cache.sequence_build import build_sequence_cache
+from kd_lightning.teachers.cache.sequence_store import SequenceCachedTeachers
+
+OutputCache = CachedTeachers | SequenceCachedTeachers
 
 
 def output_cache_root(cfg: DictConfig) -> Path:
@@ -61,6 +66,30 @@ def check_cacheable(cfg: DictConfig) -> None:
     top_k = cfg.get("cache_top_k")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"cache_top_k must be a positive integer or null, got {top_k!r}")
+    if is_text(cfg) and top_k is None:
+        raise ValueError(
+            f"cache=true with data={cfg.data._target_}: a language-model cache stores each "
+            "token's top-k logits (all of them would take 4·V bytes per token and teacher); set "
+            "cache_top_k, e.g. cache_top_k=32"
+        )
+    bits = cfg.get("cache_value_bits")
+    if bits is not None and (
+        isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16
+    ):
+        raise ValueError(f"cache_value_bits must be an integer from 1 to 16 or null, got {bits!r}")
+
+
+def is_text(cfg: DictConfig) -> bool:
+    """Whether ``cfg.data`` is token sequences (:class:`~kd_lightning.data.TextDataModule`), whose
+    teachers' outputs go to a sequence cache.
+
+    Examples:
+        >>> from omegaconf import OmegaConf
+        >>> is_text(OmegaConf.create({"data": {"_target_": "kd_lightning.data.TextDataModule"}}))
+        True
+    """
+    target = str(cfg.data.get("_target_", ""))
+    return target.rsplit(".", 1)[-1] == TextDataModule.__name__
 
 
 def mnist1d_view(inputs: Tensor, generator: torch.Generator) -> Tensor:
@@ -96,7 +125,7 @@ def gpu_of(local_rank: int, devices: Any) -> int:
     """The GPU index of local rank ``local_rank``: ``devices[local_rank]`` when ``trainer.devices``
     lists GPUs, as Lightning maps them; else ``local_rank`` (modulo the GPUs present).
 
-    Example:
+    Examples:
         >>> gpu_of(1, [2, 3])  # trainer.devices=[2,3]: local rank 1 runs on GPU 3
         3
     """
@@ -107,8 +136,11 @@ def gpu_of(local_rank: int, devices: Any) -> int:
 
 def open_output_cache(
     cfg: DictConfig, teachers: TeacherEnsemble, datamodule: LightningDataModule
-) -> CachedTeachers:
-    """The cache of ``teachers`` over the train/val/test splits of ``datamodule``.
+) -> OutputCache:
+    """The cache of ``teachers`` over the train/val/test splits of ``datamodule``: a
+    :class:`~kd_lightning.teachers.CachedTeachers`, or for text a
+    :class:`~kd_lightning.teachers.cache.sequence_store.SequenceCachedTeachers` (each token's
+    top ``cache_top_k`` logits at ``cache_value_bits`` bits; :func:`open_sequence_cache`).
 
     Built when missing (a changed teacher or dataset has a new fingerprint, hence no cache yet)
     unless ``cache_build=false``, which makes that an error naming what changed. Teachers run on
@@ -116,6 +148,8 @@ def open_output_cache(
     GPU of the rank's ``LOCAL_RANK``); ``torchrun`` ranks share the build (:func:`build_ranks`).
     """
     check_cacheable(cfg)
+    if isinstance(datamodule, TextDataModule):
+        return open_sequence_cache(cfg, teachers, datamodule)
     datamodule.prepare_data()
     datamodule.setup("fit")
     loaders = {
@@ -152,9 +186,33 @@ def open_output_cache(
     return cache
 
 
+def open_sequence_cache(
+    cfg: DictConfig, teachers: TeacherEnsemble, datamodule: TextDataModule
+) -> SequenceCachedTeachers:
+    """The sequence cache of ``teachers`` over the blocks of ``datamodule``, under
+    ``${paths.cache_dir}/outputs`` (its fingerprint names the teachers, tokenizer, block length,
+    ``cache_top_k`` and ``cache_value_bits``), built where missing; a killed build resumes from
+    its finished chunks. With ``cache_build=false`` a missing cache is an error."""
+    root = output_cache_root(cfg)
+    device = torch.device("cpu")
+    if str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto"):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    datamodule.prepare_data()
+    return build_sequence_cache(
+        teachers,
+        datamodule,
+        root,
+        top_k=int(cfg.cache_top_k),
+        value_bits=cfg.get("cache_value_bits", 8),
+        batch_size=datamodule.batch_size,
+        device=device,
+        missing="build" if cfg.get("cache_build", True) else "error",
+    )
+
+
 def cached_teachers(
     cfg: DictConfig, teachers: TeacherEnsemble, datamodule: LightningDataModule
-) -> tuple[CachedTeachers, IndexedDataModule]:
+) -> tuple[OutputCache, IndexedDataModule]:
     """For ``cache=true``: the cached teachers, and the datamodule whose batches carry indices.
 
     The live teachers are moved back to the CPU: training never runs them.
@@ -165,8 +223,17 @@ def cached_teachers(
     return cache, IndexedDataModule(data)
 
 
-def describe(cache: CachedTeachers) -> str:
+def describe(cache: OutputCache) -> str:
     """Where the cache is, what it holds and how big it is."""
+    if isinstance(cache, SequenceCachedTeachers):
+        blocks = ", ".join(f"{stage} {cache.num_blocks(stage)}" for stage in cache.stages)
+        bits = "float32" if cache.value_bits is None else f"{cache.value_bits}-bit"
+        return (
+            f"teacher-output cache: {cache.path}\n"
+            f"  teachers {', '.join(cache.names)}; blocks of {cache.block_size} tokens: {blocks}; "
+            f"top {cache.top_k} of {cache.vocab_size} logits ({bits}) + tail mass; "
+            f"{cache.nbytes / 2**20:.2f} MiB, {cache.bytes_per_token:.0f} bytes per token per teacher"
+        )
     splits = ", ".join(
         f"{stage} {cache.manifest['splits'][stage]['num_samples']}" for stage in cache.stages
     )

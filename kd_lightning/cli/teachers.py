@@ -2,11 +2,12 @@
 
 Takes the same overrides as ``kd-train``, e.g. ``kd-teachers teachers=[cnn,gru] teacher_epochs=150``,
 trains every teacher that has no checkpoint yet into the cache, and prints each teacher's test
-accuracy and where its weights are.
+accuracy and cross-entropy (and perplexity, for language models) and where its weights are.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,9 @@ def data_and_teachers(cfg: DictConfig) -> tuple[LightningDataModule, TeacherEnse
 
 
 def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
-    """Make sure every teacher of ``cfg`` has weights; return ``{name: {checkpoint, test_acc}}``."""
+    """Make sure every teacher of ``cfg`` has weights; return
+    ``{name: {checkpoint, test_acc, test_loss}}`` (``test_loss``: the cross-entropy on the
+    labels, per token for a language model)."""
     validate_config(cfg, needs_teachers=True)
     datamodule, teachers = data_and_teachers(cfg)
     report: dict[str, dict[str, float | str]] = {}
@@ -52,11 +55,18 @@ def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
         report[name] = {
             "checkpoint": str(teacher_checkpoint(name, cfg)),
             "test_acc": float(trainer.callback_metrics["test/acc"]),
+            "test_loss": float(trainer.callback_metrics["test/loss"]),
         }
+    per_token = getattr(datamodule, "vocab_size", None) is not None
     width = max(len(name) for name in report)
-    print(f"\n{'teacher':<{width}}  test acc  checkpoint")
+    perplexity = "  test ppl" if per_token else ""
+    print(f"\n{'teacher':<{width}}  test acc  test loss{perplexity}  checkpoint")
     for name, entry in report.items():
-        print(f"{name:<{width}}  {100 * float(entry['test_acc']):6.1f} %  {entry['checkpoint']}")
+        loss = float(entry["test_loss"])
+        cells = f"{100 * float(entry['test_acc']):6.1f} %  {loss:9.3f}"
+        if per_token:
+            cells += f"  {math.exp(loss):8.2f}"
+        print(f"{name:<{width}}  {cells}  {entry['checkpoint']}")
     return report
 
 

@@ -7,6 +7,7 @@ Run ``kd-train --help`` for the config groups, e.g.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 import warnings
@@ -22,11 +23,12 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd_lightning.callbacks import TeacherAgreementCallback
+from kd_lightning.callbacks import NonFiniteLossGuard, TeacherAgreementCallback
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.cli.config import CONFIG_DIR, method_arguments, method_name, show_progress
 from kd_lightning.cli.logit_cache import cached_teachers, check_cacheable
@@ -42,6 +44,8 @@ from kd_lightning.modules import ClassifierModule, StageRunner
 from kd_lightning.teachers import TeacherSource
 
 log = logging.getLogger(__name__)
+#: Where a multirun job keeps the overrides it was launched with (see :func:`record_sweep_job`).
+SWEEP_JOB_RECORD = "job.json"
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -55,11 +59,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from scratch on labels and tested. Relaunched in the same output directory
     (``hydra.run.dir=...``), distillation resumes from the ``last.ckpt`` the checkpoint callback
     left there. ``summary`` is also written to ``summary.json`` in the run's output directory.
+
+    A job of a multirun whose directory holds the ``summary.json`` of an earlier launch of the
+    same sweep is not run again: its summary is returned, with no objects
+    (:func:`finished_sweep_job`). A training step whose loss is NaN or inf stops the run, or
+    with ``on_nonfinite=skip`` is skipped and counted (:class:`~kd_lightning.callbacks.NonFiniteLossGuard`).
     """
     started = time.perf_counter()
+    finished = finished_sweep_job(cfg)
+    if finished is not None:
+        return finished, {}
     refuse_ddp_in_multirun(cfg)
     check_optimized_metric(cfg)
     validate_config(cfg)  # every problem at once, before anything is trained or written
+    record_sweep_job(cfg)
     if cfg.get("cache"):
         check_cacheable(cfg)  # before any teacher is trained
     datamodule: LightningDataModule = instantiate(cfg.data)
@@ -81,34 +94,40 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)
         ]
     if not any(isinstance(callback, TeacherAgreementCallback) for callback in callbacks):
-        callbacks.insert(0, TeacherAgreementCallback(stages=("test",)))
+        callbacks.insert(0, TeacherAgreementCallback(stages=("val", "test")))
+    guard = NonFiniteLossGuard(cfg.get("on_nonfinite", "stop"))
     trainer: Trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,
-        callbacks=[*callbacks, *progress_bar("student", show_progress(cfg))],
+        callbacks=[*callbacks, guard, *progress_bar("student", show_progress(cfg))],
+        **strategy_for(cfg, module),
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=distill_data, ckpt_path=last_checkpoint(trainer))
     optimized = optimized_value(cfg, trainer)  # before trainer.test replaces the metrics
+    val_metrics = metric_values(trainer, "val/")  # those of the last validation
     trainer.test(module, datamodule=distill_data)
-    test_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    test_metrics = metric_values(trainer)
 
-    finish_wandb_runs(loggers)
-    baseline_accuracy = None
+    baseline_metrics = None
     if untrained is not None:
-        baseline_accuracy = train_baseline(cfg, datamodule, untrained)
+        baseline_metrics = train_baseline(cfg, datamodule, untrained)
 
     summary = build_summary(
         cast(list[str], module.teacher_names),  # every method's module names its teachers
         test_metrics,
-        baseline_accuracy,
+        baseline_metrics,
         choices(cfg),
         time.perf_counter() - started,
+        val_metrics=val_metrics,
+        per_token=getattr(datamodule, "vocab_size", None) is not None,
+        skipped_steps=guard.skipped_steps,
     )
     if optimized is not None:
         summary["optimized_metric"] = {"name": cfg.optimized_metric, "value": optimized}
     report(summary, cfg.paths.output_dir)
+    finish_wandb_runs(loggers, summary)
     return summary, {
         "cfg": cfg,
         "datamodule": datamodule,
@@ -160,10 +179,13 @@ def pretrained_teacher(cfg: DictConfig, datamodule: LightningDataModule, name: s
     return train_teacher(name, cfg, datamodule)
 
 
-def train_baseline(cfg: DictConfig, datamodule: LightningDataModule, network: nn.Module) -> float:
+def train_baseline(
+    cfg: DictConfig, datamodule: LightningDataModule, network: nn.Module
+) -> dict[str, float]:
     """Train ``network`` (the method's trained network as it was before training: the student, or
-    for ``tfkd variant=reverse`` the teacher's architecture) on labels alone; return its test
-    accuracy."""
+    for ``tfkd variant=reverse`` the teacher's architecture) on labels alone; return its metrics
+    at the last validation and in the test: ``val/loss``, ``val/acc`` (when it validated),
+    ``test/loss`` (cross-entropy) and ``test/acc``."""
     L.seed_everything(cfg.seed, workers=True)
     module = ClassifierModule(
         network,
@@ -178,8 +200,18 @@ def train_baseline(cfg: DictConfig, datamodule: LightningDataModule, network: nn
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)
+    validated = metric_values(trainer, "val/")
     trainer.test(module, datamodule=datamodule, verbose=False)
-    return float(trainer.callback_metrics["test/acc"])
+    return {**validated, **metric_values(trainer, "test/")}
+
+
+def metric_values(trainer: Trainer, prefix: str = "") -> dict[str, float]:
+    """The trainer's latest logged metrics whose keys start with ``prefix``, as floats."""
+    return {
+        key: float(value)
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith(prefix)
+    }
 
 
 def last_checkpoint(trainer: Trainer) -> str | None:
@@ -194,12 +226,105 @@ def last_checkpoint(trainer: Trainer) -> str | None:
     return str(path)
 
 
+def finished_sweep_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """For a job of a multirun relaunched with the same ``hydra.sweep.dir``: the summary that an
+    earlier launch wrote when it finished this job, else ``None`` (the job runs, resuming from its
+    ``last.ckpt`` when it has one).
+
+    :func:`record_sweep_job` kept the overrides the job was first launched with; a launch that
+    gives the job others (a changed sweep renumbers its jobs) is refused, since the job's
+    summary and checkpoints are not theirs.
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    record = output_dir / SWEEP_JOB_RECORD
+    if record.is_file():
+        launched = json.loads(record.read_text())["overrides"]
+        overrides = sorted(str(override) for override in hydra_cfg.overrides.task)
+        if launched != overrides:
+            raise ValueError(
+                f"hydra.sweep.dir={hydra_cfg.sweep.dir}: job {hydra_cfg.job.num} ({output_dir}) "
+                f"was launched with the overrides {launched}, this launch gives it {overrides}; "
+                "relaunch the same sweep to finish it, or use a new hydra.sweep.dir"
+            )
+    summary = output_dir / "summary.json"
+    if not summary.is_file():  # written whole or not at all (write_json)
+        return None
+    log.info("job %s: skipped, an earlier launch finished it (%s)", hydra_cfg.job.num, summary)
+    return cast(dict[str, Any], json.loads(summary.read_text()))
+
+
+def record_sweep_job(cfg: DictConfig) -> None:
+    """For a job of a multirun: keep the overrides it is launched with in its directory
+    (``job.json``, once), for :func:`finished_sweep_job` to compare on a relaunch."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    record = Path(hydra_cfg.runtime.output_dir) / SWEEP_JOB_RECORD
+    if not record.is_file():
+        overrides = sorted(str(override) for override in hydra_cfg.overrides.task)
+        write_json(record, {"overrides": overrides})
+
+
+def strategy_for(cfg: DictConfig, module: LightningModule) -> dict[str, Any]:
+    """Trainer arguments completing ``cfg.trainer.strategy`` for ``module``: a strategy node
+    (``accelerator=ddp``, ``ddp_cpu``) whose ``find_unused_parameters`` is null gets the module's
+    :attr:`~kd_lightning.modules.MethodModule.partial_backward`.
+
+    Example:
+        >>> cfg = OmegaConf.create({"trainer": {"strategy": {"find_unused_parameters": None}}})
+        >>> strategy_for(cfg, ClassifierModule(nn.Linear(2, 2)))
+        {'strategy': {'find_unused_parameters': False}}
+    """
+    strategy = cfg.trainer.get("strategy")
+    if not isinstance(strategy, DictConfig) or "find_unused_parameters" not in strategy:
+        return {}
+    if strategy.find_unused_parameters is not None:
+        return {}
+    partial = bool(getattr(module, "partial_backward", False))
+    return {"strategy": {"find_unused_parameters": partial}}
+
+
+def strategy_name(strategy: Any) -> str:
+    """Lightning's name for ``trainer.strategy``, given as a name or as a ``DDPStrategy`` node.
+
+    Example:
+        >>> strategy_name(OmegaConf.create({"_target_": "lightning.pytorch.strategies.DDPStrategy"}))
+        'ddp'
+    """
+    if not isinstance(strategy, DictConfig):
+        return str(strategy)
+    if str(strategy.get("_target_", "")).rsplit(".", 1)[-1] != DDPStrategy.__name__:
+        return str(strategy.get("_target_"))
+    launcher = strategy.get("start_method", "popen")
+    return "ddp" if launcher == "popen" else f"ddp_{launcher}"
+
+
 @rank_zero_only
-def finish_wandb_runs(loggers: list[Any]) -> None:
-    """Close W&B runs now, so a next ``train`` call in this process starts its own run."""
+def finish_wandb_runs(loggers: list[Any], summary: dict[str, Any]) -> None:
+    """Put the run's summary (flattened: ``summary/test_accuracy/student``, ...) into each W&B
+    run's summary, then close the runs, so a next ``train`` call in this process starts its own."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(flatten(summary, "summary"))
             logger.experiment.finish()
+
+
+def flatten(node: Any, prefix: str) -> dict[str, Any]:
+    """Nested mappings as one ``{"a/b/c": leaf}`` mapping (lists stay leaves).
+
+    Examples:
+        >>> flatten({"test_accuracy": {"student": 0.9, "teachers": {"cnn": 0.95}}}, "summary")
+        {'summary/test_accuracy/student': 0.9, 'summary/test_accuracy/teachers/cnn': 0.95}
+    """
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}/{key}"))
+    return flat
 
 
 def instantiate_dict(node: DictConfig | None) -> list[Any]:
@@ -225,7 +350,7 @@ def refuse_ddp_in_multirun(cfg: DictConfig) -> None:
     """DDP re-executes the command in each rank, which a local multirun cannot do safely: refuse
     early. Under SLURM (``hydra/launcher=submitit_slurm`` with ``tasks_per_node`` = devices) every
     rank is a task the scheduler started, each job is one trial and Lightning launches nothing."""
-    strategy = str(cfg.trainer.get("strategy", "auto"))
+    strategy = strategy_name(cfg.trainer.get("strategy", "auto"))
     in_multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     relaunches = strategy.startswith("ddp") and strategy != "ddp_spawn"
     if in_multirun and relaunches and not SLURMEnvironment.detect():

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kd_lightning.batch import BatchAdapter
+from kd_lightning.callbacks.nonfinite import ON_NONFINITE
 from kd_lightning.cli.config import method_arguments, method_name
 from kd_lightning.cli.teacher_checkpoints import (
     cached_teacher_path,
@@ -99,12 +100,16 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
     problems += hardware_problems(cfg.get("trainer") or OmegaConf.create({}))
     problems += sharding_problems(cfg)
     problems += directory_problems(cfg)
+    problems += nonfinite_problems(cfg)
     if "data" not in cfg or "student" not in cfg:
         _raise_if_any(problems)
         return
 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         datamodule = problems.guard("data", lambda: instantiate(cfg.data))
+        vocabulary = vocabulary_problems(cfg, datamodule, needs_teachers)
+        if vocabulary:  # a batch through these models would only repeat them, less clearly
+            _raise_if_any(problems + vocabulary)
         batch = (
             None if datamodule is None else problems.guard("data", lambda: first_batch(datamodule))
         )
@@ -125,6 +130,52 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
         if arguments is not None and student is not None and datamodule is not None:
             _check_method(cfg, arguments, student, ensemble, datamodule, batch, problems)
     _raise_if_any(problems)
+
+
+def vocabulary_problems(cfg: DictConfig, datamodule: Any, needs_teachers: bool) -> list[str]:
+    """Language-model mistakes readable from the config and the data module's ``vocab_size``
+    (the token ids its tokenizer gives, known before any tokenising): a classifier (a student
+    with ``num_classes``) on token data, a ``vocab_size`` on data without tokens, a student
+    whose ``vocab_size`` is not the data's, teachers whose ``vocab_size`` is not the student's.
+
+    Example:
+        >>> from kd_lightning.data import TextDataModule
+        >>> cfg = OmegaConf.create({"data": {"tokenizer": "byte"},
+        ...                         "student": {"_target_": "kd_lightning.models.MLP", "num_classes": 10}})
+        >>> vocabulary_problems(cfg, TextDataModule(tokenizer="byte"), needs_teachers=False)
+        ['student.num_classes=10: the data gives language-model batches (token ids, 258 of them, and next-token labels) but the student kd_lightning.models.MLP is a classifier; pick a language model such as student=lm']
+    """
+    data_vocabulary = getattr(datamodule, "vocab_size", None)
+    student = cfg.student
+    student_vocabulary = student.get("vocab_size")
+    problems = []
+    if data_vocabulary is not None and "num_classes" in student:
+        problems.append(
+            f"student.num_classes={student.num_classes}: the data gives language-model batches "
+            f"(token ids, {data_vocabulary} of them, and next-token labels) but the student "
+            f"{student.get('_target_')} is a classifier; pick a language model such as student=lm"
+        )
+    if datamodule is not None and data_vocabulary is None and student_vocabulary is not None:
+        problems.append(
+            f"student.vocab_size={student_vocabulary}: the student is a language model but the "
+            f"data ({cfg.data.get('_target_')}) gives no token ids; pick text data such as "
+            f"data=stdlib"
+        )
+    if data_vocabulary is not None and student_vocabulary not in (None, data_vocabulary):
+        problems.append(
+            f"student.vocab_size={student_vocabulary}: the data's tokenizer "
+            f"(data.tokenizer={cfg.data.get('tokenizer')}) gives {data_vocabulary} token ids; "
+            f"set the student's vocab_size to the data's"
+        )
+    for name, teacher in (cfg.get("teachers") or {}).items() if needs_teachers else ():
+        vocabulary = (teacher.get("model") or {}).get("vocab_size")
+        if None not in (vocabulary, student_vocabulary) and vocabulary != student_vocabulary:
+            problems.append(
+                f"teachers.{name}.model.vocab_size={vocabulary}: the student's is "
+                f"{student_vocabulary} (student.vocab_size); a teacher must predict the same "
+                f"tokens as the student"
+            )
+    return problems
 
 
 def directory_problems(cfg: DictConfig) -> list[str]:
@@ -487,7 +538,7 @@ def _check_method(
         if "stages" in arguments:
             provided["stages"] = _DryStages(datamodule, Path(scratch) / "stages", {}, cfg.seed)
         try:
-            instantiate(cfg.method, _convert_="all")(**provided)
+            module = instantiate(cfg.method, _convert_="all")(**provided)
         except _StageReached:
             pass
         except Exception as error:  # every refusal becomes a reported problem
@@ -495,6 +546,58 @@ def _check_method(
                 problems.append(f"cache=true with method={method_name(cfg)}: {describe(error)}")
             else:
                 problems.append(f"{_method_key(cfg, error)}: {describe(error)}")
+        else:
+            problems += partial_backward_problems(cfg, module)
+
+
+def partial_backward_problems(cfg: DictConfig, module: Any) -> list[str]:
+    """A DDP strategy told not to expect the backward passes through part of the parameters that
+    ``module`` makes (:attr:`~kd_lightning.modules.MethodModule.partial_backward`).
+
+    Example:
+        >>> from kd_lightning.modules import DMLModule
+        >>> cfg = OmegaConf.create({"method": {"_target_": "kd_lightning.modules.DMLModule"},
+        ...                         "trainer": {"strategy": "ddp_spawn"}})
+        >>> [problem] = partial_backward_problems(cfg, DMLModule(nn.Linear(2, 2), nn.Linear(2, 2)))
+        >>> problem.split(":")[0], problem.rsplit("; ", 1)[-1]
+        ('trainer.strategy=ddp_spawn', 'use trainer.strategy=ddp_spawn_find_unused_parameters_true')
+    """
+    if not getattr(module, "partial_backward", False):
+        return []
+    strategy = (cfg.get("trainer") or {}).get("strategy", "auto")
+    if isinstance(strategy, DictConfig):
+        if strategy.get("find_unused_parameters") is not False:
+            return []
+        key, fix = (
+            "trainer.strategy.find_unused_parameters=false",
+            "set it to true, or null (as the method needs)",
+        )
+    else:
+        name = str(strategy)
+        if not name.startswith("ddp") or name.endswith("find_unused_parameters_true"):
+            return []
+        key, fix = (
+            f"trainer.strategy={name}",
+            f"use trainer.strategy={name}_find_unused_parameters_true",
+        )
+    return [
+        f"{key}: method={method_name(cfg)} back-propagates losses that reach only part of its "
+        "parameters (one network or phase at a time), which DDP refuses unless it looks for "
+        f"unused parameters; {fix}"
+    ]
+
+
+def nonfinite_problems(cfg: DictConfig) -> list[str]:
+    """An ``on_nonfinite`` that :class:`~kd_lightning.callbacks.NonFiniteLossGuard` does not know.
+
+    Example:
+        >>> nonfinite_problems(OmegaConf.create({"on_nonfinite": "ignore"}))
+        ["on_nonfinite=ignore: choose one of ['stop', 'skip']"]
+    """
+    value = cfg.get("on_nonfinite", "stop")
+    if value in ON_NONFINITE:
+        return []
+    return [f"on_nonfinite={value}: choose one of {list(ON_NONFINITE)}"]
 
 
 def _source(

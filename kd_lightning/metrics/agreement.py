@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,8 @@ class TeacherAgreement(Metric):
     ``compute`` returns:
 
     * ``teacher_accuracy`` (K,): top-1 accuracy of each teacher.
+    * ``teacher_ce`` (K,): each teacher's mean cross-entropy on the labels, −log p_k(label)
+      (for a language model, the log of its perplexity).
     * ``student_agreement`` (K,): fraction of samples (or real tokens, see ``update``'s ``mask``)
       where student and teacher argmax agree.
     * ``student_kl`` (K,): mean KL(p_teacher ‖ p_student) at T = 1, the quantity KD drives down.
@@ -32,6 +35,7 @@ class TeacherAgreement(Metric):
     * ``fusion_weight`` (K,): mean fusion weight per teacher (NaN if weights were never given).
     * ``ensemble_jsd``: mean of H(p̄) − mean_k H(p_k), the diversity of the ensemble.
     * ``ensemble_accuracy``: accuracy of the mean-of-probabilities ensemble.
+    * ``ensemble_ce``: its mean cross-entropy on the labels, −log(mean_k p_k(label)).
     * ``student_accuracy``: accuracy of the student, over every batch.
 
     Args:
@@ -71,6 +75,8 @@ class TeacherAgreement(Metric):
     kl_sum: Tensor
     weight_sum: Tensor
     jsd_sum: Tensor
+    teacher_ce_sum: Tensor
+    ensemble_ce_sum: Tensor
 
     def __init__(self, num_teachers: int, **kwargs: object) -> None:
         super().__init__(**kwargs)
@@ -92,7 +98,14 @@ class TeacherAgreement(Metric):
         }
         for name, shape in counts.items():
             self.add_state(name, torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum")
-        for name, shape in {"kl_sum": (k,), "weight_sum": (k,), "jsd_sum": ()}.items():
+        sums = {
+            "kl_sum": (k,),
+            "weight_sum": (k,),
+            "jsd_sum": (),
+            "teacher_ce_sum": (k,),
+            "ensemble_ce_sum": (),
+        }
+        for name, shape in sums.items():
             self.add_state(name, torch.zeros(shape, dtype=torch.float32), dist_reduce_fx="sum")
 
     def update(
@@ -110,7 +123,8 @@ class TeacherAgreement(Metric):
         ``teacher_indices`` ``(K',)``: which teachers the rows of ``teacher_logits`` (and the
         columns of ``weights``) are, distinct indices in ``[0, K)``; ``None`` means all ``K`` in
         order. ``mask`` ``(*batch)``, true at real positions (tokens), restricts every statistic
-        to those; ``None`` counts every position.
+        to those; ``None`` counts every position, so every label must then be a class index
+        (mask out padding labelled ``-100``).
         """
         ran = teacher_logits.shape[0]
         if teacher_indices is None and ran != self.num_teachers:
@@ -162,10 +176,15 @@ class TeacherAgreement(Metric):
             (teacher_top1[:, None] == teacher_top1[None]).flatten(2).sum(2)
         )
         self.kl_sum[rows] += (torch.xlogy(p, p) - p * log_q).sum(-1).flatten(1).sum(1)
+        index = labels.unsqueeze(-1).expand(ran, *labels.shape, 1)
+        label_log_p = log_p.gather(-1, index).squeeze(-1)  # (K', *batch): log p_k(label)
+        self.teacher_ce_sum[rows] -= label_log_p.flatten(1).sum(1)
         if ran == self.num_teachers:  # the whole ensemble ran (the indices are distinct)
             mean_p = p.mean(0)
             self.ensemble_total += positions
             self.ensemble_correct += (mean_p.argmax(-1) == labels).sum()
+            mean_label_log_p = torch.logsumexp(label_log_p, 0) - math.log(ran)
+            self.ensemble_ce_sum -= mean_label_log_p.sum()
             entropy_of_mean = -torch.xlogy(mean_p, mean_p).sum(-1)
             mean_entropy = -torch.xlogy(p, p).sum(-1).mean(0)
             self.jsd_sum += (entropy_of_mean - mean_entropy).sum()
@@ -183,6 +202,7 @@ class TeacherAgreement(Metric):
         ensemble = self.ensemble_total.float()
         return {
             "teacher_accuracy": self.teacher_correct.float() / per_teacher,
+            "teacher_ce": self.teacher_ce_sum / per_teacher,
             "student_agreement": self.student_agree.float() / per_teacher,
             "student_kl": self.kl_sum / per_teacher,
             "pairwise_agreement": pairwise,
@@ -190,11 +210,18 @@ class TeacherAgreement(Metric):
             "fusion_weight": self.weight_sum / self.weight_total.float(),
             "ensemble_jsd": self.jsd_sum / ensemble,
             "ensemble_accuracy": self.ensemble_correct.float() / ensemble,
+            "ensemble_ce": self.ensemble_ce_sum / ensemble,
             "student_accuracy": self.student_correct.float() / self.total.clamp_min(1).float(),
         }
 
 
-PER_TEACHER = ("teacher_accuracy", "student_agreement", "student_kl", "fusion_weight")
+PER_TEACHER = (
+    "teacher_accuracy",
+    "teacher_ce",
+    "student_agreement",
+    "student_kl",
+    "fusion_weight",
+)
 
 
 def with_teacher_dims(values: dict[str, Tensor], num_teachers: int) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ from kd_lightning.models.cnn import CNN1D
 from kd_lightning.models.gru import GRUClassifier
 from kd_lightning.models.hf import HuggingFaceLM
 from kd_lightning.models.mlp import MLP
+from kd_lightning.models.recurrent_lm import RecurrentLM
 from kd_lightning.models.transformer import TinyTransformerTagger
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN1D, "gru": GRUClassifier}
@@ -22,5 +23,6 @@ __all__ = [
     "CausalLM",
     "GRUClassifier",
     "HuggingFaceLM",
+    "RecurrentLM",
     "TinyTransformerTagger",
 ]

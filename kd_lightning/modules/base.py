@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, cast
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler
 
 from kd_lightning.batch import BatchAdapter
@@ -25,8 +25,9 @@ class MethodModule(EpochMeans):
     parameter unless a subclass overrides :meth:`configure_optimizers`, e.g. with one
     :meth:`optimizer_config` per network. Under manual optimisation (``automatic_optimization =
     False``) a subclass steps the schedules with :meth:`step_schedulers` after each batch; the
-    epoch-end ones are stepped here, and DDP is told that a backward pass may reach only part of
-    the module (:func:`allow_partial_backward`).
+    epoch-end ones are stepped here. Such a module declares :attr:`partial_backward`: under DDP
+    it needs ``DDPStrategy(find_unused_parameters=True)``, which ``kd-train`` sets from it
+    (``trainer.strategy.find_unused_parameters``) and ``fit`` checks.
 
     **A method, as** ``kd-train`` **builds it.** ``conf/method/<name>.yaml`` is a node with
     ``_target_`` and ``_partial_: true``: a LightningModule class, or a pipeline function that runs
@@ -59,7 +60,7 @@ class MethodModule(EpochMeans):
         batch_adapter: turns a batch into ``(inputs, labels)``; defaults to
             :class:`~kd_lightning.BatchAdapter`.
 
-    Example:
+    Examples:
         >>> import torch.nn.functional as F
         >>> class Plain(MethodModule):
         ...     def __init__(self, student):
@@ -141,29 +142,38 @@ class MethodModule(EpochMeans):
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             cast(LRScheduler, scheduler).step()
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and not self.automatic_optimization:
-            allow_partial_backward(self.trainer.strategy)
+    @property
+    def partial_backward(self) -> bool:
+        """Whether a backward pass may reach only part of the trainable parameters (one network,
+        or one phase of an alternating update): under manual optimisation. DDP must then look for
+        unused parameters (``DDPStrategy(find_unused_parameters=True)``).
+
+        Examples:
+            >>> class Alternating(MethodModule):
+            ...     def __init__(self):
+            ...         super().__init__(["loss"])
+            ...         self.automatic_optimization = False
+            >>> Alternating().partial_backward
+            True
+        """
+        return not self.automatic_optimization
+
+    def on_fit_start(self) -> None:
+        model = self.trainer.strategy.model
+        if (
+            self.partial_backward
+            and isinstance(model, DistributedDataParallel)
+            and not model.find_unused_parameters
+        ):
+            raise RuntimeError(
+                f"trainer.strategy.find_unused_parameters: {type(self).__name__} back-propagates "
+                "losses that reach only part of its parameters (one network or phase at a time), "
+                "so DDP must run with find_unused_parameters=True: set "
+                "trainer.strategy.find_unused_parameters=true (or null) in kd-train, or pass "
+                "DDPStrategy(find_unused_parameters=True) to the Trainer"
+            )
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         if not self.automatic_optimization:
             self.step_schedulers(end_of_epoch=True)
-
-
-def allow_partial_backward(strategy: Any) -> None:
-    """Let DDP reduce gradients when a backward pass reaches only some parameters (one network,
-    or one phase of an alternating update), as ``strategy=ddp_find_unused_parameters_true`` would.
-
-    Lightning's DDP strategy keeps the ``DistributedDataParallel`` arguments in ``_ddp_kwargs``
-    until it wraps the model, after the module's ``setup``.
-
-    Example:
-        >>> strategy = DDPStrategy()
-        >>> allow_partial_backward(strategy)
-        >>> strategy._ddp_kwargs
-        {'find_unused_parameters': True}
-    """
-    kwargs = getattr(strategy, "_ddp_kwargs", None)
-    if isinstance(strategy, DDPStrategy) and isinstance(kwargs, dict):
-        kwargs["find_unused_parameters"] = True

@@ -24,12 +24,16 @@ class EpochMeans(LightningModule):
     value a progress bar or logger reads), ``train/loss_epoch``, and ``train/loss`` (for callbacks
     such as checkpointing, not sent to loggers). ``loss`` and ``acc`` go to the progress bar.
 
+    A training step's values join the means when the next step adds its own or the epoch ends,
+    so that until then :meth:`train_step_values` shows them and :meth:`discard_train_step` can
+    leave them out (:class:`~kd_lightning.callbacks.NonFiniteLossGuard` does for skipped steps).
+
     Subclasses overriding an epoch hook must call ``super()``'s.
 
     Args:
         names: the scalars each step adds, in the order :meth:`update_epoch_means` takes them.
 
-    Example:
+    Examples:
         >>> import torch
         >>> module = EpochMeans(["loss", "acc"])
         >>> module.update_epoch_means("val", [torch.tensor(2.0), torch.tensor(1.0)], [3, 3])
@@ -41,6 +45,7 @@ class EpochMeans(LightningModule):
     def __init__(self, names: Sequence[str]) -> None:
         super().__init__()
         self._epoch_means = {stage: RunningMeans(names) for stage in ("train", "val", "test")}
+        self._train_step: tuple[Sequence[Tensor], Sequence[Tensor | float]] | None = None
 
     def update_epoch_means(
         self, stage: Stage, values: Sequence[Tensor], weights: Sequence[Tensor | float]
@@ -50,17 +55,58 @@ class EpochMeans(LightningModule):
         On training steps whose loss is read, also logs ``train/loss_step``.
         """
         means = self._epoch_means[stage]
-        means.update(values, weights)
+        if stage == "train":
+            self._add_train_step()
+            self._train_step = (values, weights)
+        else:
+            means.update(values, weights)
         if stage == "train" and "loss" in means.names and self._step_loss_is_read():
             loss = values[means.names.index("loss")]
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
 
     def epoch_means(self, stage: Stage) -> dict[str, Tensor]:
         """The stage's means so far, over all processes (every process must call it)."""
+        if stage == "train":
+            self._add_train_step()
         return self._epoch_means[stage].compute(reduce=self._sum_over_processes, device=self.device)
+
+    def train_step_values(self) -> dict[str, Tensor]:
+        """The values the latest training step passed to :meth:`update_epoch_means`, by name;
+        empty once they joined the means (at the next step or the epoch's end).
+
+        Examples:
+            >>> import torch
+            >>> module = EpochMeans(["loss", "kd"])
+            >>> module.update_epoch_means("train", [torch.tensor(1.0), torch.tensor(0.5)], [2, 2])
+            >>> module.train_step_values()
+            {'loss': tensor(1.), 'kd': tensor(0.5000)}
+        """
+        if self._train_step is None:
+            return {}
+        return dict(zip(self._epoch_means["train"].names, self._train_step[0], strict=True))
+
+    def discard_train_step(self) -> None:
+        """Leave the latest training step's values out of the epoch means.
+
+        Examples:
+            >>> import torch
+            >>> module = EpochMeans(["loss"])
+            >>> module.update_epoch_means("train", [torch.tensor(1.0)], [1])
+            >>> module.update_epoch_means("train", [torch.tensor(float("nan"))], [1])
+            >>> module.discard_train_step()
+            >>> module.epoch_means("train")
+            {'loss': tensor(1.)}
+        """
+        self._train_step = None
+
+    def _add_train_step(self) -> None:
+        if self._train_step is not None:
+            self._epoch_means["train"].update(*self._train_step)
+            self._train_step = None
 
     def on_train_epoch_start(self) -> None:
         self._epoch_means["train"].reset()
+        self._train_step = None
 
     def on_validation_epoch_start(self) -> None:
         self._epoch_means["val"].reset()

@@ -27,7 +27,7 @@ import os
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from kd_lightning.batch import MODEL_INPUT_KEYS
+from kd_lightning.teachers.cache.build import StaleCacheError
 from kd_lightning.teachers.cache.fingerprint import dataset_fingerprint, teacher_fingerprint
 from kd_lightning.teachers.cache.parts import sync_directory
 from kd_lightning.teachers.cache.sequence_store import (
@@ -73,6 +74,7 @@ def build_sequence_cache(
     input_key: str = "input_ids",
     device: torch.device | str | None = None,
     progress: bool = True,
+    missing: Literal["build", "error"] = "build",
 ) -> SequenceCachedTeachers:
     """Open the sequence cache of ``teachers`` over ``data`` under ``root``, building what is missing.
 
@@ -109,8 +111,11 @@ def build_sequence_cache(
             :class:`~kd_lightning.BatchAdapter`; with another key, the token ids alone.
         device: where the teachers run; the ensemble's device by default.
         progress: show a progress bar.
+        missing: ``"error"`` raises :class:`~kd_lightning.teachers.cache.build.StaleCacheError`
+            instead of building, naming what differs from the caches under ``root`` (a
+            teacher, the tokenizer, the block length, ``top_k``...).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from kd_lightning.models.causal_lm import CausalLM
         >>> lm = lambda: CausalLM(vocab_size=300, d_model=16, n_layers=1, n_heads=2, max_len=16)
@@ -166,6 +171,10 @@ def build_sequence_cache(
         return SequenceCachedTeachers(final, expected_fingerprint=key)
     if final.exists():
         raise CorruptCacheError(f"{final} exists without a {MANIFEST}: delete it to rebuild")
+    if missing == "error":
+        raise StaleCacheError(_stale_message(root, key, description))
+    if missing != "build":
+        raise ValueError(f"missing must be 'build' or 'error', got {missing!r}")
     partial = root / f"{PARTIAL_PREFIX}{key}"
     partial.mkdir(parents=True, exist_ok=True)
     dtype = block_dtype(len(teachers), block_size, vocab_size, top_k, value_bits)
@@ -250,6 +259,38 @@ def build_sequence_cache(
         if not (final / MANIFEST).is_file():
             raise  # not a concurrent builder that completed this cache first: a real failure
     return SequenceCachedTeachers(final, expected_fingerprint=key)
+
+
+def _stale_message(root: Path, key: str, description: Mapping[str, Any]) -> str:
+    """Why no sequence cache under ``root`` is usable: for each one of the same teachers, what
+    differs (a teacher's weights, the tokenizer, block length, layout or data), old → new."""
+    lines = [f"no sequence cache {root / key} for these teachers and data"]
+    names = [teacher["name"] for teacher in description["teachers"]]
+    for path in sorted(root.glob(f"*/{MANIFEST}")):
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if old.get("format") != FORMAT or [t["name"] for t in old.get("teachers", [])] != names:
+            continue
+        changed = [
+            f"teacher '{new['name']}'"
+            for new, before in zip(description["teachers"], old["teachers"], strict=True)
+            if new["fingerprint"] != before.get("fingerprint")
+        ]
+        changed += [
+            f"{option} ({old.get(option)!r} → {description[option]!r})"
+            for option in ("tokenizer", "block_size", "vocab_size", "top_k", "value_bits")
+            if old.get(option) != description[option]
+        ]
+        changed += [
+            f"data split '{split}'"
+            for split, digest in description["data"].items()
+            if old.get("data", {}).get(split) != digest
+        ]
+        lines.append(f"  {path.parent.name} differs: {', '.join(changed) or 'chunking'}")
+    lines.append("build it (allow building, or run `kd-cache`) before training from the cache")
+    return "\n".join(lines)
 
 
 def _first_given(*values: Any) -> Any:
