@@ -25,7 +25,7 @@ class StageCallback(Callback):
     Raises:
         ValueError: for a stage not in ``allowed``.
 
-    Example:
+    Examples:
         >>> class Report(StageCallback):
         ...     def on_stage_epoch_end(self, stage, trainer, pl_module):
         ...         print(f"{stage} epoch {trainer.current_epoch} ended")
@@ -128,7 +128,7 @@ class TeacherAgreementCallback(StageCallback):
     Args:
         stages: which of ``"train"``, ``"val"``, ``"test"`` to log.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[TeacherAgreementCallback(stages=("val",))], logger=False)
     """
@@ -184,7 +184,7 @@ def agreement_log_dict(
     """Flatten :meth:`TeacherAgreement.compute` output into ``stage/group/name`` log keys,
     leaving out the values with nothing counted (NaN).
 
-    Example:
+    Examples:
         >>> import torch
         >>> metric = TeacherAgreement(num_teachers=1)
         >>> metric.update(torch.eye(2), torch.eye(2)[None], torch.tensor([0, 1]))

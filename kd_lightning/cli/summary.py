@@ -37,7 +37,7 @@ def build_summary(
     ``perplexity_change`` compares the student's test perplexity with the scratch model's.
     ``skipped_steps`` counts the student's training steps skipped for a non-finite loss.
 
-    Example:
+    Examples:
         >>> metrics = {"test/acc": 0.7, "test/teacher_acc/cnn": 0.9, "test/agreement/student_vs_cnn": 0.75,
         ...            "test/ensemble/accuracy": 0.9}
         >>> summary = build_summary(["cnn"], metrics, {"test/acc": 0.6}, {"method": "ensemble"}, 12.0)
@@ -49,9 +49,8 @@ def build_summary(
         (7.39, -0.393469)
     """
     val_metrics = val_metrics or {}
-    baseline = baseline_metrics
     student = float(test_metrics["test/acc"])
-    baseline_accuracy = _value(baseline, "test/acc")
+    baseline_accuracy = _value(baseline_metrics, "test/acc")
     pairs = {
         f"{a}_vs_{b}": float(test_metrics[f"test/agreement/{a}_vs_{b}"])
         for index, a in enumerate(names)
@@ -71,13 +70,12 @@ def build_summary(
         },
         "gain": None if baseline_accuracy is None else round(student - baseline_accuracy, 6),
     }
-    for stage, metrics in (("test", test_metrics), ("val", val_metrics)):
-        if stage == "val":
-            summary["val_accuracy"] = _models(names, metrics, baseline, stage, "acc", "accuracy")
-        summary[f"{stage}_ce"] = _models(names, metrics, baseline, stage, "ce", "ce")
-        if per_token:
-            summary[f"{stage}_perplexity"] = _perplexities(summary[f"{stage}_ce"])
+    summary["test_ce"] = _models(names, test_metrics, baseline_metrics, "test", "ce")
+    summary["val_accuracy"] = _models(names, val_metrics, baseline_metrics, "val", "acc")
+    summary["val_ce"] = _models(names, val_metrics, baseline_metrics, "val", "ce")
     if per_token:
+        for stage in ("test", "val"):
+            summary[f"{stage}_perplexity"] = _perplexities(summary[f"{stage}_ce"])
         perplexity = summary["test_perplexity"]
         known = perplexity["student"] is not None and perplexity["baseline"] is not None
         change = perplexity["student"] / perplexity["baseline"] - 1 if known else None
@@ -97,22 +95,29 @@ def _value(metrics: Mapping[str, float] | None, key: str) -> float | None:
     return None if metrics is None or key not in metrics else float(metrics[key])
 
 
+# Where each statistic is logged: (student, scratch model, teacher group, ensemble) keys. The
+# distilled student's cross-entropy on the labels is its loss's ``ce`` term; the scratch model's
+# whole loss is one.
+STATISTIC_KEYS = {
+    "acc": ("acc", "acc", "teacher_acc", "ensemble/accuracy"),
+    "ce": ("ce", "loss", "teacher_ce", "ensemble/ce"),
+}
+
+
 def _models(
     names: Sequence[str],
     metrics: Mapping[str, float],
     baseline: Mapping[str, float] | None,
     stage: str,
-    student_key: str,
-    ensemble_key: str,
+    statistic: str,
 ) -> dict[str, Any]:
-    """One statistic of every model in one stage: ``acc`` or ``ce`` (the scratch model's
-    ``loss`` is its cross-entropy)."""
-    teacher_key = {"acc": "teacher_acc", "ce": "teacher_ce"}[student_key]
+    """One statistic (``acc`` or ``ce``) of every model in one stage."""
+    student, scratch, teachers, ensemble = STATISTIC_KEYS[statistic]
     return {
-        "student": _value(metrics, f"{stage}/{student_key}"),
-        "baseline": _value(baseline, f"{stage}/{'acc' if student_key == 'acc' else 'loss'}"),
-        "ensemble": _value(metrics, f"{stage}/ensemble/{ensemble_key}"),
-        "teachers": {name: _value(metrics, f"{stage}/{teacher_key}/{name}") for name in names},
+        "student": _value(metrics, f"{stage}/{student}"),
+        "baseline": _value(baseline, f"{stage}/{scratch}"),
+        "ensemble": _value(metrics, f"{stage}/{ensemble}"),
+        "teachers": {name: _value(metrics, f"{stage}/{teachers}/{name}") for name in names},
     }
 
 
@@ -245,7 +250,7 @@ def format_sweep(jobs: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table with one row per job of a sweep; perplexities too when a job is a
     language model.
 
-    Example:
+    Examples:
         >>> job = {"job": "0", "overrides": "- seed=1", "gain": 0.02, "wall_time_s": 30.0,
         ...        "test_accuracy": {"student": 0.42, "baseline": 0.40, "ensemble": 0.5}}
         >>> print(format_sweep([job]).splitlines()[-1])

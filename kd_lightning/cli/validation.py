@@ -75,7 +75,7 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
         needs_teachers: check the teachers; by default when the configured method takes them
             (``kd-teachers`` passes ``True``).
 
-    Example:
+    Examples:
         >>> target = "kd_lightning.modules.DistillationModule"
         >>> cfg = OmegaConf.create(
         ...     {"method": {"_target_": target, "loss": {"alpha": 2}}, "trainer": {"devices": 0}}
@@ -138,7 +138,7 @@ def vocabulary_problems(cfg: DictConfig, datamodule: Any, needs_teachers: bool) 
     with ``num_classes``) on token data, a ``vocab_size`` on data without tokens, a student
     whose ``vocab_size`` is not the data's, teachers whose ``vocab_size`` is not the student's.
 
-    Example:
+    Examples:
         >>> from kd_lightning.data import TextDataModule
         >>> cfg = OmegaConf.create({"data": {"tokenizer": "byte"},
         ...                         "student": {"_target_": "kd_lightning.models.MLP", "num_classes": 10}})
@@ -183,7 +183,7 @@ def directory_problems(cfg: DictConfig) -> list[str]:
     not write: under a file, or whose nearest existing directory is not writable. Nothing is
     created to find out.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.NamedTemporaryFile() as file:
         ...     [problem] = directory_problems(OmegaConf.create({"paths": {"cache_dir": f"{file.name}/c"}}))
@@ -554,7 +554,7 @@ def partial_backward_problems(cfg: DictConfig, module: Any) -> list[str]:
     """A DDP strategy told not to expect the backward passes through part of the parameters that
     ``module`` makes (:attr:`~kd_lightning.modules.MethodModule.partial_backward`).
 
-    Example:
+    Examples:
         >>> from kd_lightning.modules import DMLModule
         >>> cfg = OmegaConf.create({"method": {"_target_": "kd_lightning.modules.DMLModule"},
         ...                         "trainer": {"strategy": "ddp_spawn"}})
@@ -590,7 +590,7 @@ def partial_backward_problems(cfg: DictConfig, module: Any) -> list[str]:
 def nonfinite_problems(cfg: DictConfig) -> list[str]:
     """An ``on_nonfinite`` that :class:`~kd_lightning.callbacks.NonFiniteLossGuard` does not know.
 
-    Example:
+    Examples:
         >>> nonfinite_problems(OmegaConf.create({"on_nonfinite": "ignore"}))
         ["on_nonfinite=ignore: choose one of ['stop', 'skip']"]
     """
@@ -625,7 +625,7 @@ def _method_key(cfg: DictConfig, error: BaseException) -> str:
     """The config key an error of the method's construction names: the node Hydra was building,
     else ``method.<argument>`` for a message that starts with an argument, else ``method``.
 
-    Example:
+    Examples:
         >>> cfg = OmegaConf.create({"method": {"num_peers": 1}})
         >>> _method_key(cfg, ValueError("num_peers must be ≥ 2"))
         'method.num_peers'
@@ -676,7 +676,7 @@ def _one_batch_cache(ensemble: TeacherEnsemble, batch: Any, directory: str) -> C
 def leaves(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
     """``(dotted key, value)`` of every leaf under ``node``, interpolations resolved.
 
-    Example:
+    Examples:
         >>> list(leaves(OmegaConf.create({"loss": {"alpha": 0.5}, "tau": "${loss.alpha}"}), "method"))
         [('method.loss.alpha', 0.5), ('method.tau', 0.5)]
     """

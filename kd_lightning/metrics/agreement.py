@@ -41,7 +41,7 @@ class TeacherAgreement(Metric):
     Args:
         num_teachers: K.
 
-    Example:
+    Examples:
         >>> metric = TeacherAgreement(num_teachers=2)
         >>> student = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
         >>> teachers = torch.tensor([[[3.0, 0.0], [3.0, 0.0]], [[0.0, 3.0], [0.0, 3.0]]])
@@ -230,7 +230,7 @@ def with_teacher_dims(values: dict[str, Tensor], num_teachers: int) -> dict[str,
     torchmetrics squeezes one-element results, so with one teacher the per-teacher values come
     back as scalars.
 
-    Example:
+    Examples:
         >>> metric = TeacherAgreement(num_teachers=1)
         >>> metric.update(torch.eye(2), torch.eye(2)[None], torch.tensor([0, 1]))
         >>> with_teacher_dims(metric.compute(), 1)["pairwise_agreement"].shape

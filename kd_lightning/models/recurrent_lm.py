@@ -33,7 +33,7 @@ class RecurrentLM(nn.Module):
         n_layers: Stacked GRU layers.
         dropout: Dropout on the embeddings, between GRU layers and before the head.
 
-    Example:
+    Examples:
         >>> model = RecurrentLM(vocab_size=11, d_model=16)
         >>> tokens = torch.tensor([[1, 2, 3, 4]])
         >>> logits = model(tokens)
