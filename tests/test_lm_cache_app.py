@@ -25,7 +25,7 @@ TINY_LM = [
     "teachers.lm_wide.model.d_model=32",
     "teachers.lm_deep.model.d_model=32",
     "student.d_model=16",
-    "+trainer.limit_train_batches=4",
+    "trainer.limit_train_batches=4",
     "trainer.limit_val_batches=2",
 ]
 
