@@ -91,6 +91,18 @@ def build_summary(
     return summary
 
 
+def per_token(datamodule: object) -> bool:
+    """Whether ``datamodule`` gives token ids (it has a ``vocab_size``), so that its metrics are
+    per token and a cross-entropy is the log of a perplexity.
+
+    Examples:
+        >>> from kd_lightning.data import MNIST1DDataModule, TextDataModule
+        >>> per_token(TextDataModule()), per_token(MNIST1DDataModule())
+        (True, False)
+    """
+    return getattr(datamodule, "vocab_size", None) is not None
+
+
 def _value(metrics: Mapping[str, float] | None, key: str) -> float | None:
     return None if metrics is None or key not in metrics else float(metrics[key])
 

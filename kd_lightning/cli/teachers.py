@@ -18,6 +18,7 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 
 from kd_lightning.cli.config import CONFIG_DIR
+from kd_lightning.cli.summary import per_token
 from kd_lightning.cli.teacher_checkpoints import build_teachers, teacher_checkpoint
 from kd_lightning.cli.validation import validate_config
 from kd_lightning.modules import ClassifierModule
@@ -57,14 +58,14 @@ def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
             "test_acc": float(trainer.callback_metrics["test/acc"]),
             "test_loss": float(trainer.callback_metrics["test/loss"]),
         }
-    per_token = getattr(datamodule, "vocab_size", None) is not None
+    tokens = per_token(datamodule)
     width = max(len(name) for name in report)
-    perplexity = "  test ppl" if per_token else ""
+    perplexity = "  test ppl" if tokens else ""
     print(f"\n{'teacher':<{width}}  test acc  test loss{perplexity}  checkpoint")
     for name, entry in report.items():
         loss = float(entry["test_loss"])
         cells = f"{100 * float(entry['test_acc']):6.1f} %  {loss:9.3f}"
-        if per_token:
+        if tokens:
             cells += f"  {math.exp(loss):8.2f}"
         print(f"{name:<{width}}  {cells}  {entry['checkpoint']}")
     return report

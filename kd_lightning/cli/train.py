@@ -32,7 +32,7 @@ from kd_lightning.callbacks import NonFiniteLossGuard, TeacherAgreementCallback
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.cli.config import CONFIG_DIR, method_arguments, method_name, show_progress
 from kd_lightning.cli.logit_cache import cached_teachers, check_cacheable
-from kd_lightning.cli.summary import build_summary, format_summary, write_json
+from kd_lightning.cli.summary import build_summary, format_summary, per_token, write_json
 from kd_lightning.cli.teacher_checkpoints import (
     build_teachers,
     teacher_checkpoint,
@@ -121,7 +121,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         choices(cfg),
         time.perf_counter() - started,
         val_metrics=val_metrics,
-        per_token=getattr(datamodule, "vocab_size", None) is not None,
+        per_token=per_token(datamodule),
         skipped_steps=guard.skipped_steps,
     )
     if optimized is not None:
