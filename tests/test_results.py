@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from kd_lightning.cli.results import (
     epoch_series,
     markdown,
     protocol,
+    protocol_teachers,
     read_summaries,
     run_dir,
     table_rows,
@@ -41,6 +43,12 @@ def test_protocol_covers_single_teachers_every_fusion_rule_and_method():
     assert "fusion=routed" not in labels  # MNIST-1D batches carry no teacher id
 
 
+TEACHERS = {
+    "cnn": {"file": "cnn.safetensors", "sha256": "c" * 64, "test_acc": 0.88},
+    "gru": {"file": "gru.safetensors", "sha256": "9" * 64, "test_acc": 0.87},
+}
+
+
 def _summary(student: float, baseline: float | None, wall: float = 10.0) -> dict:
     return {
         "teachers": ["cnn", "gru"],
@@ -55,60 +63,82 @@ def _summary(student: float, baseline: float | None, wall: float = 10.0) -> dict
     }
 
 
-def test_rows_give_mean_std_over_seeds_and_the_gain_over_scratch(tmp_path):
-    entries = [Entry("ensemble", HEADLINE, (HEADLINE,)), Entry("fusion rule", "fusion=vote", ())]
-    students, baselines, votes = [0.66, 0.70, 0.65], [0.61, 0.63, 0.62], [0.64, 0.68]
-    for seed, (student, baseline) in enumerate(zip(students, baselines, strict=True)):
-        path = run_dir(tmp_path, entries[0], seed)
-        path.mkdir(parents=True)
-        (path / "summary.json").write_text(json.dumps(_summary(student, baseline)))
-    for seed, student in enumerate(votes):
-        path = run_dir(tmp_path, entries[1], seed)
-        path.mkdir(parents=True)
-        (path / "summary.json").write_text(json.dumps(_summary(student, None, wall=20.0)))
+def _write_run(out, entry, seed, summary, teachers=None, commit="abc1234"):
+    path = run_dir(out, entry, seed)
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps(summary))
+    fingerprints = {name: TEACHERS[name]["sha256"] for name in ("cnn", "gru")}
+    provenance = {"commit": commit, "teachers": fingerprints if teachers is None else teachers}
+    (path / "provenance.json").write_text(json.dumps(provenance))
 
-    rows = table_rows(entries, read_summaries(tmp_path, entries, seeds=3))
-    assert [row["label"] for row in rows] == ["scratch (CE only)", HEADLINE, "fusion=vote"]
+
+def test_rows_give_mean_std_over_seeds_and_gains_paired_by_seed(tmp_path):
+    entries = [Entry("ensemble", HEADLINE, (HEADLINE,)), Entry("fusion rule", "fusion=vote", ())]
+    students, baselines = [0.66, 0.70, 0.65], [0.61, 0.63, 0.62]
+    votes = {0: 0.64, 2: 0.68}  # seed 1 has not finished
+    for seed, (student, baseline) in enumerate(zip(students, baselines, strict=True)):
+        _write_run(tmp_path, entries[0], seed, _summary(student, baseline))
+    for seed, student in votes.items():
+        _write_run(tmp_path, entries[1], seed, _summary(student, None, wall=20.0), commit="def5678")
+
+    summaries = read_summaries(tmp_path, entries, seeds=3, teachers=TEACHERS)
+    rows = table_rows(entries, summaries)
+    assert [row["label"] for row in rows] == [SCRATCH, HEADLINE, "fusion=vote"]
     scratch, headline, vote = rows
     assert scratch["mean"] == pytest.approx(np.mean(baselines))
     assert scratch["std"] == pytest.approx(np.std(baselines, ddof=1))
     assert headline["n"] == 3 and headline["mean"] == pytest.approx(np.mean(students))
-    assert headline["gain"] == pytest.approx(np.mean(students) - np.mean(baselines))
-    assert vote["n"] == 2 and vote["std"] == pytest.approx(np.std(votes, ddof=1))
-    assert vote["wall_s"] == 20.0
-    table = markdown(rows, {"cnn": 0.88}, "# header")
-    assert f"| fusion rule | fusion=vote | 2 | {100 * np.mean(votes):.1f} ± " in table
-    assert "- cnn: 88.0 %" in table
+    paired = np.subtract(students, baselines)
+    assert headline["gain"] == pytest.approx(paired.mean())
+    assert headline["gain_std"] == pytest.approx(np.std(paired, ddof=1))
+    vote_gains = [0.64 - 0.61, 0.68 - 0.62]  # each seed against its own scratch student
+    assert vote["n"] == 2 and vote["gain"] == pytest.approx(np.mean(vote_gains))
+    assert vote["gain_std"] == pytest.approx(np.std(vote_gains, ddof=1))
+    assert vote["wall_s"] == 20.0 and vote["commit"] == "def5678"
+
+    table = markdown(rows, teacher_accuracies(TEACHERS, summaries), TEACHERS, "# header")
+    gain = f"{100 * np.mean(vote_gains):+.1f} ± {100 * np.std(vote_gains, ddof=1):.1f}"
+    assert (
+        f"| fusion rule | fusion=vote | 2 | {100 * np.mean(list(votes.values())):.1f} ± " in table
+    )
+    assert f"| {gain} | 20 | def5678 |" in table
+    assert "- cnn: 88.0 % (`cccccccccccc`)" in table
+    assert "- ensemble (mean p): 90.0 %" in table
 
 
-def test_rows_without_runs_are_kept_from_the_previous_table_and_gains_follow_scratch(tmp_path):
-    entries = [
-        Entry("ensemble", HEADLINE, (HEADLINE,)),
-        Entry("fusion rule", "fusion=vote", ()),
-        Entry("method", "method=dml", ()),
-    ]
-    for seed, student in enumerate([0.64, 0.68]):
-        path = run_dir(tmp_path, entries[1], seed)
-        path.mkdir(parents=True)
-        (path / "summary.json").write_text(json.dumps(_summary(student, None)))
-        (path / "provenance.json").write_text(json.dumps({"commit": f"abc{seed}"}))
-    previous = [
-        {"group": "baseline", "label": SCRATCH, "n": 5, "mean": 0.60, "std": 0.01}
-        | {"gain": None, "wall_s": None, "commit": "old"},
-        {"group": "fusion rule", "label": "fusion=vote", "n": 5, "mean": 0.5, "std": 0.1}
-        | {"gain": -0.1, "wall_s": 5.0, "commit": "old"},
-        {"group": "method", "label": "method=dml", "n": 4, "mean": 0.7, "std": 0.02}
-        | {"gain": 0.1, "wall_s": 9.0, "commit": "old"},
-    ]
+def test_a_run_from_other_teachers_is_refused_not_averaged(tmp_path):
+    entry = Entry("ensemble", HEADLINE, (HEADLINE,))
+    _write_run(tmp_path, entry, 0, _summary(0.7, 0.6))
+    _write_run(tmp_path, entry, 1, _summary(0.7, 0.6), teachers={"cnn": "d" * 64})
+    with pytest.raises(
+        SystemExit, match=r"seed1: the run distilled from teacher cnn with weights dddddddddddd"
+    ):
+        read_summaries(tmp_path, [entry], seeds=2, teachers=TEACHERS)
+    (run_dir(tmp_path, entry, 1) / "provenance.json").write_text(json.dumps({"commit": "old"}))
+    with pytest.raises(SystemExit, match="records no teacher fingerprints"):
+        read_summaries(tmp_path, [entry], seeds=2, teachers=TEACHERS)
 
-    rows = table_rows(entries, read_summaries(tmp_path, entries, seeds=2), previous)
-    assert [row["label"] for row in rows] == [SCRATCH, "fusion=vote", "method=dml"]
-    scratch, vote, dml = rows
-    assert scratch == previous[0]
-    assert vote["n"] == 2 and vote["mean"] == pytest.approx(0.66)
-    assert vote["commit"] == "abc0, abc1" and vote["gain"] == pytest.approx(0.06)
-    assert dml == previous[2] | {"gain": pytest.approx(0.1)}
-    assert "| method | method=dml | 4 | 70.0 ± 2.0 | +10.0 | 9 | old |" in markdown(rows, {}, "#")
+
+def test_the_protocol_teachers_are_checked_against_their_fingerprints(tmp_path):
+    directory = tmp_path / "teachers"
+    directory.mkdir()
+    (directory / "cnn.safetensors").write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    manifest = {
+        "overrides": ["a=1"],
+        "teachers": {"cnn": {"file": "cnn.safetensors"} | {"sha256": digest, "test_acc": 0.9}},
+    }
+    (directory / "teachers.json").write_text(json.dumps(manifest))
+    assert protocol_teachers(tmp_path, ["a=1"]) == manifest["teachers"]
+    with pytest.raises(
+        SystemExit, match=r"trained with the overrides \['a=1'\], this protocol has \['a=2'\]"
+    ):
+        protocol_teachers(tmp_path, ["a=2"])
+    (directory / "cnn.safetensors").write_bytes(b"other weights")
+    with pytest.raises(
+        SystemExit, match=r"cnn\.safetensors: teacher cnn's weights are missing or differ"
+    ):
+        protocol_teachers(tmp_path, ["a=1"])
 
 
 def test_epoch_series_reads_the_csv_logger_per_epoch(tmp_path):
@@ -146,20 +176,24 @@ def test_smoke_results_write_the_table_and_plots(tmp_path):
     assert "| fusion rule | fusion=entropy | 2 |" in table
     ledger = json.loads((tmp_path / "results" / "mnist1d.json").read_text())
     assert [row["label"] for row in ledger["rows"]] == [SCRATCH, HEADLINE, "fusion=entropy"]
-    assert set(ledger["teachers"]) == {"cnn", "mlp", "ensemble (mean p)"}
+    assert set(ledger["accuracies"]) == {"cnn", "mlp", "ensemble (mean p)"}
+    for teacher in ledger["teachers"].values():
+        weights = tmp_path / "results" / "teachers" / teacher["file"]
+        assert hashlib.sha256(weights.read_bytes()).hexdigest() == teacher["sha256"]
+        assert f"(`{teacher['sha256'][:12]}`)" in table
+    provenance = json.loads(
+        (tmp_path / "results" / "runs" / "fusion-entropy" / "seed1" / "provenance.json").read_text()
+    )
+    assert provenance["teachers"] == {name: t["sha256"] for name, t in ledger["teachers"].items()}
     for name in ("accuracy", "fusion_weights", "student_agreement", "teacher_agreement"):
         assert (tmp_path / "results" / f"{name}.png").stat().st_size > 10_000
 
 
-def test_teacher_accuracies_come_from_a_run_that_distilled_from_the_teachers():
-    entries = [Entry("fusion rule", "fusion=vote", ()), Entry("method", "method=dml", ())]
-    peers = _summary(0.7, None) | {
-        "test_accuracy": {"student": 0.7, "ensemble": 0.6, "teachers": {"peer1": 0.6}}
-    }
-    summaries = {"method=dml": [peers], "fusion=vote": [_summary(0.64, None)]}
-    assert teacher_accuracies(entries, summaries) == {
+def test_teacher_accuracies_are_the_teachers_then_their_ensemble_once_measured():
+    assert teacher_accuracies(TEACHERS, {}) == {"cnn": 0.88, "gru": 0.87}
+    summaries = {HEADLINE: [_summary(0.7, 0.6)]}
+    assert teacher_accuracies(TEACHERS, summaries) == {
         "cnn": 0.88,
         "gru": 0.87,
         "ensemble (mean p)": 0.9,
     }
-    assert teacher_accuracies(entries, {"method=dml": [peers]}) == {}

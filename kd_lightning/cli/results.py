@@ -12,9 +12,13 @@ over scratch, wall time, the commit and the machine) and ``<out>/*.png`` the plo
 * ``student_agreement.png`` — the student's top-1 agreement with each teacher over the epochs;
 * ``teacher_agreement.png`` — the pairwise teacher agreement on the test set.
 
-The table's rows are also kept in ``<out>/mnist1d.json``. An entry whose runs are not on this
-machine keeps its row from there (with the commit it was measured at), so a table grows across
-machines and sessions; rows of another preset are never mixed in.
+Every run distils from one teacher set: the teachers are trained once (``kd-teachers``), copied
+to ``<out>/teachers/<name>.safetensors`` with their SHA-256 in ``<out>/teachers/teachers.json``,
+and every run loads them from there and records their fingerprints in its ``provenance.json``. The
+table is computed from the run files alone, and a run whose teachers are not the table's is
+refused, never averaged in. Gains over scratch are paired by seed: each seed's scratch student is
+trained on the same batches in that seed's ``fusion=mean_probs`` run. The rows also go to
+``<out>/mnist1d.json``.
 
 Presets: ``full`` (the reference recipe: augmentation, students 300 epochs, teachers 150,
 5 seeds), ``quick`` (the ``kd-train`` defaults, 5 seeds) and ``smoke`` (seconds per run, for CI).
@@ -30,6 +34,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +49,7 @@ from tqdm import tqdm
 
 from kd_lightning.cli.config import CONFIG_DIR
 from kd_lightning.cli.summary import write_json
+from kd_lightning.cli.teacher_checkpoints import file_sha256
 from kd_lightning.reporting.plots import accuracy_bars, agreement_heatmap, metric_curves
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -119,20 +125,89 @@ def run_dir(out: Path, entry: Entry, seed: int) -> Path:
     return out / "runs" / safe / f"seed{seed}"
 
 
-def run_one(entry: Entry, seed: int, out: Path, overrides: Sequence[str], threads: int) -> Path:
-    """Run ``kd-train`` for ``entry`` and ``seed`` unless it already finished; its log goes to
-    ``kd-train.log`` beside its ``summary.json``."""
+def protocol_teachers(out: Path, overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The protocol's one teacher set, ``{name: {file, sha256, test_acc}}``.
+
+    On first use the teachers are trained (or found in the cache) by ``kd-teachers`` with the
+    protocol's ``overrides`` and copied to ``<out>/teachers/``; ``teachers.json`` there keeps their
+    fingerprints and the overrides. Later calls check the files against the fingerprints and the
+    overrides against the protocol's, and refuse a mismatch naming the file or the overrides.
+    """
+    directory = out / "teachers"
+    manifest = directory / "teachers.json"
+    if not manifest.is_file():
+        log = directory / "kd-teachers"
+        command = [sys.executable, "-m", "kd_lightning.cli.teachers", *overrides]
+        if subprocess.run([*command, f"hydra.run.dir={log}"], check=False).returncode != 0:
+            raise SystemExit("training the teachers failed; see the output above")
+        report = json.loads((log / "teachers.json").read_text())
+        teachers = {}
+        for name, entry in report.items():
+            shutil.copyfile(entry["checkpoint"], directory / f"{name}.safetensors")
+            teachers[name] = {"file": f"{name}.safetensors"} | {
+                key: entry[key] for key in ("sha256", "test_acc")
+            }
+        write_json(manifest, {"overrides": list(overrides), "teachers": teachers})
+    recorded = json.loads(manifest.read_text())
+    if recorded["overrides"] != list(overrides):
+        raise SystemExit(
+            f"{manifest}: these teachers were trained with the overrides {recorded['overrides']}, "
+            f"this protocol has {list(overrides)}; use another --out for another protocol"
+        )
+    for name, teacher in recorded["teachers"].items():
+        path = directory / teacher["file"]
+        if not path.is_file() or file_sha256(path) != teacher["sha256"]:
+            raise SystemExit(
+                f"{path}: teacher {name}'s weights are missing or differ from their SHA-256 in "
+                f"{manifest}; restore them (git checkout) or start the protocol in another --out"
+            )
+    return recorded["teachers"]
+
+
+def entry_teachers(entry: Entry, overrides: Sequence[str]) -> list[str]:
+    """The teachers a run of ``entry`` distils from: its composed config's ``teachers``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, *entry.overrides])
+    return list(cfg.teachers or {})
+
+
+def run_one(
+    entry: Entry,
+    seed: int,
+    out: Path,
+    overrides: Sequence[str],
+    threads: int,
+    teachers: dict[str, dict[str, Any]],
+) -> Path:
+    """Run ``kd-train`` for ``entry`` and ``seed`` unless it already finished, from the protocol's
+    ``teachers``; its log goes to ``kd-train.log`` beside its ``summary.json``."""
     directory = run_dir(out, entry, seed)
     if (directory / "summary.json").is_file():
         return directory
+    names = entry_teachers(entry, overrides)
+    unknown = [name for name in names if name not in teachers]
+    if unknown:
+        raise RuntimeError(
+            f"{entry.label}: teachers {unknown} are not the protocol's {list(teachers)}"
+        )
     directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / "provenance.json", {"commit": git_commit()})
+    write_json(
+        directory / "provenance.json",
+        {"commit": git_commit(), "teachers": {name: teachers[name]["sha256"] for name in names}},
+    )
+    checkpoints = [
+        f"teachers.{name}.checkpoint={(out / 'teachers' / teachers[name]['file']).resolve()}"
+        for name in names
+    ]
     command = [
         sys.executable,
         "-m",
         "kd_lightning.cli.train",
         *overrides,
         *entry.overrides,
+        *checkpoints,
         f"seed={seed}",
         f"baseline={str(entry.label == HEADLINE).lower()}",
         "logger=csv",
@@ -149,18 +224,37 @@ def run_one(entry: Entry, seed: int, out: Path, overrides: Sequence[str], thread
     return directory
 
 
-def read_summaries(out: Path, entries: Sequence[Entry], seeds: int) -> dict[str, list[dict]]:
-    """The ``summary.json`` of every finished run, per entry label."""
+def read_summaries(
+    out: Path, entries: Sequence[Entry], seeds: int, teachers: dict[str, dict[str, Any]]
+) -> dict[str, list[dict]]:
+    """The ``summary.json`` of every finished run, per entry label, each with its ``seed`` and
+    ``commit``. A run that did not distil from ``teachers`` (by their SHA-256) is refused."""
     found: dict[str, list[dict]] = {}
     for entry in entries:
         for seed in range(seeds):
             directory = run_dir(out, entry, seed)
-            if (directory / "summary.json").is_file():
-                summary = json.loads((directory / "summary.json").read_text())
-                provenance = directory / "provenance.json"
-                if provenance.is_file():
-                    summary["commit"] = json.loads(provenance.read_text())["commit"]
-                found.setdefault(entry.label, []).append(summary)
+            if not (directory / "summary.json").is_file():
+                continue
+            provenance_path = directory / "provenance.json"
+            provenance = (
+                json.loads(provenance_path.read_text()) if provenance_path.is_file() else {}
+            )
+            used = provenance.get("teachers")
+            if used is None:
+                raise SystemExit(
+                    f"{directory}: the run records no teacher fingerprints, so it cannot join a "
+                    "table of one teacher set; delete it to rerun it"
+                )
+            for name, sha256 in used.items():
+                if name not in teachers or teachers[name]["sha256"] != sha256:
+                    raise SystemExit(
+                        f"{directory}: the run distilled from teacher {name} with weights "
+                        f"{sha256[:12]}, not the table's teachers in {out / 'teachers'}; a table "
+                        "never mixes teacher sets: delete the run to rerun it"
+                    )
+            summary = json.loads((directory / "summary.json").read_text())
+            summary |= {"seed": seed, "commit": provenance.get("commit", "?")}
+            found.setdefault(entry.label, []).append(summary)
     return found
 
 
@@ -179,54 +273,52 @@ def commits(runs: Sequence[dict]) -> str:
     return ", ".join(sorted({run.get("commit", "?") for run in runs}))
 
 
-def table_rows(
-    entries: Sequence[Entry],
-    summaries: dict[str, list[dict]],
-    previous: Sequence[dict[str, Any]] = (),
-) -> list[dict[str, Any]]:
-    """One row per entry: the scratch baseline first, then the entries in order.
+def table_rows(entries: Sequence[Entry], summaries: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """One row per entry with runs: the scratch baseline first, then the entries in order.
 
-    An entry with runs gets the mean and std over them; one without keeps its row from
-    ``previous`` (an earlier table's rows), if it has one there. Gains are over the scratch row.
+    Each row has the mean and std of the test accuracy over its seeds; each gain over scratch is
+    the mean and std over seeds of the run's accuracy minus the same seed's scratch student
+    (``pairs`` seeds have both).
     """
-    kept = {row["label"]: row for row in previous}
-    rows: list[dict[str, Any]] = []
     headline = summaries.get(HEADLINE, [])
+    scratch = {run["seed"]: run["test_accuracy"]["baseline"] for run in headline}
+    rows: list[dict[str, Any]] = []
     if headline:
-        mean, std = mean_std([s["test_accuracy"]["baseline"] for s in headline])
+        mean, std = mean_std(list(scratch.values()))
         rows.append(
-            {"group": "baseline", "label": SCRATCH, "n": len(headline), "mean": mean, "std": std}
-            | {"wall_s": None, "commit": commits(headline)}
+            {"group": "baseline", "label": SCRATCH, "n": len(scratch), "mean": mean, "std": std}
+            | {"gain": None, "gain_std": None, "pairs": 0, "wall_s": None}
+            | {"commit": commits(headline)}
         )
-    elif SCRATCH in kept:
-        rows.append(dict(kept[SCRATCH]))
     for entry in entries:
         runs = summaries.get(entry.label)
-        if runs:
-            mean, std = mean_std([s["test_accuracy"]["student"] for s in runs])
-            wall = statistics.fmean(s["wall_time_s"] for s in runs)
-            rows.append(
-                {"group": entry.group, "label": entry.label, "n": len(runs), "mean": mean}
-                | {"std": std, "wall_s": wall, "commit": commits(runs)}
-            )
-        elif entry.label in kept:
-            rows.append(dict(kept[entry.label]))
-    scratch = rows[0]["mean"] if rows and rows[0]["label"] == SCRATCH else None
-    for row in rows:
-        row["gain"] = None if scratch is None or row["label"] == SCRATCH else row["mean"] - scratch
+        if not runs:
+            continue
+        mean, std = mean_std([run["test_accuracy"]["student"] for run in runs])
+        gains = [
+            run["test_accuracy"]["student"] - scratch[run["seed"]]
+            for run in runs
+            if run["seed"] in scratch
+        ]
+        gain, gain_std = mean_std(gains) if gains else (None, None)
+        rows.append(
+            {"group": entry.group, "label": entry.label, "n": len(runs), "mean": mean}
+            | {"std": std, "gain": gain, "gain_std": gain_std, "pairs": len(gains)}
+            | {"wall_s": statistics.fmean(run["wall_time_s"] for run in runs)}
+            | {"commit": commits(runs)}
+        )
     return rows
 
 
 def teacher_accuracies(
-    entries: Sequence[Entry], summaries: dict[str, list[dict]]
+    teachers: dict[str, dict[str, Any]], summaries: dict[str, list[dict]]
 ) -> dict[str, float]:
-    """The teachers' and their ensemble's test accuracies, from the first run that distilled from
-    all of them (the ensemble's or a fusion rule's); ``{}`` when there is none."""
-    for entry in entries:
-        if entry.group in ("ensemble", "fusion rule") and summaries.get(entry.label):
-            accuracy = summaries[entry.label][0]["test_accuracy"]
-            return accuracy["teachers"] | {"ensemble (mean p)": accuracy["ensemble"]}
-    return {}
+    """Each teacher's test accuracy (from ``kd-teachers``) and, once a ``fusion=mean_probs`` run
+    has finished, their ensemble's."""
+    accuracies = {name: float(teacher["test_acc"]) for name, teacher in teachers.items()}
+    if summaries.get(HEADLINE):
+        accuracies["ensemble (mean p)"] = summaries[HEADLINE][0]["test_accuracy"]["ensemble"]
+    return accuracies
 
 
 def git_commit() -> str:
@@ -251,25 +343,37 @@ def machine() -> str:
     )
 
 
-def markdown(rows: Sequence[dict[str, Any]], teachers: dict[str, Any], header: str) -> str:
-    """The results table as markdown."""
+def markdown(
+    rows: Sequence[dict[str, Any]],
+    accuracies: dict[str, float],
+    teachers: dict[str, dict[str, Any]],
+    header: str,
+) -> str:
+    """The results table as markdown, then the teachers with their fingerprints."""
     lines = [
         header,
         "",
-        "| group | run | seeds | test acc (%) | gain over scratch | wall time / run (s) | commit |",
+        "| group | run | seeds | test acc (%) | gain over scratch, paired by seed (pp) "
+        "| wall time / run (s) | commit |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        gain = "—" if row["gain"] is None else f"{100 * row['gain']:+.1f}"
+        gain = "—"
+        if row["gain"] is not None:
+            gain = f"{100 * row['gain']:+.1f} ± {100 * row['gain_std']:.1f}"
+            if row["pairs"] < row["n"]:
+                gain += f" ({row['pairs']} of {row['n']} seeds)"
         wall = "—" if row["wall_s"] is None else f"{row['wall_s']:.0f}"
         lines.append(
             f"| {row['group']} | {row['label']} | {row['n']} "
             f"| {100 * row['mean']:.1f} ± {100 * row['std']:.1f} | {gain} | {wall} "
             f"| {row['commit']} |"
         )
-    if teachers:
-        lines += ["", "Teachers (fixed across seeds), test accuracy:"]
-        lines += [f"- {name}: {100 * value:.1f} %" for name, value in teachers.items()]
+    if accuracies:
+        lines += ["", "Teachers (one set for every run; SHA-256 of the weights), test accuracy:"]
+        for name, value in accuracies.items():
+            fingerprint = f" (`{teachers[name]['sha256'][:12]}`)" if name in teachers else ""
+            lines.append(f"- {name}: {100 * value:.1f} %{fingerprint}")
     return "\n".join(lines) + "\n"
 
 
@@ -345,29 +449,21 @@ def draw_plots(
 
 
 def run_protocol(
-    entries: Sequence[Entry], seeds: int, overrides: Sequence[str], args: argparse.Namespace
+    entries: Sequence[Entry],
+    seeds: int,
+    overrides: Sequence[str],
+    teachers: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
 ) -> list[str]:
-    """Train the teachers, then every unfinished run, ``args.jobs`` at a time; returns failures."""
-    # Train (or find) the teachers once, before runs that would race to train them.
-    teachers = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kd_lightning.cli.teachers",
-            *overrides,
-            f"hydra.run.dir={args.out / 'teachers'}",
-        ],
-        check=False,
-    )
-    if teachers.returncode != 0:
-        raise SystemExit("training the teachers failed; see the output above")
+    """Every unfinished run, ``args.jobs`` at a time; returns the failures."""
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     # Seed by seed, so that a stopped protocol leaves every entry with the same number of seeds.
     jobs = [(entry, seed) for seed in range(seeds) for entry in entries]
     failures = []
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [
-            pool.submit(run_one, entry, seed, args.out, overrides, threads) for entry, seed in jobs
+            pool.submit(run_one, entry, seed, args.out, overrides, threads, teachers)
+            for entry, seed in jobs
         ]
         for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
             if future.exception() is not None:
@@ -383,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, help="seeds per entry (default: the preset's)")
     parser.add_argument("--only", help="comma-separated entry labels, e.g. fusion=mean_probs")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=Path("results/mnist1d"))
     parser.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
     parser.add_argument(
         "--report-only", action="store_true", help="write the table of the runs finished so far"
@@ -394,7 +490,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     seeds = args.seeds or preset["seeds"]
     overrides = [*preset["overrides"], *args.overrides]
-    entries = protocol()
+    if args.report_only and not (args.out / "teachers" / "teachers.json").is_file():
+        raise SystemExit(f"--report-only: {args.out / 'teachers'} holds no teachers yet")
+    args.out.mkdir(parents=True, exist_ok=True)
+    teachers = protocol_teachers(args.out, overrides)
+    entries = protocol(list(teachers))
     if args.only:
         wanted = {label.strip() for label in args.only.split(",")}
         unknown = wanted - {entry.label for entry in entries}
@@ -402,32 +502,35 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(
                 f"--only: unknown entries {sorted(unknown)}; known: {[e.label for e in entries]}"
             )
-        entries = [entry for entry in entries if entry.label in wanted]
-    args.out.mkdir(parents=True, exist_ok=True)
-    failures = [] if args.report_only else run_protocol(entries, seeds, overrides, args)
-    summaries = read_summaries(args.out, protocol(), seeds)
-    ledger_path = args.out / "mnist1d.json"
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
-    if ledger.get("overrides") != overrides:
-        ledger = {}  # another preset's rows never mix with this one's
-    rows = table_rows(protocol(), summaries, ledger.get("rows", []))
+        chosen = [entry for entry in entries if entry.label in wanted]
+    else:
+        chosen = entries
+    failures = [] if args.report_only else run_protocol(chosen, seeds, overrides, teachers, args)
+    summaries = read_summaries(args.out, entries, seeds, teachers)
+    rows = table_rows(entries, summaries)
     if not rows:
         raise SystemExit("no run has finished yet: " + "; ".join(failures))
-    teachers_acc = teacher_accuracies(protocol(), summaries) or ledger.get("teachers", {})
-    write_json(ledger_path, {"overrides": overrides, "rows": rows, "teachers": teachers_acc})
+    accuracies = teacher_accuracies(teachers, summaries)
+    write_json(
+        args.out / "mnist1d.json",
+        {"overrides": overrides, "teachers": teachers, "rows": rows} | {"accuracies": accuracies},
+    )
     hours = sum(row["wall_s"] * row["n"] for row in rows if row["wall_s"] is not None) / 3600
     header = (
         f"# MNIST-1D results ({args.preset}: {' '.join(overrides) or 'kd-train defaults'})\n\n"
-        f"MLP student, teachers cnn/gru/mlp, up to {seeds} seeds per entry (`seed=0..{seeds - 1}`); "
-        f"the scratch baseline is trained in the `{HEADLINE}` runs. {machine()}. "
-        f"Written by `kd-results --preset {args.preset}`; the runs took {hours:.1f} h one after "
-        f"another (each run's wall time includes its scratch baseline where there is one)."
+        f"MLP student, teachers {'/'.join(teachers)} (trained once; their weights and SHA-256 are "
+        f"in `teachers/`, and every run below distilled from exactly these), up to {seeds} seeds "
+        f"per entry (`seed=0..{seeds - 1}`); each seed's scratch baseline is trained on the same "
+        f"batches in that seed's `{HEADLINE}` run. {machine()}. Written by "
+        f"`kd-results --preset {args.preset}`; the runs took {hours:.1f} h one after another "
+        f"(each run's wall time includes its scratch baseline where there is one)."
     )
-    (args.out / "mnist1d.md").write_text(markdown(rows, teachers_acc, header))
-    written = draw_plots(args.out, protocol(), rows, summaries)
+    table = markdown(rows, accuracies, teachers, header)
+    (args.out / "mnist1d.md").write_text(table)
+    written = draw_plots(args.out, entries, rows, summaries)
     if args.wandb:
         log_to_wandb(args.out, rows, written)
-    print(markdown(rows, teachers_acc, header))
+    print(table)
     print(f"written: {args.out / 'mnist1d.md'}, " + ", ".join(str(path) for path in written))
     if failures:
         raise SystemExit(f"{len(failures)} runs failed:\n" + "\n".join(failures))
@@ -439,7 +542,7 @@ def log_to_wandb(out: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Path
 
     from kd_lightning.reporting.loggers import resolve_wandb_mode
 
-    columns = ("group", "label", "n", "mean", "std", "gain", "wall_s", "commit")
+    columns = ("group", "label", "n", "mean", "std", "gain", "gain_std", "wall_s", "commit")
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT", "kd_lightning"),
         job_type="results",

@@ -56,6 +56,24 @@ def teacher_key(name: str, cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), which names a teacher's weights exactly.
+
+    Examples:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile() as handle:
+        ...     _ = handle.write(b"weights")
+        ...     handle.flush()
+        ...     file_sha256(Path(handle.name))[:12]
+        '9a129038d9a0'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_teacher_name(name: str) -> None:
     """Refuse a teacher name that could not be a plain file name inside the cache.
 

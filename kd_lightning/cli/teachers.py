@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -18,8 +19,8 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 
 from kd_lightning.cli.config import CONFIG_DIR
-from kd_lightning.cli.summary import per_token
-from kd_lightning.cli.teacher_checkpoints import build_teachers, teacher_checkpoint
+from kd_lightning.cli.summary import per_token, write_json
+from kd_lightning.cli.teacher_checkpoints import build_teachers, file_sha256, teacher_checkpoint
 from kd_lightning.cli.validation import validate_config
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.teachers import TeacherEnsemble
@@ -38,8 +39,9 @@ def data_and_teachers(cfg: DictConfig) -> tuple[LightningDataModule, TeacherEnse
 
 def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
     """Make sure every teacher of ``cfg`` has weights; return
-    ``{name: {checkpoint, test_acc, test_loss}}`` (``test_loss``: the cross-entropy on the
-    labels, per token for a language model)."""
+    ``{name: {checkpoint, sha256, test_acc, test_loss}}`` (``sha256``: of the weights file;
+    ``test_loss``: the cross-entropy on the labels, per token for a language model), also written
+    to ``teachers.json`` in the run's output directory."""
     validate_config(cfg, needs_teachers=True)
     datamodule, teachers = data_and_teachers(cfg)
     report: dict[str, dict[str, float | str]] = {}
@@ -53,8 +55,10 @@ def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
             default_root_dir=cfg.paths.output_dir,
         )
         trainer.test(ClassifierModule(teachers.view(name)), datamodule=datamodule, verbose=False)
+        checkpoint = teacher_checkpoint(name, cfg)
         report[name] = {
-            "checkpoint": str(teacher_checkpoint(name, cfg)),
+            "checkpoint": str(checkpoint),
+            "sha256": file_sha256(checkpoint),
             "test_acc": float(trainer.callback_metrics["test/acc"]),
             "test_loss": float(trainer.callback_metrics["test/loss"]),
         }
@@ -68,6 +72,7 @@ def train_teachers(cfg: DictConfig) -> dict[str, dict[str, float | str]]:
         if tokens:
             cells += f"  {math.exp(loss):8.2f}"
         print(f"{name:<{width}}  {cells}  {entry['checkpoint']}")
+    write_json(Path(cfg.paths.output_dir) / "teachers.json", report)
     return report
 
 
