@@ -13,13 +13,14 @@ from kd_lightning.cli.results import (
     SCRATCH,
     Entry,
     epoch_series,
+    lm_protocol,
     markdown,
     protocol,
     protocol_teachers,
     read_summaries,
     run_dir,
     table_rows,
-    teacher_accuracies,
+    teacher_scores,
 )
 
 from .app_helpers import run_command
@@ -96,7 +97,9 @@ def test_rows_give_mean_std_over_seeds_and_gains_paired_by_seed(tmp_path):
     assert vote["gain_std"] == pytest.approx(np.std(vote_gains, ddof=1))
     assert vote["wall_s"] == 20.0 and vote["commit"] == "def5678"
 
-    table = markdown(rows, teacher_accuracies(TEACHERS, summaries), TEACHERS, "# header")
+    table = markdown(
+        rows, teacher_scores(TEACHERS, summaries, "test_accuracy"), TEACHERS, "# header"
+    )
     gain = f"{100 * np.mean(vote_gains):+.1f} ± {100 * np.std(vote_gains, ddof=1):.1f}"
     assert (
         f"| fusion rule | fusion=vote | 2 | {100 * np.mean(list(votes.values())):.1f} ± " in table
@@ -176,7 +179,7 @@ def test_smoke_results_write_the_table_and_plots(tmp_path):
     assert "| fusion rule | fusion=entropy | 2 |" in table
     ledger = json.loads((tmp_path / "results" / "mnist1d.json").read_text())
     assert [row["label"] for row in ledger["rows"]] == [SCRATCH, HEADLINE, "fusion=entropy"]
-    assert set(ledger["accuracies"]) == {"cnn", "mlp", "ensemble (mean p)"}
+    assert set(ledger["scores"]) == {"cnn", "mlp", "ensemble (mean p)"}
     for teacher in ledger["teachers"].values():
         weights = tmp_path / "results" / "teachers" / teacher["file"]
         assert hashlib.sha256(weights.read_bytes()).hexdigest() == teacher["sha256"]
@@ -189,11 +192,50 @@ def test_smoke_results_write_the_table_and_plots(tmp_path):
         assert (tmp_path / "results" / f"{name}.png").stat().st_size > 10_000
 
 
-def test_teacher_accuracies_are_the_teachers_then_their_ensemble_once_measured():
-    assert teacher_accuracies(TEACHERS, {}) == {"cnn": 0.88, "gru": 0.87}
+def test_teacher_scores_are_the_teachers_then_their_ensemble_once_measured():
+    assert teacher_scores(TEACHERS, {}, "test_accuracy") == {"cnn": 0.88, "gru": 0.87}
     summaries = {HEADLINE: [_summary(0.7, 0.6)]}
-    assert teacher_accuracies(TEACHERS, summaries) == {
+    assert teacher_scores(TEACHERS, summaries, "test_accuracy") == {
         "cnn": 0.88,
         "gru": 0.87,
         "ensemble (mean p)": 0.9,
     }
+
+
+def test_the_lm_table_averages_perplexities_and_pairs_relative_changes(tmp_path):
+    entries = lm_protocol(["lm_wide", "lm_gru"])
+    assert [entry.label for entry in entries] == [
+        HEADLINE,
+        "teachers=[lm_wide]",
+        "teachers=[lm_gru]",
+        "fusion=entropy",
+        "fusion=confidence",
+        "fusion=aekd",
+        "cached k=32",
+    ]
+    assert entries[-1].overrides == (HEADLINE, "cache=true", "cache_top_k=32")
+    students, scratch = [50.0, 54.0], [64.0, 60.0]
+    for seed in range(2):
+        summary = {
+            "test_perplexity": {"student": students[seed], "baseline": scratch[seed]}
+            | {"ensemble": 34.5},
+            "wall_time_s": 200.0,
+        }
+        _write_run(tmp_path, entries[0], seed, summary, teachers={})
+    rows = table_rows(
+        entries, read_summaries(tmp_path, entries, 2, TEACHERS), metric="test_perplexity"
+    )
+    changes = np.divide(students, scratch) - 1
+    assert rows[0]["mean"] == pytest.approx(62.0)
+    assert rows[1]["gain"] == pytest.approx(changes.mean())
+    assert rows[1]["gain_std"] == pytest.approx(np.std(changes, ddof=1))
+    lm_teachers = {"lm_wide": {"sha256": "a" * 64, "test_acc": 0.27, "test_loss": np.log(42.4)}}
+    scores = teacher_scores(
+        lm_teachers, {HEADLINE: [{"test_perplexity": {"ensemble": 34.5}}]}, "test_perplexity"
+    )
+    assert scores == pytest.approx({"lm_wide": 42.4, "ensemble (mean p)": 34.5})
+    table = markdown(rows, scores, lm_teachers, "#", per_token=True)
+    assert "| test perplexity | change over scratch, paired by seed (%) |" in table
+    change = f"{100 * changes.mean():+.1f} ± {100 * np.std(changes, ddof=1):.1f}"
+    assert f"| ensemble | {HEADLINE} | 2 | 52.0 ± 2.8 | {change} | 200 |" in table
+    assert "- lm_wide: 42.4 (`aaaaaaaaaaaa`)" in table

@@ -1,16 +1,21 @@
-"""``kd-results``: the MNIST-1D results table, over seeds, with its plots.
+"""``kd-results``: a results table over seeds, with its plots, for MNIST-1D or the stdlib LM.
 
-Every entry of the protocol — the scratch baseline, KD from each single teacher, every fusion
-rule and every method — runs as a real ``kd-train`` process per seed, in
-``<out>/runs/<entry>/seed<k>``. A finished run (its ``summary.json`` exists) is never run again
-and an interrupted one resumes from its ``last.ckpt``, so rerunning the command continues where
-it stopped. Then ``<out>/mnist1d.md`` gets the table (mean ± std test accuracy over seeds, gain
-over scratch, wall time, the commit and the machine) and ``<out>/*.png`` the plots:
+Every entry of a protocol runs as a real ``kd-train`` process per seed, in
+``<out>/runs/<entry>/seed<k>``: on MNIST-1D the scratch baseline, KD from each single teacher, every
+fusion rule and every method; on the standard-library LM (``--preset lm``) the scratch baseline,
+each single teacher, the mean of probabilities, the entropy and confidence weights, AE-KD and the
+sparse top-32 cache. A finished run (its ``summary.json`` exists) is never run again and an
+interrupted one resumes from its ``last.ckpt``, so rerunning the command continues where it
+stopped. Then ``<out>/mnist1d.md`` gets the table (mean ± std test accuracy over seeds, gain over
+scratch, wall time, the commit and the machine) and ``<out>/*.png`` the plots:
 
 * ``accuracy.png`` — mean accuracy per entry with ±1 std error bars;
 * ``fusion_weights.png`` — each fusion rule's per-teacher weight over the epochs (seed 0);
 * ``student_agreement.png`` — the student's top-1 agreement with each teacher over the epochs;
 * ``teacher_agreement.png`` — the pairwise teacher agreement on the test set.
+
+For the LM, ``<out>/stdlib_lm.md`` gives test perplexities and ``val_loss.png`` the validation
+cross-entropy over training of the scratch and distilled students (seed 0).
 
 Every run distils from one teacher set: the teachers are trained once (``kd-teachers``), copied
 to ``<out>/teachers/<name>.safetensors`` with their SHA-256 in ``<out>/teachers/teachers.json``,
@@ -18,10 +23,12 @@ and every run loads them from there and records their fingerprints in its ``prov
 table is computed from the run files alone, and a run whose teachers are not the table's is
 refused, never averaged in. Gains over scratch are paired by seed: each seed's scratch student is
 trained on the same batches in that seed's ``fusion=mean_probs`` run. The rows also go to
-``<out>/mnist1d.json``.
+``<out>/mnist1d.json`` (``stdlib_lm.json``). The LM teachers' weights (megabytes) are kept out of
+git, their fingerprints in it: a retrained set with other weights is refused.
 
 Presets: ``full`` (the reference recipe: augmentation, students 300 epochs, teachers 150,
-5 seeds), ``quick`` (the ``kd-train`` defaults, 5 seeds) and ``smoke`` (seconds per run, for CI).
+5 seeds), ``quick`` (the ``kd-train`` defaults, 5 seeds), ``smoke`` (seconds per run, for CI) and
+``lm`` (``experiment=lm`` validated every 50 steps, 3 seeds; ``--out results/lm``).
 Example: ``kd-results --preset full --jobs 2``; ``--only fusion=mean_probs`` runs one entry
 (the scratch baseline always comes with ``fusion=mean_probs``); ``--report-only`` writes the table
 of the runs finished so far.
@@ -32,13 +39,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,15 +58,22 @@ from tqdm import tqdm
 from kd_lightning.cli.config import CONFIG_DIR
 from kd_lightning.cli.summary import write_json
 from kd_lightning.cli.teacher_checkpoints import file_sha256
-from kd_lightning.reporting.plots import accuracy_bars, agreement_heatmap, metric_curves
+from kd_lightning.reporting.plots import (
+    accuracy_bars,
+    agreement_heatmap,
+    metric_curves,
+    step_curves,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
+        "benchmark": "mnist1d",
         "seeds": 5,
         "overrides": ["data.augment=true", "trainer.max_epochs=300", "teacher_epochs=150"],
     },
-    "quick": {"seeds": 5, "overrides": []},
+    "quick": {"benchmark": "mnist1d", "seeds": 5, "overrides": []},
     "smoke": {
+        "benchmark": "mnist1d",
         "seeds": 2,
         "overrides": [
             "teacher_epochs=1",
@@ -66,6 +81,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "++trainer.limit_train_batches=3",
             "++trainer.limit_val_batches=2",
         ],
+    },
+    "lm": {
+        "benchmark": "stdlib_lm",
+        "seeds": 3,
+        "overrides": ["experiment=lm", "+trainer.val_check_interval=50"],
     },
 }
 # Entries that need more than their own override to run as their papers do: AE-KD weighs the
@@ -77,6 +97,9 @@ EXTRA_OVERRIDES = {
 }
 # Rules that need what MNIST-1D lacks: routing reads a teacher id from each batch.
 NOT_ON_MNIST1D = {"fusion=routed"}
+# The LM protocol's rules besides the headline, and its sparse cache of the three teachers.
+LM_FUSIONS = ("entropy", "confidence", "aekd")
+LM_CACHE = ("cache=true", "cache_top_k=32")
 # Corrections of the teachers' targets, each on top of the headline's mean of probabilities.
 TARGET_TRANSFORMS = {"probability_shift": ("method.loss.probability_shift=true",)}
 HEADLINE = "fusion=mean_probs"  # the default distillation; its runs also train the scratch baseline
@@ -125,6 +148,54 @@ def run_dir(out: Path, entry: Entry, seed: int) -> Path:
     return out / "runs" / safe / f"seed{seed}"
 
 
+def lm_protocol(teachers: Sequence[str] = ("lm_wide", "lm_deep", "lm_gru")) -> list[Entry]:
+    """The stdlib LM's entries: the mean of probabilities (with the scratch baseline), each
+    single teacher, the uncertainty-weighted rules and AE-KD, and the mean of probabilities read
+    from a sparse top-32 cache of the teachers.
+
+    Examples:
+        >>> [entry.label for entry in lm_protocol()][4:]
+        ['fusion=entropy', 'fusion=confidence', 'fusion=aekd', 'cached k=32']
+    """
+    entries = [Entry("ensemble", HEADLINE, (HEADLINE,))]
+    entries += [Entry("single teacher", f"teachers=[{t}]", (f"teachers=[{t}]",)) for t in teachers]
+    for fusion in LM_FUSIONS:
+        label = f"fusion={fusion}"
+        entries.append(Entry("fusion rule", label, (label, *EXTRA_OVERRIDES.get(label, []))))
+    entries.append(Entry("sparse cache", "cached k=32", (HEADLINE, *LM_CACHE)))
+    return entries
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """What a results protocol runs and how its table reads: its entries, the summary metric it
+    averages (accuracy, or perplexity for a language model) and its file names."""
+
+    name: str
+    title: str
+    student: str
+    entries: Callable[[Sequence[str]], list[Entry]]
+    metric: str
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the table is in perplexity (a language model) rather than accuracy."""
+        return self.metric == "test_perplexity"
+
+
+BENCHMARKS = {
+    "mnist1d": Benchmark("mnist1d", "MNIST-1D", "MLP student", protocol, "test_accuracy"),
+    "stdlib_lm": Benchmark(
+        "stdlib_lm",
+        "Standard-library language model",
+        "CausalLM student (`experiment=lm`)",
+        lm_protocol,
+        "test_perplexity",
+    ),
+}
+DEFAULT_OUT = {"mnist1d": Path("results/mnist1d"), "stdlib_lm": Path("results/lm")}
+
+
 def protocol_teachers(out: Path, overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The protocol's one teacher set, ``{name: {file, sha256, test_acc}}``.
 
@@ -145,7 +216,7 @@ def protocol_teachers(out: Path, overrides: Sequence[str]) -> dict[str, dict[str
         for name, entry in report.items():
             shutil.copyfile(entry["checkpoint"], directory / f"{name}.safetensors")
             teachers[name] = {"file": f"{name}.safetensors"} | {
-                key: entry[key] for key in ("sha256", "test_acc")
+                key: entry[key] for key in ("sha256", "test_acc", "test_loss")
             }
         write_json(manifest, {"overrides": list(overrides), "teachers": teachers})
     recorded = json.loads(manifest.read_text())
@@ -273,15 +344,28 @@ def commits(runs: Sequence[dict]) -> str:
     return ", ".join(sorted({run.get("commit", "?") for run in runs}))
 
 
-def table_rows(entries: Sequence[Entry], summaries: dict[str, list[dict]]) -> list[dict[str, Any]]:
+def paired_change(value: float, scratch: float, metric: str) -> float:
+    """A run's change over the same seed's scratch student: the accuracy difference, or for a
+    perplexity the relative change (negative: better than scratch).
+
+    Examples:
+        >>> round(paired_change(0.87, 0.83, "test_accuracy"), 4), paired_change(45.0, 60.0, "test_perplexity")
+        (0.04, -0.25)
+    """
+    return value / scratch - 1 if metric == "test_perplexity" else value - scratch
+
+
+def table_rows(
+    entries: Sequence[Entry], summaries: dict[str, list[dict]], metric: str = "test_accuracy"
+) -> list[dict[str, Any]]:
     """One row per entry with runs: the scratch baseline first, then the entries in order.
 
-    Each row has the mean and std of the test accuracy over its seeds; each gain over scratch is
-    the mean and std over seeds of the run's accuracy minus the same seed's scratch student
-    (``pairs`` seeds have both).
+    Each row has the mean and std over its seeds of ``metric`` (a summary key: ``test_accuracy``
+    or ``test_perplexity``); each gain over scratch is the mean and std over seeds of
+    :func:`paired_change` against the same seed's scratch student (``pairs`` seeds have both).
     """
     headline = summaries.get(HEADLINE, [])
-    scratch = {run["seed"]: run["test_accuracy"]["baseline"] for run in headline}
+    scratch = {run["seed"]: run[metric]["baseline"] for run in headline}
     rows: list[dict[str, Any]] = []
     if headline:
         mean, std = mean_std(list(scratch.values()))
@@ -294,9 +378,9 @@ def table_rows(entries: Sequence[Entry], summaries: dict[str, list[dict]]) -> li
         runs = summaries.get(entry.label)
         if not runs:
             continue
-        mean, std = mean_std([run["test_accuracy"]["student"] for run in runs])
+        mean, std = mean_std([run[metric]["student"] for run in runs])
         gains = [
-            run["test_accuracy"]["student"] - scratch[run["seed"]]
+            paired_change(run[metric]["student"], scratch[run["seed"]], metric)
             for run in runs
             if run["seed"] in scratch
         ]
@@ -310,15 +394,20 @@ def table_rows(entries: Sequence[Entry], summaries: dict[str, list[dict]]) -> li
     return rows
 
 
-def teacher_accuracies(
-    teachers: dict[str, dict[str, Any]], summaries: dict[str, list[dict]]
+def teacher_scores(
+    teachers: dict[str, dict[str, Any]], summaries: dict[str, list[dict]], metric: str
 ) -> dict[str, float]:
-    """Each teacher's test accuracy (from ``kd-teachers``) and, once a ``fusion=mean_probs`` run
-    has finished, their ensemble's."""
-    accuracies = {name: float(teacher["test_acc"]) for name, teacher in teachers.items()}
+    """Each teacher's test accuracy or perplexity (from ``kd-teachers``) and, once a
+    ``fusion=mean_probs`` run has finished, their ensemble's."""
+    scores = {
+        name: math.exp(teacher["test_loss"])
+        if metric == "test_perplexity"
+        else float(teacher["test_acc"])
+        for name, teacher in teachers.items()
+    }
     if summaries.get(HEADLINE):
-        accuracies["ensemble (mean p)"] = summaries[HEADLINE][0]["test_accuracy"]["ensemble"]
-    return accuracies
+        scores["ensemble (mean p)"] = summaries[HEADLINE][0][metric]["ensemble"]
+    return scores
 
 
 def git_commit() -> str:
@@ -345,16 +434,23 @@ def machine() -> str:
 
 def markdown(
     rows: Sequence[dict[str, Any]],
-    accuracies: dict[str, float],
+    scores: dict[str, float],
     teachers: dict[str, dict[str, Any]],
     header: str,
+    per_token: bool = False,
 ) -> str:
-    """The results table as markdown, then the teachers with their fingerprints."""
+    """The results table as markdown (accuracies, or perplexities with ``per_token``), then the
+    teachers with their fingerprints."""
+    value_head, gain_head = (
+        ("test perplexity", "change over scratch, paired by seed (%)")
+        if per_token
+        else ("test acc (%)", "gain over scratch, paired by seed (pp)")
+    )
+    scale = 1 if per_token else 100
     lines = [
         header,
         "",
-        "| group | run | seeds | test acc (%) | gain over scratch, paired by seed (pp) "
-        "| wall time / run (s) | commit |",
+        f"| group | run | seeds | {value_head} | {gain_head} | wall time / run (s) | commit |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -366,14 +462,16 @@ def markdown(
         wall = "—" if row["wall_s"] is None else f"{row['wall_s']:.0f}"
         lines.append(
             f"| {row['group']} | {row['label']} | {row['n']} "
-            f"| {100 * row['mean']:.1f} ± {100 * row['std']:.1f} | {gain} | {wall} "
+            f"| {scale * row['mean']:.1f} ± {scale * row['std']:.1f} | {gain} | {wall} "
             f"| {row['commit']} |"
         )
-    if accuracies:
-        lines += ["", "Teachers (one set for every run; SHA-256 of the weights), test accuracy:"]
-        for name, value in accuracies.items():
+    if scores:
+        kind = "perplexity" if per_token else "accuracy"
+        lines += ["", f"Teachers (one set for every run; SHA-256 of the weights), test {kind}:"]
+        for name, value in scores.items():
             fingerprint = f" (`{teachers[name]['sha256'][:12]}`)" if name in teachers else ""
-            lines.append(f"- {name}: {100 * value:.1f} %{fingerprint}")
+            shown = f"{value:.1f}" if per_token else f"{100 * value:.1f} %"
+            lines.append(f"- {name}: {shown}{fingerprint}")
     return "\n".join(lines) + "\n"
 
 
@@ -387,6 +485,40 @@ def epoch_series(directory: Path, prefix: str) -> dict[str, list[float]]:
                     if key.startswith(prefix) and value not in ("", None):
                         series.setdefault(key[len(prefix) :], []).append(float(value))
     return series
+
+
+def step_series(path: Path, key: str) -> tuple[list[float], list[float]]:
+    """The training steps and values at which a CSV log (``metrics.csv``) recorded ``key``."""
+    steps: list[float] = []
+    values: list[float] = []
+    if path.is_file():
+        with open(path, newline="") as handle:
+            for record in csv.DictReader(handle):
+                if record.get(key) not in ("", None):
+                    steps.append(float(record["step"]))
+                    values.append(float(record[key]))
+    return steps, values
+
+
+def draw_lm_plot(out: Path, entries: Sequence[Entry]) -> list[Path]:
+    """``val_loss.png``: the validation cross-entropy over training of seed 0's scratch student
+    and of each distilled one."""
+    headline = next(entry for entry in entries if entry.label == HEADLINE)
+    directory = run_dir(out, headline, 0)
+    curves = {SCRATCH: step_series(directory / "csv_baseline/version_0/metrics.csv", "val/loss")}
+    for entry in entries:
+        if entry.group != "single teacher":
+            path = run_dir(out, entry, 0) / "csv/version_0/metrics.csv"
+            curves[entry.label] = step_series(path, "val/ce")
+    curves = {label: curve for label, curve in curves.items() if curve[0]}
+    if not curves:
+        return []
+    figure = step_curves(
+        curves, "validation cross-entropy (nats/token)", "Standard-library LM: CausalLM student"
+    )
+    path = out / "val_loss.png"
+    figure.savefig(path, dpi=120)
+    return [path]
 
 
 def draw_plots(
@@ -479,7 +611,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, help="seeds per entry (default: the preset's)")
     parser.add_argument("--only", help="comma-separated entry labels, e.g. fusion=mean_probs")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--out", type=Path, default=Path("results/mnist1d"))
+    parser.add_argument(
+        "--out", type=Path, help="default: results/mnist1d, or results/lm for --preset lm"
+    )
     parser.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
     parser.add_argument(
         "--report-only", action="store_true", help="write the table of the runs finished so far"
@@ -488,13 +622,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
+    benchmark = BENCHMARKS[preset["benchmark"]]
+    args.out = args.out or DEFAULT_OUT[benchmark.name]
     seeds = args.seeds or preset["seeds"]
     overrides = [*preset["overrides"], *args.overrides]
     if args.report_only and not (args.out / "teachers" / "teachers.json").is_file():
         raise SystemExit(f"--report-only: {args.out / 'teachers'} holds no teachers yet")
     args.out.mkdir(parents=True, exist_ok=True)
     teachers = protocol_teachers(args.out, overrides)
-    entries = protocol(list(teachers))
+    entries = benchmark.entries(list(teachers))
     if args.only:
         wanted = {label.strip() for label in args.only.split(",")}
         unknown = wanted - {entry.label for entry in entries}
@@ -507,31 +643,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         chosen = entries
     failures = [] if args.report_only else run_protocol(chosen, seeds, overrides, teachers, args)
     summaries = read_summaries(args.out, entries, seeds, teachers)
-    rows = table_rows(entries, summaries)
+    rows = table_rows(entries, summaries, benchmark.metric)
     if not rows:
         raise SystemExit("no run has finished yet: " + "; ".join(failures))
-    accuracies = teacher_accuracies(teachers, summaries)
+    scores = teacher_scores(teachers, summaries, benchmark.metric)
     write_json(
-        args.out / "mnist1d.json",
-        {"overrides": overrides, "teachers": teachers, "rows": rows} | {"accuracies": accuracies},
+        args.out / f"{benchmark.name}.json",
+        {"overrides": overrides, "teachers": teachers, "rows": rows} | {"scores": scores},
     )
     hours = sum(row["wall_s"] * row["n"] for row in rows if row["wall_s"] is not None) / 3600
     header = (
-        f"# MNIST-1D results ({args.preset}: {' '.join(overrides) or 'kd-train defaults'})\n\n"
-        f"MLP student, teachers {'/'.join(teachers)} (trained once; their weights and SHA-256 are "
-        f"in `teachers/`, and every run below distilled from exactly these), up to {seeds} seeds "
+        f"# {benchmark.title} results ({args.preset}: "
+        f"{' '.join(overrides) or 'kd-train defaults'})\n\n"
+        f"{benchmark.student}, teachers {'/'.join(teachers)} (trained once; their SHA-256 are in "
+        f"`teachers/teachers.json`, and every run below distilled from exactly these), up to {seeds} seeds "
         f"per entry (`seed=0..{seeds - 1}`); each seed's scratch baseline is trained on the same "
         f"batches in that seed's `{HEADLINE}` run. {machine()}. Written by "
         f"`kd-results --preset {args.preset}`; the runs took {hours:.1f} h one after another "
         f"(each run's wall time includes its scratch baseline where there is one)."
     )
-    table = markdown(rows, accuracies, teachers, header)
-    (args.out / "mnist1d.md").write_text(table)
-    written = draw_plots(args.out, entries, rows, summaries)
+    table = markdown(rows, scores, teachers, header, benchmark.per_token)
+    (args.out / f"{benchmark.name}.md").write_text(table)
+    if benchmark.per_token:
+        written = draw_lm_plot(args.out, entries)
+    else:
+        written = draw_plots(args.out, entries, rows, summaries)
     if args.wandb:
         log_to_wandb(args.out, rows, written)
     print(table)
-    print(f"written: {args.out / 'mnist1d.md'}, " + ", ".join(str(path) for path in written))
+    print(f"written: {args.out / benchmark.name}.md, " + ", ".join(str(p) for p in written))
     if failures:
         raise SystemExit(f"{len(failures)} runs failed:\n" + "\n".join(failures))
 

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -185,7 +185,8 @@ def train_baseline(
     """Train ``network`` (the method's trained network as it was before training: the student, or
     for ``tfkd variant=reverse`` the teacher's architecture) on labels alone; return its metrics
     at the last validation and in the test: ``val/loss``, ``val/acc`` (when it validated),
-    ``test/loss`` (cross-entropy) and ``test/acc``."""
+    ``test/loss`` (cross-entropy) and ``test/acc``. Its curves go to
+    ``<output_dir>/csv_baseline/version_0/metrics.csv``, beside the distilled student's."""
     L.seed_everything(cfg.seed, workers=True)
     module = ClassifierModule(
         network,
@@ -194,7 +195,7 @@ def train_baseline(
     )
     trainer: Trainer = instantiate(
         cfg.trainer,
-        logger=False,
+        logger=CSVLogger(cfg.paths.output_dir, name="csv_baseline", version=0),
         enable_checkpointing=False,
         callbacks=progress_bar("scratch baseline", show_progress(cfg)),
         enable_model_summary=False,

@@ -1,4 +1,4 @@
-"""Draw pairwise teacher agreement as an annotated heatmap."""
+"""Figures for the results: agreement heatmaps, accuracy bars, per-epoch and per-step curves."""
 
 from __future__ import annotations
 
@@ -187,4 +187,34 @@ def metric_curves(
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=max(1, len(labels)), fontsize=8)
     fig.suptitle(title)
+    return fig
+
+
+def step_curves(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ylabel: str, title: str
+) -> Figure:
+    """One line per run of a metric against the training step, e.g. validation loss.
+
+    Args:
+        series: run name → (steps, values).
+        ylabel: the y axis label.
+        title: the figure title.
+
+    Examples:
+        >>> fig = step_curves({"scratch": ([50, 100], [4.6, 4.3]), "distilled": ([50, 100], [4.4, 4.0])}, "val CE", "LM")
+        >>> [line.get_label() for line in fig.axes[0].lines]
+        ['scratch', 'distilled']
+    """
+    if not series:
+        raise ValueError("step_curves needs at least one series")
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, (steps, values) in series.items():
+        ax.plot(steps, values, marker="o", markersize=3, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return fig
