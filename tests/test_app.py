@@ -118,6 +118,15 @@ def test_teacher_key_follows_the_teacher_not_the_student(tmp_path):
     assert teacher_cache.teacher_key("cnn", compose_config(tmp_path, [*FAST, "data.seed=1"])) != key
 
 
+def test_teacher_key_ignores_where_the_data_is_stored(tmp_path):
+    lm = ["experiment=lm"]
+    key = teacher_cache.teacher_key("lm_wide", compose_config(tmp_path, lm))
+    moved = compose_config(tmp_path, [*lm, f"data.cache_dir={tmp_path / 'elsewhere'}"])
+    assert teacher_cache.teacher_key("lm_wide", moved) == key
+    smaller = compose_config(tmp_path, [*lm, "data.max_bytes=1000"])
+    assert teacher_cache.teacher_key("lm_wide", smaller) != key
+
+
 def test_user_checkpoint_is_used_and_a_missing_one_is_named(tmp_path):
     from safetensors.torch import save_file
 
