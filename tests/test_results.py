@@ -211,8 +211,10 @@ def test_the_lm_table_averages_perplexities_and_pairs_relative_changes(tmp_path)
         "fusion=entropy",
         "fusion=confidence",
         "fusion=aekd",
+        "fusion=routed",
         "cached k=32",
     ]
+    assert entries[-2].overrides == ("fusion=routed", "data.route_ids=3")
     assert entries[-1].overrides == (HEADLINE, "cache=true", "cache_top_k=32")
     students, scratch = [50.0, 54.0], [64.0, 60.0]
     for seed in range(2):

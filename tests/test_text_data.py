@@ -113,6 +113,17 @@ def test_batches_are_hugging_face_style_dicts(corpus, tmp_path):
     assert dm.vocab_size == 258 and int(batch["labels"].max()) < 258
 
 
+def test_route_ids_give_each_block_a_round_robin_teacher_id(corpus, tmp_path):
+    dm = module(corpus, tmp_path, route_ids=3)
+    dm.setup()
+    ids = [int(dm.val_set[index]["teacher_id"]) for index in range(len(dm.val_set))]
+    assert ids == [index % 3 for index in range(len(dm.val_set))]
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["teacher_id"].tolist() == [0, 1, 2, 0]
+    with pytest.raises(ValueError, match="route_ids must be a positive integer, got 0"):
+        module(corpus, tmp_path, route_ids=0).setup()
+
+
 def test_paths_as_globs_lists_and_patterns(corpus, tmp_path):
     by_glob = module(corpus, tmp_path, paths=str(corpus / "pkg1" / "*.py"), root=corpus).files
     assert {file.name.split("/")[0] for file in by_glob} == {"pkg1"}

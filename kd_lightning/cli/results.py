@@ -3,11 +3,12 @@
 Every entry of a protocol runs as a real ``kd-train`` process per seed, in
 ``<out>/runs/<entry>/seed<k>``: on MNIST-1D the scratch baseline, KD from each single teacher, every
 fusion rule and every method; on the standard-library LM (``--preset lm``) the scratch baseline,
-each single teacher, the mean of probabilities, the entropy and confidence weights, AE-KD and the
-sparse top-32 cache. A finished run (its ``summary.json`` exists) is never run again and an
-interrupted one resumes from its ``last.ckpt``, so rerunning the command continues where it
-stopped. Then ``<out>/mnist1d.md`` gets the table (mean ± std test accuracy over seeds, gain over
-scratch, wall time, the commit and the machine) and ``<out>/*.png`` the plots:
+each single teacher, the mean of probabilities, the entropy and confidence weights, AE-KD, the
+routed rule with one teacher per sequence and the sparse top-32 cache. A finished run (its
+``summary.json`` exists) is never run again and an interrupted one resumes from its ``last.ckpt``,
+so rerunning the command continues where it stopped. Then ``<out>/mnist1d.md`` gets the table
+(mean ± std test accuracy over seeds, gain over scratch, wall time, the commit and the machine) and
+``<out>/*.png`` the plots:
 
 * ``accuracy.png`` — mean accuracy per entry with ±1 std error bars;
 * ``fusion_weights.png`` — each fusion rule's per-teacher weight over the epochs (seed 0);
@@ -97,8 +98,10 @@ EXTRA_OVERRIDES = {
 }
 # Rules that need what MNIST-1D lacks: routing reads a teacher id from each batch.
 NOT_ON_MNIST1D = {"fusion=routed"}
-# The LM protocol's rules besides the headline, and its sparse cache of the three teachers.
+# The LM protocol's rules besides the headline, and its sparse cache of the three teachers; the
+# routed rule serves each sequence from one teacher, round robin (data.route_ids).
 LM_FUSIONS = ("entropy", "confidence", "aekd")
+LM_ROUTED = ("fusion=routed", "data.route_ids=3")
 LM_CACHE = ("cache=true", "cache_top_k=32")
 # Corrections of the teachers' targets, each on top of the headline's mean of probabilities.
 TARGET_TRANSFORMS = {"probability_shift": ("method.loss.probability_shift=true",)}
@@ -150,18 +153,20 @@ def run_dir(out: Path, entry: Entry, seed: int) -> Path:
 
 def lm_protocol(teachers: Sequence[str] = ("lm_wide", "lm_deep", "lm_gru")) -> list[Entry]:
     """The stdlib LM's entries: the mean of probabilities (with the scratch baseline), each
-    single teacher, the uncertainty-weighted rules and AE-KD, and the mean of probabilities read
+    single teacher, the uncertainty-weighted rules, AE-KD, one teacher per sequence (routed,
+    round robin, as a TRL ``teacher_id`` column assigns them), and the mean of probabilities read
     from a sparse top-32 cache of the teachers.
 
     Examples:
         >>> [entry.label for entry in lm_protocol()][4:]
-        ['fusion=entropy', 'fusion=confidence', 'fusion=aekd', 'cached k=32']
+        ['fusion=entropy', 'fusion=confidence', 'fusion=aekd', 'fusion=routed', 'cached k=32']
     """
     entries = [Entry("ensemble", HEADLINE, (HEADLINE,))]
     entries += [Entry("single teacher", f"teachers=[{t}]", (f"teachers=[{t}]",)) for t in teachers]
     for fusion in LM_FUSIONS:
         label = f"fusion={fusion}"
         entries.append(Entry("fusion rule", label, (label, *EXTRA_OVERRIDES.get(label, []))))
+    entries.append(Entry("fusion rule", LM_ROUTED[0], LM_ROUTED))
     entries.append(Entry("sparse cache", "cached k=32", (HEADLINE, *LM_CACHE)))
     return entries
 

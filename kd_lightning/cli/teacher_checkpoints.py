@@ -24,7 +24,7 @@ from kd_lightning.teachers import DrawnTeachers, TeacherEnsemble, load_teacher
 from kd_lightning.teachers.runtime import RUNTIME_OPTIONS
 
 # Data settings that do not change the data itself, left out of a teacher's key.
-IRRELEVANT_DATA_KEYS = ("data_dir", "cache_dir", "num_workers")
+IRRELEVANT_DATA_KEYS = ("data_dir", "cache_dir", "num_workers", "route_ids")
 # Label of samples a teacher with a class map does not cover: cross-entropy's default ignore_index.
 IGNORE_INDEX = -100
 # Teacher names become cache file names and module keys: no path separator, no dot.

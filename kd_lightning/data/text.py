@@ -106,18 +106,25 @@ class PackedBlocks(Dataset[dict[str, Tensor]]):
     Block ``i`` covers tokens ``[i·b, i·b + b + 1)``: ``input_ids`` are its first ``b``,
     ``labels`` its last ``b`` (the next token of each input), and the next block starts at this
     block's last label, so every token but the first is a target exactly once. A leftover shorter
-    than a block is dropped. ``attention_mask`` is all ones (blocks hold no padding).
+    than a block is dropped. ``attention_mask`` is all ones (blocks hold no padding). With
+    ``route_ids=K`` each block also carries ``teacher_id = i mod K``, a round-robin teacher per
+    sequence for ``fusion=routed`` (what a ``teacher_id`` column of TRL's trainers assigns).
 
     Examples:
         >>> blocks = PackedBlocks(np.arange(10), block_size=4)
         >>> len(blocks), blocks[1]["input_ids"].tolist(), blocks[1]["labels"].tolist()
         (2, [4, 5, 6, 7], [5, 6, 7, 8])
+        >>> PackedBlocks(np.arange(10), block_size=4, route_ids=3)[1]["teacher_id"]
+        tensor(1)
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int) -> None:
+    def __init__(self, tokens: np.ndarray, block_size: int, route_ids: int | None = None) -> None:
         check_positive(block_size=block_size)
+        if route_ids is not None:
+            check_positive(route_ids=route_ids)
         self.tokens = tokens
         self.block_size = block_size
+        self.route_ids = route_ids
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.block_size)
@@ -128,11 +135,14 @@ class PackedBlocks(Dataset[dict[str, Tensor]]):
         start = index * self.block_size
         window = np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64)
         tokens = torch.from_numpy(window)
-        return {
+        block = {
             "input_ids": tokens[:-1],
             "attention_mask": torch.ones(self.block_size, dtype=torch.long),
             "labels": tokens[1:],
         }
+        if self.route_ids is not None:
+            block["teacher_id"] = torch.tensor(index % self.route_ids)
+        return block
 
 
 class TextDataModule(SplitDataModule[PackedBlocks]):
@@ -186,6 +196,8 @@ class TextDataModule(SplitDataModule[PackedBlocks]):
         cache_dir: Where tokenizers and token streams are cached; default
             :func:`default_cache_dir`.
         num_workers: Dataloader worker processes.
+        route_ids: Give each block a ``teacher_id`` field, round robin over this many teachers
+            (:class:`PackedBlocks`); ``None`` for none.
 
     Examples:
         >>> import tempfile
@@ -223,9 +235,14 @@ class TextDataModule(SplitDataModule[PackedBlocks]):
         pattern: str = "*.py",
         cache_dir: str | Path | None = None,
         num_workers: int = 0,
+        route_ids: int | None = None,
     ) -> None:
         check_positive(vocab_size=vocab_size, block_size=block_size, batch_size=batch_size)
-        for name, limit in (("max_bytes", max_bytes), ("max_files", max_files)):
+        for name, limit in (
+            ("max_bytes", max_bytes),
+            ("max_files", max_files),
+            ("route_ids", route_ids),
+        ):
             if limit is not None:
                 check_positive(**{name: limit})
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -246,6 +263,7 @@ class TextDataModule(SplitDataModule[PackedBlocks]):
         self.tokenizer_kind = tokenizer
         self.requested_vocab_size = vocab_size
         self.block_size = block_size
+        self.route_ids = route_ids
         self.fractions: dict[Split, float] = {
             "train": 1.0 - val_fraction - test_fraction,
             "val": val_fraction,
@@ -311,7 +329,10 @@ class TextDataModule(SplitDataModule[PackedBlocks]):
 
     def build_splits(self) -> tuple[PackedBlocks, PackedBlocks, PackedBlocks]:
         """The packed blocks of each split; a split with a positive fraction must get some."""
-        sets = {split: PackedBlocks(self.tokens(split), self.block_size) for split in SPLITS}
+        sets = {
+            split: PackedBlocks(self.tokens(split), self.block_size, self.route_ids)
+            for split in SPLITS
+        }
         for split, blocks in sets.items():
             if self.fractions[split] > 0 and not len(blocks):
                 count = sum(file.split == split for file in self.files)
