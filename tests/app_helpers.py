@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -35,9 +36,14 @@ def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
 
 
 def run_command(
-    args: list[str], cwd: Path, env_overrides: dict[str, str] | None = None, timeout: int = 600
+    args: list[str],
+    cwd: Path,
+    env_overrides: dict[str, str] | None = None,
+    timeout: int = 600,
+    preexec_fn: Callable[[], None] | None = None,
 ):
-    """Run a kd_lightning module as a real subprocess, as a user's shell would."""
+    """Run a kd_lightning module as a real subprocess, as a user's shell would (``preexec_fn``
+    runs in the child first, e.g. to set a resource limit)."""
     env = {
         **os.environ,
         "KD_LIGHTNING_CACHE": str(cwd / "cache"),
@@ -45,5 +51,11 @@ def run_command(
     }
     env.update(env_overrides or {})
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
     )

@@ -7,13 +7,15 @@ import json
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from kd_lightning import DistillationModule
 from kd_lightning.callbacks import NonFiniteLossGuard
 from kd_lightning.cli.summary import format_summary
-from kd_lightning.cli.train import train
+from kd_lightning.cli.teacher_checkpoints import train_teacher
+from kd_lightning.cli.train import build_module, train, train_baseline
 from kd_lightning.cli.validation import validate_config
 from kd_lightning.errors import ConfigError, NonFiniteLossError
 from kd_lightning.models import MLP
@@ -214,3 +216,36 @@ def test_an_unknown_on_nonfinite_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as raised:
         validate_config(compose_config(tmp_path, [*FAST, "on_nonfinite=ignore"]))
     assert "on_nonfinite=ignore: choose one of ['stop', 'skip']" in raised.value.problems
+
+
+HUGE_STEPS = [*FAST, "teachers=[mlp]", "optimizer.lr=1e30", "teachers.mlp.fit.optimizer.lr=1e30"]
+
+
+def test_teacher_stage_and_baseline_trainings_stop_naming_what_they_train(tmp_path):
+    """A first step of size 1e30 makes every later loss inf or NaN (``experiment=smoke``: 4
+    steps per epoch): each training that ``kd-train`` runs besides the student stops at step 1,
+    naming itself, before its weights are kept."""
+    cfg = compose_config(tmp_path, [*HUGE_STEPS, "method=prokd"])
+    datamodule = instantiate(cfg.data)
+    with pytest.raises(
+        NonFiniteLossError, match=r"^teacher mlp: non-finite loss at global step 1 "
+    ):
+        train_teacher("mlp", cfg, datamodule)
+    assert not (tmp_path / "cache" / "teachers").exists()
+    with pytest.raises(
+        NonFiniteLossError, match=r"^scratch baseline: non-finite loss at global step 1 "
+    ):
+        train_baseline(cfg, datamodule, instantiate(cfg.student))
+    with pytest.raises(
+        NonFiniteLossError, match=r"^stage prokd-mlp: non-finite loss at global step 1 "
+    ):
+        build_module(cfg, datamodule)
+    kept = sorted(path.stem for path in (tmp_path / "output" / "stages").glob("*.safetensors"))
+    assert kept == ["prokd-mlp-0", "prokd-mlp-1"]  # a trajectory missing states is trained again
+
+    cfg.on_nonfinite = "skip"
+    with pytest.warns(
+        UserWarning, match=r"^stage prokd-mlp: 3 training steps had a NaN or inf loss"
+    ):
+        build_module(cfg, datamodule)
+    assert len(list((tmp_path / "output" / "stages").glob("*.safetensors"))) == 4

@@ -174,8 +174,8 @@ def test_trajectory_stage_keeps_evenly_spaced_checkpoints_and_resumes(tmp_path, 
     monkeypatch.setattr(
         stages,
         "stage_trainer",
-        lambda cfg, label, epochs, callbacks=None: real_trainer(
-            cfg, label, epochs, [*(callbacks or []), Record()]
+        lambda cfg, label, epochs, callbacks=None, **options: real_trainer(
+            cfg, label, epochs, [*(callbacks or []), Record()], **options
         ),
     )
     runner = stages.StageRunner(

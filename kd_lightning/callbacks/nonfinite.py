@@ -7,8 +7,10 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.errors import NonFiniteLossError, TeacherOutputError
 from kd_lightning.modules.epoch_means import EpochMeans
 from kd_lightning.teachers.runtime import check_finite_logits
@@ -42,10 +44,12 @@ class NonFiniteLossGuard(Callback):
 
     Under manual optimisation the updates a step made before its first non-finite loss (e.g.
     DML's earlier peers) stay. Buffers that a forward pass updates (batch-norm statistics) are
-    not rolled back.
+    not rolled back. A training that skipped steps warns with their count when it ends.
 
     Args:
         on_nonfinite: ``"stop"`` or ``"skip"``.
+        label: what is trained (``"teacher cnn"``, ``"stage takd-assistant1"``), put before the
+            error and the warning; ``None`` for the run's own model.
 
     Examples:
         >>> import lightning as L
@@ -63,12 +67,13 @@ class NonFiniteLossGuard(Callback):
         (1, 1.0)
     """
 
-    def __init__(self, on_nonfinite: OnNonFinite = "stop") -> None:
+    def __init__(self, on_nonfinite: OnNonFinite = "stop", label: str | None = None) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(
                 f"on_nonfinite must be one of {list(ON_NONFINITE)}, got {on_nonfinite!r}"
             )
         self.on_nonfinite = on_nonfinite
+        self.label = label
         self.skipped_steps = 0
         self._finite: Tensor | None = None  # every loss back-propagated since the last read
         self._bad_batch = False  # this batch had a non-finite loss
@@ -131,6 +136,16 @@ class NonFiniteLossGuard(Callback):
             # The same count on every process already; sync_dist only tells Lightning so.
             pl_module.log("train/skipped_steps", float(self.skipped_steps), sync_dist=True)
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.skipped_steps:
+            rank_zero_warn(
+                f"{self._prefix()}{self.skipped_steps} training steps had a NaN or inf loss and "
+                "were skipped (on_nonfinite=skip)"
+            )
+
+    def _prefix(self) -> str:
+        return "" if self.label is None else f"{self.label}: "
+
     def _read(self, trainer: Trainer) -> None:
         """Read whether the losses since the last read were finite (on any process)."""
         if self._finite is None:
@@ -158,7 +173,7 @@ class NonFiniteLossGuard(Callback):
             found = "no term this process logged is NaN or inf (another process's loss was)"
         culprits = _culprits(pl_module, outputs)
         return (
-            f"non-finite loss at global step {step} (epoch {epoch}, batch {batch_idx}): {found}"
+            f"{self._prefix()}non-finite loss at global step {step} (epoch {epoch}, batch {batch_idx}): {found}"
             f"{'; ' if culprits else ''}{'; '.join(culprits)}. Training stopped without "
             "applying the non-finite loss, so the last checkpoint holds the state before this "
             "step; on_nonfinite=skip skips such steps instead"
@@ -185,3 +200,19 @@ def _culprits(pl_module: LightningModule, outputs: Any) -> list[str]:
         except TeacherOutputError as error:
             found.append(str(error))
     return found
+
+
+def training_callbacks(
+    label: str, on_nonfinite: OnNonFinite = "stop", show_progress: bool = True
+) -> list[Callback]:
+    """The callbacks of a training besides the run's own (a teacher, an earlier stage, the
+    scratch baseline): a :class:`NonFiniteLossGuard` naming ``label`` and, when
+    ``show_progress``, a progress bar labelled ``label``.
+
+    Examples:
+        >>> [type(callback).__name__ for callback in training_callbacks("teacher cnn", "skip")]
+        ['NonFiniteLossGuard', 'LabelledProgressBar']
+        >>> training_callbacks("teacher cnn", show_progress=False)[0].label
+        'teacher cnn'
+    """
+    return [NonFiniteLossGuard(on_nonfinite, label), *progress_bar(label, show_progress)]

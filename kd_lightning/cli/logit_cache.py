@@ -24,6 +24,7 @@ from kd_lightning.teachers.cache.build import (
     remove_partial_builds,
 )
 from kd_lightning.teachers.cache.fingerprint import NondeterministicDataError
+from kd_lightning.teachers.cache.parts import CacheWriteError
 from kd_lightning.teachers.cache.sequence_build import build_sequence_cache
 from kd_lightning.teachers.cache.sequence_store import SequenceCachedTeachers
 
@@ -143,7 +144,9 @@ def open_output_cache(
     top ``cache_top_k`` logits at ``cache_value_bits`` bits; :func:`open_sequence_cache`).
 
     Built when missing (a changed teacher or dataset has a new fingerprint, hence no cache yet)
-    unless ``cache_build=false``, which makes that an error naming what changed. Teachers run on
+    unless ``cache_build=false``, which makes that an error naming what changed. A write that
+    fails (a full disk) raises a :class:`~kd_lightning.teachers.cache.parts.CacheWriteError`
+    naming ``paths.cache_dir`` and the file, and keeps no cache. Teachers run on
     the GPU when ``trainer.accelerator`` asks for one and one is present (under ``torchrun``, the
     GPU of the rank's ``LOCAL_RANK``); ``torchrun`` ranks share the build (:func:`build_ranks`).
     """
@@ -181,6 +184,9 @@ def open_output_cache(
         )
     except NondeterministicDataError as error:
         raise ValueError(f"cache=true: data={cfg.data._target_}: {error}") from error
+    except CacheWriteError as error:
+        error.args = (f"paths.cache_dir={cfg.paths.cache_dir}: {error}",)
+        raise
     if cache.path.resolve().parent != root.resolve():
         raise RuntimeError(f"teacher-output cache {cache.path} lies outside {root}")
     return cache
@@ -192,22 +198,27 @@ def open_sequence_cache(
     """The sequence cache of ``teachers`` over the blocks of ``datamodule``, under
     ``${paths.cache_dir}/outputs`` (its fingerprint names the teachers, tokenizer, block length,
     ``cache_top_k`` and ``cache_value_bits``), built where missing; a killed build resumes from
-    its finished chunks. With ``cache_build=false`` a missing cache is an error."""
+    its finished chunks (also one that stopped on a full disk: the error names ``paths.cache_dir``
+    and the file). With ``cache_build=false`` a missing cache is an error."""
     root = output_cache_root(cfg)
     device = torch.device("cpu")
     if str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto"):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     datamodule.prepare_data()
-    return build_sequence_cache(
-        teachers,
-        datamodule,
-        root,
-        top_k=int(cfg.cache_top_k),
-        value_bits=cfg.get("cache_value_bits", 8),
-        batch_size=datamodule.batch_size,
-        device=device,
-        missing="build" if cfg.get("cache_build", True) else "error",
-    )
+    try:
+        return build_sequence_cache(
+            teachers,
+            datamodule,
+            root,
+            top_k=int(cfg.cache_top_k),
+            value_bits=cfg.get("cache_value_bits", 8),
+            batch_size=datamodule.batch_size,
+            device=device,
+            missing="build" if cfg.get("cache_build", True) else "error",
+        )
+    except CacheWriteError as error:
+        error.args = (f"paths.cache_dir={cfg.paths.cache_dir}: {error}",)
+        raise
 
 
 def cached_teachers(

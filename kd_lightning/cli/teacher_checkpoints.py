@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_lightning.batch import BatchAdapter
-from kd_lightning.callbacks.progress import progress_bar
+from kd_lightning.callbacks.nonfinite import training_callbacks
 from kd_lightning.cli.config import show_progress
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.modules.stages import save_weights
@@ -129,9 +129,12 @@ def train_teacher(name: str, cfg: DictConfig, datamodule: LightningDataModule) -
 
     A teacher with an ``input_transform`` is trained on transformed inputs, and one with a
     ``class_map`` on labels moved into its own classes (samples of classes it does not cover are
-    left out of its loss), so that it later fits the ensemble that applies both.
+    left out of its loss), so that it later fits the ensemble that applies both. A step whose
+    loss is NaN or inf stops the training naming the teacher, or with ``on_nonfinite=skip`` is
+    skipped (:func:`~kd_lightning.callbacks.nonfinite.training_callbacks`).
     The file appears only once complete (written aside, then renamed), so an interrupted run
-    never leaves a teacher that later runs would load.
+    never leaves a teacher that later runs would load; a write that fails (a full disk) is an
+    ``OSError`` naming the teacher, ``paths.cache_dir`` and the file.
     """
     teacher = cfg.teachers[name]
     L.seed_everything(teacher.fit.seed, workers=True, verbose=False)
@@ -154,7 +157,9 @@ def train_teacher(name: str, cfg: DictConfig, datamodule: LightningDataModule) -
         enable_model_summary=False,
         num_sanity_val_steps=0,
         enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
-        callbacks=progress_bar(f"teacher {name}", show_progress(cfg)),
+        callbacks=training_callbacks(
+            f"teacher {name}", cfg.get("on_nonfinite", "stop"), show_progress(cfg)
+        ),
         default_root_dir=cfg.paths.output_dir,
     )
     trainer.fit(module, datamodule=datamodule)
@@ -163,7 +168,11 @@ def train_teacher(name: str, cfg: DictConfig, datamodule: LightningDataModule) -
         "teacher": name,
         "config": json.dumps(OmegaConf.to_container(teacher, resolve=True)),
     }
-    save_weights(model.state_dict(), path, metadata)
+    try:
+        save_weights(model.state_dict(), path, metadata)
+    except OSError as error:
+        error.args = (f"teachers.{name}: paths.cache_dir={cfg.paths.cache_dir}: {error}",)
+        raise
     return path
 
 

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_lightning.callbacks import NonFiniteLossGuard, TeacherAgreementCallback
+from kd_lightning.callbacks.nonfinite import training_callbacks
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.cli.config import CONFIG_DIR, method_arguments, method_name, show_progress
 from kd_lightning.cli.logit_cache import cached_teachers, check_cacheable
@@ -42,6 +43,7 @@ from kd_lightning.cli.teacher_checkpoints import (
 from kd_lightning.cli.validation import validate_config
 from kd_lightning.modules import ClassifierModule, StageRunner
 from kd_lightning.teachers import TeacherSource
+from kd_lightning.teachers.cache.parts import NO_ROOM
 
 log = logging.getLogger(__name__)
 #: Where a multirun job keeps the overrides it was launched with (see :func:`record_sweep_job`).
@@ -104,7 +106,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=distill_data, ckpt_path=last_checkpoint(trainer))
+    try:
+        trainer.fit(module, datamodule=distill_data, ckpt_path=last_checkpoint(trainer))
+    except OSError as error:
+        raise_no_room(error, trainer)
+        raise
     optimized = optimized_value(cfg, trainer)  # before trainer.test replaces the metrics
     val_metrics = metric_values(trainer, "val/")  # those of the last validation
     trainer.test(module, datamodule=distill_data)
@@ -159,6 +165,7 @@ def build_module(
             OmegaConf.to_container(cfg.trainer, resolve=True),  # type: ignore[arg-type]
             seed=cfg.seed,
             pretrained=lambda name: pretrained_teacher(cfg, datamodule, name),
+            on_nonfinite=cfg.get("on_nonfinite", "stop"),
         )
     return instantiate(cfg.method, _convert_="all")(**provided)
 
@@ -185,7 +192,8 @@ def train_baseline(
     """Train ``network`` (the method's trained network as it was before training: the student, or
     for ``tfkd variant=reverse`` the teacher's architecture) on labels alone; return its metrics
     at the last validation and in the test: ``val/loss``, ``val/acc`` (when it validated),
-    ``test/loss`` (cross-entropy) and ``test/acc``. Its curves go to
+    ``test/loss`` (cross-entropy) and ``test/acc``. A step whose loss is NaN or inf stops it, or
+    with ``on_nonfinite=skip`` is skipped, as in distillation. Its curves go to
     ``<output_dir>/csv_baseline/version_0/metrics.csv``, beside the distilled student's."""
     L.seed_everything(cfg.seed, workers=True)
     module = ClassifierModule(
@@ -197,7 +205,9 @@ def train_baseline(
         cfg.trainer,
         logger=CSVLogger(cfg.paths.output_dir, name="csv_baseline", version=0),
         enable_checkpointing=False,
-        callbacks=progress_bar("scratch baseline", show_progress(cfg)),
+        callbacks=training_callbacks(
+            "scratch baseline", cfg.get("on_nonfinite", "stop"), show_progress(cfg)
+        ),
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)
@@ -225,6 +235,25 @@ def last_checkpoint(trainer: Trainer) -> str | None:
         return None
     log.info("resuming from %s", path)
     return str(path)
+
+
+def raise_no_room(error: OSError, trainer: Trainer) -> None:
+    """Raise ``error``, a write that found no room (a full disk, a file-size limit) while the
+    student trained, as an ``OSError`` saying so and where checkpoints go; other errors pass.
+
+    Lightning writes a checkpoint aside and renames it, so a failed write leaves none: the
+    ``last.ckpt`` of the last epoch written whole is what a relaunch resumes from.
+    """
+    if error.errno not in NO_ROOM:
+        return
+    callback = trainer.checkpoint_callback
+    where = getattr(callback, "dirpath", None) or trainer.default_root_dir
+    raise OSError(
+        error.errno,
+        f"{error.strerror} while training the student (checkpoints go to {where}): the disk is "
+        "full or a file-size limit was hit; no partial checkpoint was kept, so a relaunch in the "
+        "same hydra.run.dir resumes from the last one written whole",
+    ) from error
 
 
 def finished_sweep_job(cfg: DictConfig) -> dict[str, Any] | None:

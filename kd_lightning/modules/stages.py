@@ -7,16 +7,19 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.teachers import load_teacher
 from kd_lightning.teachers.loading import read_state_dict
+
+if TYPE_CHECKING:
+    from kd_lightning.callbacks.nonfinite import OnNonFinite
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ def stage_path(stage_dir: Path, name: str) -> Path:
 
 
 def save_weights(state: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    """Write a state dict as safetensors atomically: the file appears only once complete.
+    """Write a state dict as safetensors atomically: the file appears only once complete, and a
+    write that fails (a full disk) leaves no file and raises an ``OSError`` naming ``path``.
 
     Tensors that share memory (tied weights, e.g. a language model's embedding and head) are
     written each as its own copy, which loading ties again through the model's own parameters.
@@ -72,12 +76,10 @@ def save_weights(state: Mapping[str, Tensor], path: Path, metadata: Mapping[str,
         tensors[key] = tensor.clone() if storage in seen else tensor
         seen.add(storage)
     try:
-        save_file(
-            tensors,
-            str(partial),
-            metadata=dict(metadata),
-        )
+        save_file(tensors, str(partial), metadata=dict(metadata))
         os.replace(partial, path)
+    except (OSError, SafetensorError) as error:
+        raise OSError(f"could not write {path}: {error}") from error
     finally:
         partial.unlink(missing_ok=True)
 
@@ -87,18 +89,23 @@ def stage_trainer(
     label: str,
     max_epochs: int,
     callbacks: list[Callback] | None = None,
+    on_nonfinite: OnNonFinite = "stop",
 ) -> Trainer:
     """A quiet one-device Trainer for one stage: no logger, no checkpoints, a progress bar named
-    ``label``.
+    ``label``, and a :class:`~kd_lightning.callbacks.NonFiniteLossGuard` that stops (or with
+    ``on_nonfinite="skip"`` skips) a step whose loss is NaN or inf, naming ``label``.
 
     ``trainer_cfg`` holds the run's trainer settings; its accelerator, precision, batch limits
     and ``enable_progress_bar`` carry over (the others, e.g. ``devices``, do not).
 
     Examples:
         >>> trainer = stage_trainer({"accelerator": "cpu", "enable_progress_bar": False}, "demo", 3)
-        >>> trainer.max_epochs, trainer.logger
-        (3, None)
+        >>> trainer.max_epochs, trainer.logger, type(trainer.callbacks[0]).__name__
+        (3, None, 'NonFiniteLossGuard')
     """
+    # Imported here: the guard reads kd_lightning.modules, which imports this module.
+    from kd_lightning.callbacks.nonfinite import training_callbacks
+
     shared = {key: trainer_cfg[key] for key in SHARED_TRAINER_KEYS if key in trainer_cfg}
     show_progress = bool(trainer_cfg.get("enable_progress_bar", True))
     return L.Trainer(
@@ -110,7 +117,7 @@ def stage_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         enable_progress_bar=show_progress,
-        callbacks=[*(callbacks or []), *progress_bar(label, show_progress)],
+        callbacks=[*(callbacks or []), *training_callbacks(label, on_nonfinite, show_progress)],
     )
 
 
@@ -130,6 +137,8 @@ class StageRunner:
         seed: the run's seed; pipelines seed each stage's network from it.
         pretrained: teacher name → the file of its pretrained weights; ``None`` when the run
             has none to give.
+        on_nonfinite: a stage step whose loss is NaN or inf stops the run (``"stop"``) or is
+            skipped (``"skip"``; see :func:`stage_trainer`).
 
     Examples:
         >>> import tempfile, torch
@@ -153,12 +162,14 @@ class StageRunner:
         trainer: Mapping[str, Any],
         seed: int = 0,
         pretrained: Callable[[str], Path] | None = None,
+        on_nonfinite: OnNonFinite = "stop",
     ) -> None:
         self.datamodule = datamodule
         self.directory = Path(directory)
         self.trainer = dict(trainer)
         self.seed = seed
         self.pretrained = pretrained
+        self.on_nonfinite = on_nonfinite
 
     def run(
         self,
@@ -227,7 +238,10 @@ class StageRunner:
         self, name: str, module: LightningModule, epochs: int, callbacks: list[Callback]
     ) -> None:
         """Train ``module``, built and checked by :meth:`fit`: the step a dry run leaves out."""
-        trainer = stage_trainer(self.trainer, f"stage {name}", epochs, callbacks)
+        label = f"stage {name}"
+        trainer = stage_trainer(
+            self.trainer, label, epochs, callbacks, on_nonfinite=self.on_nonfinite
+        )
         trainer.fit(module, datamodule=self.datamodule)
 
 

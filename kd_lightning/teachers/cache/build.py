@@ -46,12 +46,15 @@ from kd_lightning.teachers.cache.fingerprint import (
 )
 from kd_lightning.teachers.cache.parts import (
     PARTS_PREFIX,
+    CacheWriteError,
     build_in_parts,
     check_rank,
+    open_array,
     owner_is_dead,
     partial_directory,
     row_range,
     sync_directory,
+    writing,
 )
 from kd_lightning.teachers.cache.store import (
     FORMAT_VERSION,
@@ -187,9 +190,7 @@ def _open_arrays(
             "tail": (rows, np.float32),
         }
     return {
-        part: np.lib.format.open_memmap(
-            directory / names[part], mode="w+", dtype=dtype, shape=(size, *shape)
-        )
+        part: open_array(directory / names[part], dtype, (size, *shape))
         for part, (shape, dtype) in shapes.items()
     }
 
@@ -294,13 +295,17 @@ def build_output_cache(
     try:
         splits = {split: write_rows(partial, split, range(size)) for split, size in sizes.items()}
         manifest = {**description, "fingerprint": key, "splits": splits, "files": files}
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with writing(partial / MANIFEST):
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         sync_directory(partial)
         try:
             os.rename(partial, final)
         except OSError:
             if not (final / MANIFEST).is_file():
                 raise  # not a concurrent builder's complete cache: a real failure
+    except CacheWriteError as error:
+        error.args = (f"{error}; the partial build was removed, so no cache was kept",)
+        raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return CachedTeachers(final, expected_fingerprint=key)

@@ -22,13 +22,15 @@ parts directory. The other ranks poll until the cache's manifest appears.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,52 @@ WriteRows = Callable[[Path, str, range], dict[str, Any]]
 """``(directory, split, rows) -> {"sample_shape": [...], ...}``: run the teachers over ``rows``."""
 
 
+#: Errors of a write that found no room: a full disk, a full quota, a file-size limit.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 class MissingPartsError(TimeoutError):
     """The other ranks' parts of a cache did not all appear within ``wait_s``."""
+
+
+class CacheWriteError(OSError):
+    """A cache file could not be written (e.g. the disk is full); the message names the file."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` of the block as a :class:`CacheWriteError` naming ``path``.
+
+    Examples:
+        >>> with writing(Path("/cache/train.npy")):
+        ...     raise OSError(errno.EFBIG, "File too large")
+        Traceback (most recent call last):
+        ...
+        kd_lightning.teachers.cache.parts.CacheWriteError: could not write /cache/train.npy: File too large (the disk is full or a file-size limit was hit)
+    """
+    try:
+        yield
+    except CacheWriteError:
+        raise
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno in NO_ROOM:
+            reason += " (the disk is full or a file-size limit was hit)"
+        written = CacheWriteError(f"could not write {path}: {reason}")
+        written.errno = error.errno
+        raise written from error
+
+
+def open_array(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A new ``.npy`` file at ``path`` opened as a writable memory map, its blocks allocated
+    on disk first: a disk without room fails here, as a :class:`CacheWriteError`, rather than
+    with a ``SIGBUS`` when a page of the map is written later."""
+    with writing(path):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        if hasattr(os, "posix_fallocate"):
+            with open(path, "r+b") as file:
+                os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+    return array
 
 
 def check_rank(rank: int, world_size: int) -> None:
@@ -122,7 +168,7 @@ def owner_is_dead(path: Path) -> bool:
 def sync_directory(directory: Path) -> None:
     """Flush every file of ``directory``, then the directory, to disk (before a rename)."""
     for path in directory.iterdir():
-        with open(path, "rb") as file:
+        with writing(path), open(path, "rb") as file:
             os.fsync(file.fileno())
     descriptor = os.open(directory, os.O_RDONLY)
     try:
@@ -223,7 +269,8 @@ def _write_part(
                 "sample_shape": written["sample_shape"] if rows else None,
             }
         manifest = {"fingerprint": key, "rank": rank, "world_size": world_size, "splits": splits}
-        (partial / PART_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with writing(partial / PART_MANIFEST):
+            (partial / PART_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         sync_directory(partial)
         if _read_part(parts, key, rank, shares) is None:
             shutil.rmtree(parts / name, ignore_errors=True)  # left without part.json: never read
@@ -260,7 +307,8 @@ def _merge(
             sample_shape = next(e["sample_shape"] for e in entries if e["stop"] > e["start"])
             splits[split] = {"num_samples": entries[-1]["stop"], "sample_shape": sample_shape}
         manifest = {**description, "fingerprint": final.name, "splits": splits, "files": files}
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with writing(partial / MANIFEST):
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         sync_directory(partial)
         os.rename(partial, final)
     except Exception:
@@ -276,9 +324,7 @@ def _concatenate(target: Path, sources: list[tuple[Path, range]]) -> None:
     arrays = [np.load(path, mmap_mode="r", allow_pickle=False) for path, _ in sources]
     first = arrays[0]
     size = sources[-1][1].stop
-    out = np.lib.format.open_memmap(
-        target, mode="w+", dtype=first.dtype, shape=(size, *first.shape[1:])
-    )
+    out = open_array(target, first.dtype, (size, *first.shape[1:]))
     row_bytes = max(1, first.dtype.itemsize * int(np.prod(first.shape[1:])))
     step = max(1, COPY_CHUNK_BYTES // row_bytes)
     for array, (path, rows) in zip(arrays, sources, strict=True):

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from kd_lightning.batch import MODEL_INPUT_KEYS
 from kd_lightning.teachers.cache.build import StaleCacheError
 from kd_lightning.teachers.cache.fingerprint import dataset_fingerprint, teacher_fingerprint
-from kd_lightning.teachers.cache.parts import sync_directory
+from kd_lightning.teachers.cache.parts import CacheWriteError, sync_directory, writing
 from kd_lightning.teachers.cache.sequence_store import (
     FORMAT,
     FORMAT_VERSION,
@@ -255,6 +255,12 @@ def build_sequence_cache(
         _write_atomically(partial / MANIFEST, lambda file: file.write(text))
         sync_directory(partial)
         os.rename(partial, final)
+    except CacheWriteError as error:
+        error.args = (
+            f"{error}; the finished chunks stay in {partial}, which no reader opens, for the "
+            "next build to reuse",
+        )
+        raise
     except OSError:
         if not (final / MANIFEST).is_file():
             raise  # not a concurrent builder that completed this cache first: a real failure
@@ -357,10 +363,12 @@ def _is_complete(path: Path, blocks: int, dtype: np.dtype) -> bool:
 
 
 def _write_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """``write`` into a temporary file beside ``path``, synced, then moved onto ``path``."""
+    """``write`` into a temporary file beside ``path``, synced, then moved onto ``path``; a
+    failed write leaves no file and raises a
+    :class:`~kd_lightning.teachers.cache.parts.CacheWriteError` naming ``path``."""
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(temporary, "wb") as file:
+        with writing(path), open(temporary, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
