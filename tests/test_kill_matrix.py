@@ -38,18 +38,16 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # The command, with a SIGKILL of itself halfway through writing the epoch-1 checkpoint.
 KILLED_IN_CHECKPOINT_WRITE = """
 import os, runpy, signal, sys
-from fsspec.implementations.local import LocalFileOpener
 
-write = LocalFileOpener.write
+fsync = os.fsync
 
-def write_half_then_die(self, data):
-    if self.path.endswith("epoch001.ckpt"):
-        write(self, data[: len(data) // 2])
-        self.flush()
+def die_half_written(fd):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".epoch001.ckpt.partial"):
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)
         os.kill(os.getpid(), signal.SIGKILL)
-    return write(self, data)
+    fsync(fd)
 
-LocalFileOpener.write = write_half_then_die
+os.fsync = die_half_written
 sys.argv = sys.argv[1:]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
@@ -205,9 +203,11 @@ def test_killed_checkpoint_write_resumes_from_the_last_whole_checkpoint(tmp_path
     process = launch([*args, f"hydra.run.dir={run_dir}"], killed, KILLED_IN_CHECKPOINT_WRITE)
     assert process.wait(timeout=600) == -signal.SIGKILL, (killed / "log").read_text()[-3000:]
     checkpoints = run_dir / "checkpoints"
-    assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+    names = sorted(path.name for path in checkpoints.iterdir())
+    assert names == [".epoch001.ckpt.partial", "epoch000.ckpt", "last.ckpt"]  # never read
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 0
     finish([*args, f"hydra.run.dir={run_dir}"], killed)
+    assert not (checkpoints / ".epoch001.ckpt.partial").exists()
     assert "resuming from" in (killed / "log").read_text()
     same_weights(clean / "run" / "checkpoints" / "last.ckpt", checkpoints / "last.ckpt")
 

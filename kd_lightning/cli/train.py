@@ -28,7 +28,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd_lightning.callbacks import NonFiniteLossGuard, TeacherAgreementCallback
+from kd_lightning.callbacks import (
+    AtomicCheckpointIO,
+    NonFiniteLossGuard,
+    TeacherAgreementCallback,
+)
 from kd_lightning.callbacks.nonfinite import training_callbacks
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.cli.config import CONFIG_DIR, method_arguments, method_name, show_progress
@@ -103,6 +107,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         logger=loggers or False,
         callbacks=[*callbacks, guard, *progress_bar("student", show_progress(cfg))],
         **strategy_for(cfg, module),
+        **checkpoint_writer(cfg),
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -315,6 +320,22 @@ def strategy_for(cfg: DictConfig, module: LightningModule) -> dict[str, Any]:
         return {}
     partial = bool(getattr(module, "partial_backward", False))
     return {"strategy": {"find_unused_parameters": partial}}
+
+
+def checkpoint_writer(cfg: DictConfig) -> dict[str, Any]:
+    """Trainer arguments that write the student's checkpoints with
+    :class:`~kd_lightning.callbacks.AtomicCheckpointIO`: none under FSDP (which writes its own
+    sharded checkpoints) or when ``trainer.plugins`` names the user's own.
+
+    Examples:
+        >>> cfg = OmegaConf.create({"trainer": {"strategy": "auto"}})
+        >>> [type(plugin).__name__ for plugin in checkpoint_writer(cfg)["plugins"]]
+        ['AtomicCheckpointIO']
+    """
+    strategy = str(cfg.trainer.get("strategy", ""))
+    if cfg.trainer.get("plugins") or "FSDP" in strategy or "fsdp" in strategy:
+        return {}
+    return {"plugins": [AtomicCheckpointIO()]}
 
 
 def strategy_name(strategy: Any) -> str:
