@@ -94,6 +94,17 @@ def test_refused_before_any_work_naming_the_key(tmp_path, overrides, key):
     assert not any((tmp_path / "output").iterdir())  # no checkpoint, log or summary
 
 
+def test_a_run_directory_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    cfg = compose_config(tmp_path, [*ONE_TEACHER])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(blocker / "run")
+    with pytest.raises(ConfigError, match=r"paths\.output_dir=.*a_file is a file"):
+        train(cfg)
+    assert not (tmp_path / "cache" / "teachers").exists()  # no teacher trained
+
+
 def test_every_problem_is_reported_at_once(tmp_path):
     overrides = ["trainer.devices=0", "method.loss.alpha=2", "student.num_classes=3"]
     cfg = compose_config(tmp_path, [*ONE_TEACHER, *overrides, "train_if_missing=false"])
