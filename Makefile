@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all train teachers cache bench results results-smoke bench-gpu docs lint format clean
+.PHONY: install test test-all train teachers cache bench results results-lm results-smoke bench-gpu docs lint format clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,13 @@ bench-gpu:
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python -m kd_lightning.bench.gpu --json bench-gpu.json
 
-# The MNIST-1D table and plots in results/ (about 7 h on 2 CPU cores; rerun to continue).
+# The MNIST-1D table and plots in results/mnist1d/ (about 7 h on 2 CPU cores; rerun to continue).
 results:
 	$(BIN)/kd-results --preset full --jobs 2 $(ARGS)
+
+# The standard-library LM table and validation curves in results/lm/ (3 seeds; rerun to continue).
+results-lm:
+	$(BIN)/kd-results --preset lm $(ARGS)
 
 results-smoke:
 	$(BIN)/kd-results --preset smoke --out results-smoke $(ARGS)

@@ -20,6 +20,7 @@ def validate(tmp_path, teachers, datamodule, **trainer_options) -> dict[str, flo
     return {key: float(value) for key, value in trainer.callback_metrics.items() if "/" in key}
 
 
+@pytest.mark.slow
 def test_two_processes_log_the_same_agreement_as_one(tmp_path, teachers):
     from kd_lightning.data import SyntheticDataModule
 

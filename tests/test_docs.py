@@ -27,4 +27,4 @@ def test_the_site_builds_strictly_with_an_api_reference(tmp_path):
     assert "EntropyWeighted" in reference and "GradientSpaceWeights" in reference
     models = (tmp_path / "language-models" / "index.html").read_text()
     assert "from_config" in models  # the README's tested LM example, included
-    assert (tmp_path / "figures" / "accuracy.png").is_file()
+    assert (tmp_path / "figures" / "previous" / "accuracy.png").is_file()

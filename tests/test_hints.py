@@ -247,6 +247,7 @@ def test_fit_without_datamodule_asks_for_materialize(tmp_path, datamodule):
     assert module.hints.materialized
 
 
+@pytest.mark.slow
 def test_hydra_method_ensemble_hints_trains(tmp_path):
     from kd_lightning.cli.config import method_name
     from kd_lightning.cli.train import train
@@ -382,6 +383,7 @@ def test_camkd_step_weights_come_through_the_heads():
         assert module.hints.adapters[name].proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_hydra_experiment_camkd_composes_and_trains(tmp_path):
     from kd_lightning.cli.train import train
 

@@ -375,6 +375,7 @@ def text_data(tmp_path: Path, **overrides: Any) -> TextDataModule:
     return TextDataModule(**{**options, **overrides})
 
 
+@pytest.mark.slow
 def test_a_distillation_module_fits_an_epoch_from_the_cache(tmp_path):
     dm = text_data(tmp_path)
     teachers = TeacherEnsemble({name: lm(dm.vocab_size, seed) for seed, name in enumerate("abc")})
