@@ -241,3 +241,33 @@ def test_the_lm_table_averages_perplexities_and_pairs_relative_changes(tmp_path)
     change = f"{100 * changes.mean():+.1f} ± {100 * np.std(changes, ddof=1):.1f}"
     assert f"| ensemble | {HEADLINE} | 2 | 52.0 ± 2.8 | {change} | 200 |" in table
     assert "- lm_wide: 42.4 (`aaaaaaaaaaaa`)" in table
+
+
+@pytest.mark.slow
+def test_lm_results_write_perplexities_and_the_validation_curves(tmp_path):
+    tiny = [
+        "data.max_bytes=20000",
+        "data.vocab_size=300",
+        "data.block_size=32",
+        "data.batch_size=8",
+        "teachers.lm_wide.model.d_model=32",
+        "teachers.lm_deep.model.d_model=32",
+        "teachers.lm_deep.model.n_layers=2",
+        "student.d_model=16",
+        "trainer.limit_train_batches=6",
+        "trainer.limit_val_batches=2",
+        "trainer.val_check_interval=3",
+    ]
+    only = f"{HEADLINE},fusion=routed,cached k=32"
+    args = ["-m", "kd_lightning.cli.results", "--preset", "lm", "--seeds", "1", "--only", only]
+    done = run_command([*args, "--out", str(tmp_path / "lm"), *tiny], cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (tmp_path / "lm" / "stdlib_lm.md").read_text()
+    assert "| test perplexity | change over scratch, paired by seed (%) |" in table
+    for label in ("scratch (CE only)", HEADLINE, "fusion=routed", "cached k=32"):
+        assert f"| {label} | 1 |" in table
+    ledger = json.loads((tmp_path / "lm" / "stdlib_lm.json").read_text())
+    assert set(ledger["scores"]) == {"lm_wide", "lm_deep", "lm_gru", "ensemble (mean p)"}
+    assert (tmp_path / "lm" / "val_loss.png").stat().st_size > 10_000
+    curve = tmp_path / "lm" / "runs" / "fusion-mean_probs" / "seed0" / "csv_baseline"
+    assert (curve / "version_0" / "metrics.csv").read_text().count("\n") > 2
