@@ -10,10 +10,11 @@ tokens), each through a Lightning ``Trainer``:
   (:class:`HandwrittenLMModule`);
 * ``lm_cached_k32`` and ``lm_cached_k128``: ``DistillationModule`` reading the teachers' top 32
   or 128 logits per token from a sequence cache built before timing
-  (:func:`~kd_lightning.teachers.cache.sequence_build.build_sequence_cache`);
-* ``lm_unchunked`` and ``lm_chunked``: the k = 32 cache read with
-  :class:`~kd_lightning.DistillationLoss` or with
-  :class:`~kd_lightning.losses.ChunkedDistillationLoss`, timed as a pair of their own.
+  (:func:`~kd_lightning.teachers.cache.sequence_build.build_sequence_cache`), the KD term
+  computed from them unexpanded (:mod:`kd_lightning.losses.sparse`);
+* ``lm_unchunked`` and ``lm_chunked``: the k = 32 cache read as dense logits
+  (``SequenceCachedTeachers(sparse=False)``) with :class:`~kd_lightning.DistillationLoss` or
+  with :class:`~kd_lightning.losses.ChunkedDistillationLoss`, timed as a pair of their own.
 
 An epoch is ``steps`` training steps; the workloads take turns one epoch at a time, as in
 :mod:`kd_lightning.bench.run`, and a ratio is the median over rounds of the paired epoch times,
@@ -210,6 +211,8 @@ def lm_workload(
         if name == "lm_chunked":
             loss = ChunkedDistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
         cache = sequence_cache(size, datamodule, top_k, seed, device)
+        if name in ("lm_unchunked", "lm_chunked"):  # the chunking of the dense KD term
+            cache = SequenceCachedTeachers(cache.path, sparse=False)
         return DistillationModule(student, cache, loss, adam), indexed_loader(loader)
     raise ValueError(f"unknown LM workload {name!r}; choose from {list(LM_WORKLOADS)}")
 

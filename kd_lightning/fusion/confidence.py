@@ -32,10 +32,21 @@ class ConfidenceAware(FusionRule, name="confidence"):
         """Confidence weights ``(*batch, K)``; see the class docstring."""
         labels = context.labels
         assert labels is not None  # FusionRule.forward enforces needs_labels
-        num_teachers = teacher_logits.shape[0]
         log_probs = F.log_softmax(teacher_logits, dim=-1)
         label_index = labels.expand(teacher_logits.shape[:-1]).unsqueeze(-1)
         cross_entropies = -log_probs.gather(-1, label_index).squeeze(-1).movedim(0, -1)
+        return self.from_cross_entropies(cross_entropies)
+
+    def from_cross_entropies(self, cross_entropies: Tensor) -> Tensor:
+        """The weights ``(*batch, K)`` of teachers whose cross-entropies against the label at
+        temperature 1 are ``cross_entropies`` ``(*batch, K)`` (a sparse KD loss computes them
+        from top-k outputs).
+
+        Examples:
+            >>> ConfidenceAware().from_cross_entropies(torch.tensor([[0.0, 0.0]]))
+            tensor([[0.5000, 0.5000]])
+        """
+        num_teachers = cross_entropies.shape[-1]
         if num_teachers == 1:
             return torch.ones_like(cross_entropies)
         return (1 - F.softmax(cross_entropies, dim=-1)) / (num_teachers - 1)

@@ -49,7 +49,16 @@ class EntropyWeighted(FusionRule, name="entropy"):
     def weights(self, teacher_logits: Tensor, context: FusionContext) -> Tensor:
         """Entropy-based weights ``(*batch, K)``; see the class docstring."""
         entropies = torch.special.entr(F.softmax(teacher_logits, dim=-1)).sum(dim=-1)
-        entropies = entropies.movedim(0, -1)
+        return self.from_entropies(entropies.movedim(0, -1))
+
+    def from_entropies(self, entropies: Tensor) -> Tensor:
+        """The weights ``(*batch, K)`` of teachers whose entropies at temperature 1 are
+        ``entropies`` ``(*batch, K)`` (a sparse KD loss computes them from top-k outputs).
+
+        Examples:
+            >>> EntropyWeighted().from_entropies(torch.tensor([[2.0, 1.0]]))
+            tensor([[0.3333, 0.6667]])
+        """
         if self.tau is not None:
             return F.softmax(-entropies / self.tau, dim=-1)
         num_teachers = entropies.shape[-1]

@@ -30,6 +30,7 @@ from kd_lightning.losses.distillation import (
     _float32_region,
     check_shapes,
 )
+from kd_lightning.teachers.cache.topk import TopKLogits, expand_topk
 
 CHUNK_ELEMENTS = 2**22
 """Automatic chunks hold about this many elements per stacked ``(K, chunk, V)`` tensor (16 MiB
@@ -127,14 +128,22 @@ class ChunkedDistillationLoss(DistillationLoss):
     def forward(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor,
+        teacher_logits: Tensor | TopKLogits,
         labels: Tensor,
         student_features: Mapping[str, Tensor] | None = None,
         teacher_indices: Sequence[int] | None = None,
         batch_fields: Mapping[str, Tensor] | None = None,
     ) -> DistillationOutput:
         """The objective of :meth:`DistillationLoss.forward`, chunk by chunk; see the class.
-        Batch fields (one per sample or per position) are split with the positions."""
+        Batch fields (one per sample or per position) are split with the positions. Top-k
+        teacher outputs that the loss :attr:`accepts_topk` take the sparse path unchunked (it
+        builds no ``K × N × V`` tensor); others are expanded, then chunked."""
+        if isinstance(teacher_logits, TopKLogits):
+            if self.accepts_topk:
+                return super().forward(
+                    student_logits, teacher_logits, labels, None, teacher_indices
+                )
+            teacher_logits = expand_topk(teacher_logits)
         padded = check_shapes(student_logits, teacher_logits, labels, self.ignore_index)
         num_teachers, num_classes = teacher_logits.shape[0], student_logits.shape[-1]
         student = student_logits.reshape(-1, num_classes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -20,7 +21,9 @@ from kd_lightning.functional import (
     reverse_kl_divergence,
     soft_cross_entropy,
 )
-from kd_lightning.fusion import FusionRule, build_fusion
+from kd_lightning.fusion import FusionContext, FusionRule, build_fusion
+from kd_lightning.losses import sparse
+from kd_lightning.teachers.cache.topk import TopKLogits, expand_topk
 
 PROBABILITY_DIVERGENCES = {
     "kl": kl_divergence,
@@ -89,6 +92,12 @@ class DistillationLoss(nn.Module):
             fusion rule and the KD term see the corrected teachers, the returned weights come from
             them too.
 
+    Teachers given as top-k outputs (a :class:`~kd_lightning.teachers.cache.topk.TopKLogits` of
+    values ``(K, *batch, k)``, as a sequence cache reads them) stand for their dense expansion
+    (:func:`~kd_lightning.teachers.cache.topk.expand_topk`). When :attr:`accepts_topk`, the loss
+    computes exactly what it would from that expansion without building it
+    (:mod:`kd_lightning.losses.sparse`); otherwise it expands them and goes on densely.
+
     Examples:
         >>> loss = DistillationLoss("mean_probs", alpha=0.9, temperature=4.0)
         >>> out = loss(torch.randn(8, 10), torch.randn(3, 8, 10), torch.randint(0, 10, (8,)))
@@ -106,6 +115,15 @@ class DistillationLoss(nn.Module):
         >>> flat = loss(student[real], teachers[:, real], labels[real])
         >>> torch.allclose(out.loss, flat.loss)
         True
+
+        Top-k teachers (here k = 4 of V = 10), the same loss as from their dense expansion:
+
+        >>> values, ids = teachers.topk(4, dim=-1)
+        >>> tail = teachers.scatter(-1, ids, -torch.inf).logsumexp(-1)
+        >>> topk = TopKLogits(values, ids, tail, num_classes=10)
+        >>> loss.accepts_topk, torch.allclose(
+        ...     loss(student, topk, labels).loss, loss(student, expand_topk(topk), labels).loss)
+        (True, True)
     """
 
     def __init__(
@@ -138,6 +156,17 @@ class DistillationLoss(nn.Module):
         self.probability_shift = bool(probability_shift)
 
     @property
+    def accepts_topk(self) -> bool:
+        """Whether :meth:`forward` computes the loss from top-k teacher outputs without expanding
+        them: a divergence of :data:`~kd_lightning.losses.sparse.SPARSE_DIVERGENCES`, a rule of
+        :data:`~kd_lightning.losses.sparse.SPARSE_RULES` and no ``probability_shift``."""
+        return (
+            self.divergence in sparse.SPARSE_DIVERGENCES
+            and sparse.exact_rule(self.fusion)
+            and not self.probability_shift
+        )
+
+    @property
     def student_layers(self) -> tuple[str, ...]:
         """The student layers whose outputs the fusion rule reads (pass them to :meth:`forward`
         as ``student_features``); a :class:`~kd_lightning.DistillationModule` taps them."""
@@ -153,18 +182,23 @@ class DistillationLoss(nn.Module):
     def forward(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor,
+        teacher_logits: Tensor | TopKLogits,
         labels: Tensor,
         student_features: Mapping[str, Tensor] | None = None,
         teacher_indices: Sequence[int] | None = None,
         batch_fields: Mapping[str, Tensor] | None = None,
     ) -> DistillationOutput:
         """Compute the objective from student logits ``(*batch, C)``, teacher logits
-        ``(K, *batch, C)`` and labels ``(*batch)``; labels equal to ``ignore_index`` are padding.
-        ``student_features`` holds the outputs of the layers in :attr:`student_layers`;
-        ``teacher_indices`` says which of the rule's teachers the rows of ``teacher_logits`` are
-        when only some ran (e.g. drawn by :class:`~kd_lightning.teachers.DrawnTeachers`);
-        ``batch_fields`` holds the fields in :attr:`batch_fields`."""
+        ``(K, *batch, C)`` (or their top-k outputs, see the class) and labels ``(*batch)``; labels
+        equal to ``ignore_index`` are padding. ``student_features`` holds the outputs of the layers
+        in :attr:`student_layers`; ``teacher_indices`` says which of the rule's teachers the rows of
+        ``teacher_logits`` are when only some ran (e.g. drawn by
+        :class:`~kd_lightning.teachers.DrawnTeachers`); ``batch_fields`` holds the fields in
+        :attr:`batch_fields`."""
+        if isinstance(teacher_logits, TopKLogits):
+            if self.accepts_topk:
+                return self._forward_topk(student_logits, teacher_logits, labels, teacher_indices)
+            teacher_logits = expand_topk(teacher_logits)
         padded = check_shapes(student_logits, teacher_logits, labels, self.ignore_index)
         real = labels != self.ignore_index if padded else None  # None: no mask, fewer kernels
         with _float32_region(student_logits.device.type):
@@ -204,6 +238,67 @@ class DistillationLoss(nn.Module):
             loss = (1.0 - self.alpha) * hard + self.alpha * soft + self.fusion.penalty()
         return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=weights, real=real)
 
+    def _forward_topk(
+        self,
+        student_logits: Tensor,
+        topk: TopKLogits,
+        labels: Tensor,
+        teacher_indices: Sequence[int] | None,
+    ) -> DistillationOutput:
+        """:meth:`forward` from top-k teacher outputs, never expanded (see
+        :mod:`kd_lightning.losses.sparse`); padded positions are neutralised as there."""
+        check_topk(student_logits, topk)
+        # The labels' checks, on a zero-stride stand-in for the teachers' (K, *batch, C) logits.
+        proxy = student_logits.new_zeros(()).expand(topk.values.shape[0], *student_logits.shape)
+        padded = check_shapes(student_logits, proxy, labels, self.ignore_index)
+        num_teachers, num_classes = topk.values.shape[0], student_logits.shape[-1]
+        with _float32_region(student_logits.device.type):
+            student = student_logits.float().reshape(-1, num_classes)
+            flat_labels = labels.reshape(-1)
+            values = topk.values.float().reshape(num_teachers, len(flat_labels), -1)
+            tail = topk.tail_logsumexp.float().reshape(num_teachers, -1)
+            real = flat_labels != self.ignore_index if padded else None
+            rule_labels = flat_labels
+            if real is not None:  # neutral zero logits at padding, student and teachers alike
+                student = torch.where(real.unsqueeze(-1), student, 0.0)
+                values = torch.where(real.unsqueeze(-1), values, 0.0)
+                rest = num_classes - values.shape[-1]
+                tail = torch.where(real, tail, math.log(rest) if rest else -math.inf)
+                rule_labels = torch.where(real, flat_labels, 0)
+            flat = TopKLogits(values, topk.indices.reshape(values.shape), tail, num_classes)
+            context = FusionContext(
+                labels=rule_labels,
+                temperature=float(self.temperature),
+                teacher_indices=None if teacher_indices is None else tuple(teacher_indices),
+            )
+            with record_function("kd/fusion"):
+                weights = sparse.fusion_weights(self.fusion, flat, context, self.temperature)
+            hard_sum = F.cross_entropy(
+                student, flat_labels, ignore_index=self.ignore_index, reduction="sum"
+            )
+            per_position = sparse.soft_term(
+                student,
+                sparse.TopKSoftmax.of(flat, self.temperature),
+                weights,
+                self.divergence,
+                self.aggregation,
+                self.temperature,
+            )
+            count: Tensor | int = max(labels.numel(), 1)
+            if real is not None:
+                count = real.sum().clamp_min(1)
+                per_position = torch.where(real, per_position, 0.0)
+                weights = torch.where(real.unsqueeze(-1), weights, 0.0)
+            hard, soft = hard_sum / count, per_position.sum() / count
+            loss = (1.0 - self.alpha) * hard + self.alpha * soft + self.fusion.penalty()
+        return DistillationOutput(
+            loss=loss,
+            hard=hard,
+            soft=soft,
+            weights=weights.reshape(*labels.shape, num_teachers),
+            real=None if real is None else real.reshape(labels.shape),
+        )
+
     def _soft_term(
         self, student: Tensor, teachers: Tensor, weights: Tensor, target: Tensor
     ) -> Tensor:
@@ -240,6 +335,39 @@ def _float32_region(device_type: str) -> contextlib.AbstractContextManager[None]
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def check_topk(student_logits: Tensor, topk: TopKLogits) -> None:
+    """Refuse top-k teacher outputs that do not fit the student's logits ``(*batch, C)``, naming
+    what is wrong.
+
+    Examples:
+        >>> topk = TopKLogits(torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), torch.zeros(2, 4), 5)
+        >>> check_topk(torch.zeros(4, 5), topk)
+        >>> check_topk(torch.zeros(4, 6), topk)
+        Traceback (most recent call last):
+        ...
+        ValueError: the student has 6 classes but the teachers' top-k outputs 5
+    """
+    values, indices, tail = topk.values, topk.indices, topk.tail_logsumexp
+    if topk.num_classes != student_logits.shape[-1]:
+        raise ValueError(
+            f"the student has {student_logits.shape[-1]} classes but the teachers' top-k outputs "
+            f"{topk.num_classes}"
+        )
+    batch = tuple(student_logits.shape[:-1])
+    if (
+        values.ndim != student_logits.ndim + 1
+        or tuple(values.shape[1:-1]) != batch
+        or indices.shape != values.shape
+        or tail.shape != values.shape[:-1]
+        or values.shape[-1] > topk.num_classes
+    ):
+        raise ValueError(
+            f"top-k teacher outputs must be values and ids (K, *batch, k) and a tail (K, *batch) "
+            f"for student logits (*batch, C) = {tuple(student_logits.shape)}: got values "
+            f"{tuple(values.shape)}, ids {tuple(indices.shape)}, tail {tuple(tail.shape)}"
+        )
 
 
 def check_shapes(

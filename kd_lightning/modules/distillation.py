@@ -223,9 +223,11 @@ class DistillationModule(MethodModule):
                 f"{type(self.loss.fusion).__name__} reads the batch fields {missing}, which the "
                 f"batch lacks (it holds {sorted(batch)})"
             )
+        # Top-k teachers (a sequence cache's) go to a loss that computes from them unexpanded.
+        topk = getattr(teachers, "topk", None)
         return self.loss(
             student_logits,
-            teachers.logits,
+            topk if topk is not None and self.loss.accepts_topk else teachers.logits,
             labels,
             student_features={layer: student_features[layer] for layer in self.loss.student_layers},
             teacher_indices=teachers.ran,

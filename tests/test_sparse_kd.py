@@ -1,0 +1,193 @@
+"""The KD term from top-k teacher outputs equals the one from their dense expansion, unexpanded."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from kd_lightning import DistillationLoss, DistillationModule
+from kd_lightning.fusion import LearnedWeights, StaticWeights, build_fusion
+from kd_lightning.losses import ChunkedDistillationLoss
+from kd_lightning.losses import distillation as distillation_module
+from kd_lightning.teachers.cache.sequence_store import SequenceCachedTeachers, TopKTeacherOutputs
+from kd_lightning.teachers.cache.topk import TopKLogits, compress_topk, expand_topk
+
+from .test_sequence_cache import blocks, build, ensemble, lm
+
+K, B, SEQ, V = 3, 2, 7, 40
+
+
+def teachers_topk(top_k: int, seed: int = 0, scale: float = 3.0) -> TopKLogits:
+    """K teachers' top-k outputs over (B, SEQ) positions, each teacher with its own top-k ids."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(K, B, SEQ, V, generator=generator)
+    return compress_topk(logits, top_k)
+
+
+def batch(seed: int = 1, padded: bool = True) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    student = 2.0 * torch.randn(B, SEQ, V, generator=generator)
+    labels = torch.randint(0, V, (B, SEQ), generator=generator)
+    if padded:
+        labels[0, :2] = -100
+        labels[1, 5:] = -100
+    return student, labels
+
+
+RULES = {
+    "mean_probs": lambda: build_fusion("mean_probs"),
+    "static": lambda: StaticWeights([3.0, 1.0, 2.0]),
+    "learned": lambda: LearnedWeights(num_teachers=K),
+    "entropy": lambda: build_fusion("entropy"),
+    "entropy_tau": lambda: build_fusion("entropy", tau=0.5),
+    "confidence": lambda: build_fusion("confidence"),
+}
+
+
+def compare(loss: DistillationLoss, topk: TopKLogits, student: Tensor, labels: Tensor) -> None:
+    """The loss and its parts, the weights and every gradient agree to 1e-5, sparse and dense."""
+    outputs, grads = [], []
+    for teachers in (topk, expand_topk(topk)):
+        leaf = student.clone().requires_grad_()
+        out = loss(leaf, teachers, labels)
+        wanted = [leaf, *(p for p in loss.parameters() if p.requires_grad)]
+        grads.append(torch.autograd.grad(out.loss, wanted))
+        outputs.append(out)
+    sparse, dense = outputs
+    for name in ("loss", "hard", "soft", "weights"):
+        torch.testing.assert_close(
+            getattr(sparse, name), getattr(dense, name), atol=1e-5, rtol=1e-5, msg=name
+        )
+    assert (sparse.real is None) == (dense.real is None)
+    if dense.real is not None:
+        assert torch.equal(sparse.real, dense.real)
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("divergence", ["kl", "soft_ce"])
+@pytest.mark.parametrize("aggregation", ["target", "loss"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_the_sparse_term_equals_the_dense_expansion(rule, divergence, aggregation, temperature):
+    topk = teachers_topk(top_k=6)
+    assert not torch.equal(topk.indices[0], topk.indices[1])  # different id sets per teacher
+    loss = DistillationLoss(
+        RULES[rule](),
+        alpha=0.7,
+        temperature=temperature,
+        divergence=divergence,
+        aggregation=aggregation,
+    )
+    assert loss.accepts_topk
+    compare(loss, topk, *batch())
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("top_k", [1, 13, V])
+def test_every_k_with_and_without_padding(top_k, padded):
+    loss = DistillationLoss("mean_probs", alpha=0.5, temperature=4.0)
+    compare(loss, teachers_topk(top_k, seed=top_k), *batch(padded=padded))
+
+
+def test_a_tail_of_no_mass_and_ids_in_any_order():
+    topk = teachers_topk(top_k=5)
+    order = torch.randperm(5)  # the store reads ids ascending, compress_topk by value
+    topk = TopKLogits(
+        topk.values[..., order],
+        topk.indices[..., order],
+        torch.full_like(topk.tail_logsumexp, -math.inf),  # every other logit at -inf
+        V,
+    )
+    for divergence in ("kl", "soft_ce"):
+        loss = DistillationLoss("entropy", alpha=0.5, temperature=2.0, divergence=divergence)
+        compare(loss, topk, *batch())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"fusion": "mean_logits"},
+        {"fusion": "vote"},
+        {"fusion": "mean_probs", "divergence": "js"},
+        {"fusion": "mean_probs", "divergence": "reverse_kl"},
+        {"fusion": "mean_probs", "divergence": "mse"},
+        {"fusion": "mean_probs", "probability_shift": True},
+    ],
+)
+def test_other_rules_and_divergences_expand_to_the_dense_path(options):
+    loss = DistillationLoss(alpha=0.5, temperature=2.0, **options)
+    assert not loss.accepts_topk
+    compare(loss, teachers_topk(top_k=6), *batch())
+
+
+def test_a_subclass_of_a_sparse_rule_keeps_the_dense_path():
+    class Sharper(type(build_fusion("mean_probs"))):
+        pass
+
+    assert not DistillationLoss(Sharper()).accepts_topk
+
+
+def test_the_chunked_loss_takes_the_sparse_path_or_expands():
+    topk, (student, labels) = teachers_topk(top_k=6), batch()
+    for fusion in ("entropy", "mean_logits"):
+        chunked = ChunkedDistillationLoss(fusion, alpha=0.6, temperature=2.0, chunk_tokens=5)
+        plain = DistillationLoss(fusion, alpha=0.6, temperature=2.0)
+        leaf = student.clone().requires_grad_()
+        got = chunked(leaf, topk, labels)
+        (grad,) = torch.autograd.grad(got.loss, leaf)
+        reference = student.clone().requires_grad_()
+        expected = plain(reference, expand_topk(topk), labels)
+        (expected_grad,) = torch.autograd.grad(expected.loss, reference)
+        torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_sparse_path_never_expands(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("expanded")
+
+    monkeypatch.setattr(distillation_module, "expand_topk", refuse)
+    DistillationLoss("confidence")(*batch()[:1], teachers_topk(4), batch()[1])
+    with pytest.raises(AssertionError, match="expanded"):
+        DistillationLoss("mean_logits")(*batch()[:1], teachers_topk(4), batch()[1])
+
+
+def test_top_k_outputs_of_another_shape_are_refused():
+    student, labels = batch()
+    topk = teachers_topk(top_k=6)
+    with pytest.raises(ValueError, match="41 classes but the teachers' top-k outputs 40"):
+        DistillationLoss()(torch.zeros(B, SEQ, V + 1), topk, labels)
+    short = TopKLogits(topk.values[:, :1], topk.indices[:, :1], topk.tail_logsumexp[:, :1], V)
+    with pytest.raises(ValueError, match=r"got values \(3, 1, 7, 6\)"):
+        DistillationLoss()(student, short, labels)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        DistillationLoss()(student, topk, labels.clamp_min(0) + V)
+
+
+def test_a_module_reading_the_cache_trains_the_same_sparse_or_dense(tmp_path):
+    data = blocks(40, 4)
+    built = build(ensemble(40), {"train": data}, tmp_path, top_k=8)
+    tokens = torch.stack([block["input_ids"] for block in data[:3]])
+    labels = tokens.roll(-1, dims=1)
+    labels[:, -1] = -100
+    step_batch = {"input_ids": tokens, "labels": labels, "index": torch.tensor([0, 1, 2])}
+    results = []
+    for sparse in (True, False):
+        cache = SequenceCachedTeachers(built.path, sparse=sparse)
+        outputs = cache.outputs(tokens, step_batch, "train")
+        assert isinstance(outputs, TopKTeacherOutputs) == sparse
+        student = lm(40, seed=7, sharp=False)
+        module = DistillationModule(student, cache, DistillationLoss("mean_probs", temperature=2.0))
+        step = module.training_step(step_batch, 0)
+        step["loss"].backward()
+        results.append((step, [p.grad.clone() for p in student.parameters()]))
+    (sparse_step, sparse_grads), (dense_step, dense_grads) = results
+    assert torch.equal(sparse_step["teacher_logits"], dense_step["teacher_logits"])
+    torch.testing.assert_close(sparse_step["loss"], dense_step["loss"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse_step["fusion_weights"], dense_step["fusion_weights"])
+    for got, expected in zip(sparse_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
