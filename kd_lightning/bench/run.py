@@ -52,6 +52,13 @@ from typing import Any
 import lightning as L
 import torch
 
+from kd_lightning.bench.cache_gap import (
+    QUICK_OVERRIDES,
+    QUICK_STEPS,
+    STUDENT_STEPS,
+    format_cache_gap,
+    run_cache_gap,
+)
 from kd_lightning.bench.fast_paths import CALLS, ROUNDS, format_fast_paths, time_fast_paths
 from kd_lightning.bench.lm import QUICK, LMSize, format_lm_report, run_lm_benchmark
 from kd_lightning.bench.memory import memory_table, probe_in_subprocess
@@ -69,6 +76,7 @@ from kd_lightning.bench.workloads import (
     make_teachers,
     training_data,
 )
+from kd_lightning.cli.results import git_commit
 
 RATIOS = (
     "live/lightning_handwritten",
@@ -374,7 +382,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="instead, tokens/s of LM distillation workloads against plain LM training",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="with --lm: tiny models and 2 epochs (seconds)"
+        "--lm-cache",
+        action="store_true",
+        help="instead, build the sparse cache of experiment=lm at k = 8, 32, 128: bytes per "
+        "token, build time and the KD gap against the live teachers (about an hour per k "
+        "on 2 CPU cores; see --train-blocks)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="with --lm-cache: write kd_gap.json and kd_gap.md there (e.g. results/lm)",
+    )
+    parser.add_argument(
+        "--train-blocks",
+        type=int,
+        default=None,
+        help="with --lm-cache: cache only the first N training blocks and extrapolate the "
+        "whole split's build time and size (default: the whole split)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="with --lm-cache: Hydra overrides of experiment=lm, e.g. data.max_bytes=1000000",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="with --lm: tiny models and 2 epochs (seconds); with --lm-cache: tiny data and "
+        "models (a minute or two)",
     )
     parser.add_argument(
         "--trl",
@@ -382,7 +418,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="with --lm: also pair TRL's GKD trainer with the library (pip install '.[bench]')",
     )
     args = parser.parse_args(argv)
-    if args.lm:
+    if not args.lm_cache and (args.overrides or args.out is not None or args.train_blocks):
+        parser.error("overrides, --out and --train-blocks go with --lm-cache")
+    if args.lm_cache:
+        report = cache_gap_report(args)
+    elif args.lm:
         report = lm_report(args)
     elif args.profile is not None:
         if args.threads is not None:
@@ -462,6 +502,32 @@ def lm_report(args: argparse.Namespace) -> dict[str, Any]:
         f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, "
         f"{m['threads']} threads\n{format_lm_report(report)}"
     )
+    return report
+
+
+def cache_gap_report(args: argparse.Namespace) -> dict[str, Any]:
+    """``kd-bench --lm-cache``: :func:`~kd_lightning.bench.cache_gap.run_cache_gap` with the
+    machine and commit it ran on, printed as markdown and, with ``--out``, written to
+    ``kd_gap.json`` and ``kd_gap.md`` there; ``--quick`` for tiny data and models."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"lightning\.")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    overrides = [*QUICK_OVERRIDES, *args.overrides] if args.quick else list(args.overrides)
+    report = run_cache_gap(
+        overrides,
+        student_steps=QUICK_STEPS if args.quick else STUDENT_STEPS,
+        train_blocks=args.train_blocks,
+        seed=args.seed,
+    )
+    device = torch.device(report["settings"]["device"])
+    report = {"machine": machine(torch.get_num_threads(), device), "commit": git_commit(), **report}
+    markdown = format_cache_gap(report)
+    print(markdown)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kd_gap.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "kd_gap.md").write_text(markdown)
     return report
 
 
