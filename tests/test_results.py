@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from kd_lightning.cli.results import (
     HEADLINE,
     SCRATCH,
     Entry,
+    entry_teachers,
     epoch_series,
     lm_protocol,
     markdown,
@@ -120,6 +122,13 @@ def test_a_run_from_other_teachers_is_refused_not_averaged(tmp_path):
     (run_dir(tmp_path, entry, 1) / "provenance.json").write_text(json.dumps({"commit": "old"}))
     with pytest.raises(SystemExit, match="records no teacher fingerprints"):
         read_summaries(tmp_path, [entry], seeds=2, teachers=TEACHERS)
+
+
+def test_entries_name_their_teachers_from_threads_at_once():
+    entries = [Entry("single teacher", "teachers=[gru]", ("teachers=[gru]",)), protocol()[0]] * 4
+    with ThreadPoolExecutor(4) as pool:
+        names = list(pool.map(lambda entry: entry_teachers(entry, []), entries))
+    assert names == [["gru"], ["cnn", "gru", "mlp"]] * 4
 
 
 def test_the_protocol_teachers_are_checked_against_their_fingerprints(tmp_path):

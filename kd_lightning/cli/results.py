@@ -47,6 +47,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ LM_CACHE = ("cache=true", "cache_top_k=32")
 # Corrections of the teachers' targets, each on top of the headline's mean of probabilities.
 TARGET_TRANSFORMS = {"probability_shift": ("method.loss.probability_shift=true",)}
 HEADLINE = "fusion=mean_probs"  # the default distillation; its runs also train the scratch baseline
+# Hydra's compose API is process-global: runs started by --jobs threads compose one at a time.
+COMPOSING = threading.Lock()
 SCRATCH = "scratch (CE only)"
 
 
@@ -202,7 +205,7 @@ DEFAULT_OUT = {"mnist1d": Path("results/mnist1d"), "stdlib_lm": Path("results/lm
 
 
 def protocol_teachers(out: Path, overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The protocol's one teacher set, ``{name: {file, sha256, test_acc}}``.
+    """The protocol's one teacher set, ``{name: {file, sha256, test_acc, test_loss}}``.
 
     On first use the teachers are trained (or found in the cache) by ``kd-teachers`` with the
     protocol's ``overrides`` and copied to ``<out>/teachers/``; ``teachers.json`` there keeps their
@@ -244,7 +247,7 @@ def entry_teachers(entry: Entry, overrides: Sequence[str]) -> list[str]:
     """The teachers a run of ``entry`` distils from: its composed config's ``teachers``."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with COMPOSING, initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, *entry.overrides])
     return list(cfg.teachers or {})
 
