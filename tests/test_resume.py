@@ -76,7 +76,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
 
     killed_dir = tmp_path / "killed"
     process = launch(tmp_path, killed_dir)
-    first_checkpoint = killed_dir / "checkpoints" / "epoch000.ckpt"
+    first_checkpoint = killed_dir / "checkpoints" / "last.ckpt"  # written after epoch000.ckpt
     deadline = time.monotonic() + 300
     while not first_checkpoint.exists() and process.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint after 300 s"

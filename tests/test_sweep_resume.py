@@ -64,7 +64,7 @@ def kill_when(process: subprocess.Popen, path: Path, timeout_s: float = 300) -> 
 def test_a_killed_sweep_resumes_skipping_finished_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     first = launch(tmp_path, sweep)
-    kill_when(first, sweep / "1" / "checkpoints" / "epoch000.ckpt")
+    kill_when(first, sweep / "1" / "checkpoints" / "last.ckpt")  # written after epoch000.ckpt
     assert (sweep / "0" / "summary.json").is_file()
     assert not (sweep / "1" / "summary.json").exists(), "the second job ended before the kill"
     finished = {
