@@ -228,15 +228,22 @@ class DistillationLoss(nn.Module):
                 reduction="sum",
             )
             per_position = self._soft_term(student, teachers, fusion.weights, fusion.target)
-            count: Tensor | int = max(labels.numel(), 1)
-            weights = fusion.weights
-            if real is not None:
-                count = real.sum().clamp_min(1)
-                per_position = torch.where(real, per_position, 0.0)
-                weights = torch.where(real.unsqueeze(-1), weights, 0.0)
-            hard, soft = hard_sum / count, per_position.sum() / count
-            loss = (1.0 - self.alpha) * hard + self.alpha * soft + self.fusion.penalty()
+            loss, hard, soft, weights = self._reduce(hard_sum, per_position, fusion.weights, real)
         return DistillationOutput(loss=loss, hard=hard, soft=soft, weights=weights, real=real)
+
+    def _reduce(
+        self, hard_sum: Tensor, per_position: Tensor, weights: Tensor, real: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The loss, its hard and soft means over the real positions (all without padding),
+        and the weights zeroed at padding."""
+        count: Tensor | int = max(per_position.numel(), 1)
+        if real is not None:
+            count = real.sum().clamp_min(1)
+            per_position = torch.where(real, per_position, 0.0)
+            weights = torch.where(real.unsqueeze(-1), weights, 0.0)
+        hard, soft = hard_sum / count, per_position.sum() / count
+        loss = (1.0 - self.alpha) * hard + self.alpha * soft + self.fusion.penalty()
+        return loss, hard, soft, weights
 
     def _forward_topk(
         self,
@@ -284,13 +291,7 @@ class DistillationLoss(nn.Module):
                 self.aggregation,
                 self.temperature,
             )
-            count: Tensor | int = max(labels.numel(), 1)
-            if real is not None:
-                count = real.sum().clamp_min(1)
-                per_position = torch.where(real, per_position, 0.0)
-                weights = torch.where(real.unsqueeze(-1), weights, 0.0)
-            hard, soft = hard_sum / count, per_position.sum() / count
-            loss = (1.0 - self.alpha) * hard + self.alpha * soft + self.fusion.penalty()
+            loss, hard, soft, weights = self._reduce(hard_sum, per_position, weights, real)
         return DistillationOutput(
             loss=loss,
             hard=hard,
