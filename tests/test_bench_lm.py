@@ -21,12 +21,12 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_kd_bench_lm_quick_reports_every_workload_and_the_paired_ratios(tmp_path, capsys):
-    main(["--lm", "--quick", "--json", str(tmp_path / "lm.json")])
+    main(["--lm", "--quick", "--epochs", "3", "--warmup", "0", "--json", str(tmp_path / "lm.json")])
     report = json.loads((tmp_path / "lm.json").read_text())
     assert list(report["workloads"]) == list(LM_WORKLOADS)
-    assert report["settings"]["epochs"] == 2
+    assert (report["settings"]["epochs"], report["settings"]["warmup"]) == (3, 0)
     for entry in report["workloads"].values():
-        assert entry["tokens_per_s"] > 0 and len(entry["s_epochs"]) == 2
+        assert entry["tokens_per_s"] > 0 and len(entry["s_epochs"]) == 3
     assert list(report["ratios"]) == list(LM_TARGETS)
     for pair, entry in report["ratios"].items():
         a, b = pair.split("/")

@@ -76,7 +76,7 @@ from kd_lightning.bench.workloads import (
     make_teachers,
     training_data,
 )
-from kd_lightning.cli.results import git_commit
+from kd_lightning.reporting.provenance import git_commit
 
 RATIOS = (
     "live/lightning_handwritten",
@@ -343,8 +343,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Time an epoch of distillation against plain training, in one process.",
     )
     # Medians of 5 epochs moved the ratios by ±0.15 between runs here; of 30, by about ±0.03.
-    parser.add_argument("--epochs", type=int, default=20, help="measured epochs (default 20)")
-    parser.add_argument("--warmup", type=int, default=2, help="discarded epochs (default 2)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="measured epochs (default 20; 2 with --quick)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="discarded epochs (default 2; 1 with --lm)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--teachers", default="cnn,gru,mlp", help="comma-separated teachers")
@@ -409,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="with --lm: tiny models and 2 epochs (seconds); with --lm-cache: tiny data and "
+        help="with --lm: tiny models and 2 epochs unless --epochs (seconds); with --lm-cache: "
+        "tiny data and "
         "models (a minute or two)",
     )
     parser.add_argument(
@@ -488,13 +493,19 @@ def sync_costs_report(
 
 def lm_report(args: argparse.Namespace) -> dict[str, Any]:
     """``kd-bench --lm``: :func:`~kd_lightning.bench.lm.run_lm_benchmark` with the machine it ran
-    on, printed as a table; ``--quick`` for tiny models and 2 epochs."""
+    on, printed as a table; ``--quick`` for tiny models (and 2 epochs unless ``--epochs``)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"lightning\.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    size, epochs = (QUICK, 2) if args.quick else (LMSize(), 20)
-    report = run_lm_benchmark(size, epochs=epochs, warmup=1, seed=args.seed, trl=args.trl)
+    default_epochs = 2 if args.quick else 20
+    report = run_lm_benchmark(
+        QUICK if args.quick else LMSize(),
+        epochs=default_epochs if args.epochs is None else args.epochs,
+        warmup=1 if args.warmup is None else args.warmup,
+        seed=args.seed,
+        trl=args.trl,
+    )
     device = torch.device(report["settings"]["device"])
     report = {"machine": machine(torch.get_num_threads(), device), **report}
     m = report["machine"]
@@ -537,8 +548,8 @@ def epochs_report(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"lightning\.")
     report = run_benchmark(
-        epochs=args.epochs,
-        warmup=args.warmup,
+        epochs=20 if args.epochs is None else args.epochs,
+        warmup=2 if args.warmup is None else args.warmup,
         batch_size=args.batch_size,
         teachers=[name for name in args.teachers.split(",") if name],
         seed=args.seed,

@@ -66,6 +66,7 @@ from kd_lightning.reporting.plots import (
     metric_curves,
     step_curves,
 )
+from kd_lightning.reporting.provenance import git_commit
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
@@ -416,20 +417,6 @@ def teacher_scores(
     if summaries.get(HEADLINE):
         scores["ensemble (mean p)"] = summaries[HEADLINE][0][metric]["ensemble"]
     return scores
-
-
-def git_commit() -> str:
-    """The checkout's short commit (``-dirty`` when it has changes), or why there is none."""
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
 
 
 def machine() -> str:
