@@ -81,4 +81,4 @@ def expand_topk(packed: TopKLogits) -> Tensor:
     else:
         fill = packed.tail_logsumexp - math.log(num_classes - k)
     rows = fill.unsqueeze(-1).expand(*fill.shape, num_classes).clone()
-    return rows.scatter(-1, packed.indices.long(), packed.values.float())
+    return rows.scatter_(-1, packed.indices.long(), packed.values.float())
