@@ -29,7 +29,7 @@ records, so any tool can open it::
   (2^b − 1)`` (``z_(k)``: the k-th largest logit), bit-packed in ``Q = ⌈k·b / 8⌉`` bytes; read back
   as ``top − code_i · step``. ``values`` (exact mode): the float32 logits themselves.
 * ``tail``: float32 ``logsumexp`` of the ``V − k`` logits outside the top k (``-inf`` at k = V),
-  computed in float64 from the logits, as :func:`~kd_lightning.teachers.cache.topk.compress_topk`.
+  computed from the tail's own logits, as :func:`~kd_lightning.teachers.cache.topk.compress_topk`.
 * ``checksum``: CRC-32 of the record's bytes after it (``input_crc`` and ``rows``), checked on
   every read; ``input_crc``: CRC-32 of the block's ``input_ids`` as little-endian int64, checked
   against the batch's tokens so that a cache read with other data is refused.

@@ -35,8 +35,9 @@ def index_dtype(num_classes: int) -> torch.dtype:
 def compress_topk(logits: Tensor, k: int) -> TopKLogits:
     """Keep the ``k`` largest logits of each row (last dimension) and the tail's ``logsumexp``.
 
-    The tail's ``logsumexp`` is computed in float64 from the logits themselves, not as
-    ``log(1 − Σ top-k probabilities)``, so a tail of tiny mass keeps its relative precision.
+    The tail's ``logsumexp`` is computed from the tail's own logits (shifted by their maximum),
+    not as ``log(1 − Σ top-k probabilities)``, so a tail of tiny mass keeps its relative
+    precision in float32.
 
     Examples:
         >>> packed = compress_topk(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), k=2)
@@ -48,12 +49,13 @@ def compress_topk(logits: Tensor, k: int) -> TopKLogits:
     num_classes = logits.shape[-1]
     if not 1 <= k <= num_classes:
         raise ValueError(f"top_k must lie in [1, {num_classes}] (the number of classes), got {k}")
-    values, indices = logits.float().topk(k, dim=-1)
-    tail = logits.double().scatter(-1, indices, -math.inf)
+    logits = logits.float()
+    values, indices = logits.topk(k, dim=-1)
+    tail = logits.scatter(-1, indices, -math.inf)
     return TopKLogits(
         values=values,
         indices=indices.to(index_dtype(num_classes)),
-        tail_logsumexp=tail.logsumexp(-1).float(),
+        tail_logsumexp=tail.logsumexp(-1),
         num_classes=num_classes,
     )
 
