@@ -21,6 +21,7 @@ from kd_lightning.cli.results import (
     protocol_teachers,
     read_summaries,
     run_dir,
+    step_series,
     table_rows,
     teacher_scores,
 )
@@ -163,6 +164,23 @@ def test_epoch_series_reads_the_csv_logger_per_epoch(tmp_path):
         "1,69,,0.3,0.7\n"
     )
     assert epoch_series(tmp_path, "val/fusion_weight/") == {"cnn": [0.4, 0.3], "gru": [0.6, 0.7]}
+
+
+def test_a_resumed_runs_logs_replace_what_was_trained_again(tmp_path):
+    # Killed after step 69, resumed from a checkpoint before step 59: version_1 logs from there.
+    for version, rows in {
+        0: "0,9,0.5,0.9\n0,34,,0.8\n1,69,,0.7\n",
+        1: "1,59,,0.6\n2,94,,0.5\n",
+    }.items():
+        (tmp_path / "csv" / f"version_{version}").mkdir(parents=True)
+        (tmp_path / "csv" / f"version_{version}" / "metrics.csv").write_text(
+            "epoch,step,train/loss_step,val/ce\n" + rows
+        )
+    assert step_series(tmp_path / "csv", "val/ce") == (
+        [9.0, 34.0, 59.0, 94.0],
+        [0.9, 0.8, 0.6, 0.5],
+    )
+    assert epoch_series(tmp_path, "val/") == {"ce": [0.9, 0.8, 0.6, 0.5]}
 
 
 @pytest.mark.slow

@@ -470,29 +470,41 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def csv_log(log_dir: Path) -> list[dict[str, str]]:
+    """The rows a run's CSV logger wrote under ``log_dir`` (``version_*/metrics.csv``), in order.
+
+    A run resumed from its checkpoint logs to a new version from the checkpoint's step on; the
+    rows an earlier version wrote from that step on (trained again after the restart) are dropped.
+    """
+    versions = sorted(
+        log_dir.glob("version_*/metrics.csv"), key=lambda path: int(path.parent.name[8:])
+    )
+    rows: list[dict[str, str]] = []
+    for path in versions:
+        with open(path, newline="") as handle:
+            records = list(csv.DictReader(handle))
+        if records:
+            resumed_at = min(float(record["step"]) for record in records)
+            rows = [row for row in rows if float(row["step"]) < resumed_at] + records
+    return rows
+
+
 def epoch_series(directory: Path, prefix: str) -> dict[str, list[float]]:
     """Per-epoch values of the CSV-logged metrics ``<prefix><name>``, keyed by ``name``."""
     series: dict[str, list[float]] = {}
-    for path in sorted(directory.glob("csv/version_*/metrics.csv")):
-        with open(path, newline="") as handle:
-            for record in csv.DictReader(handle):
-                for key, value in record.items():
-                    if key.startswith(prefix) and value not in ("", None):
-                        series.setdefault(key[len(prefix) :], []).append(float(value))
+    for record in csv_log(directory / "csv"):
+        for key, value in record.items():
+            if key.startswith(prefix) and value not in ("", None):
+                series.setdefault(key[len(prefix) :], []).append(float(value))
     return series
 
 
-def step_series(path: Path, key: str) -> tuple[list[float], list[float]]:
-    """The training steps and values at which a CSV log (``metrics.csv``) recorded ``key``."""
-    steps: list[float] = []
-    values: list[float] = []
-    if path.is_file():
-        with open(path, newline="") as handle:
-            for record in csv.DictReader(handle):
-                if record.get(key) not in ("", None):
-                    steps.append(float(record["step"]))
-                    values.append(float(record[key]))
-    return steps, values
+def step_series(log_dir: Path, key: str) -> tuple[list[float], list[float]]:
+    """The training steps and values at which the CSV logs under ``log_dir`` recorded ``key``."""
+    recorded = [record for record in csv_log(log_dir) if record.get(key) not in ("", None)]
+    return [float(record["step"]) for record in recorded], [
+        float(record[key]) for record in recorded
+    ]
 
 
 def draw_lm_plot(out: Path, entries: Sequence[Entry]) -> list[Path]:
@@ -500,11 +512,10 @@ def draw_lm_plot(out: Path, entries: Sequence[Entry]) -> list[Path]:
     and of each distilled one."""
     headline = next(entry for entry in entries if entry.label == HEADLINE)
     directory = run_dir(out, headline, 0)
-    curves = {SCRATCH: step_series(directory / "csv_baseline/version_0/metrics.csv", "val/loss")}
+    curves = {SCRATCH: step_series(directory / "csv_baseline", "val/loss")}
     for entry in entries:
         if entry.group != "single teacher":
-            path = run_dir(out, entry, 0) / "csv/version_0/metrics.csv"
-            curves[entry.label] = step_series(path, "val/ce")
+            curves[entry.label] = step_series(run_dir(out, entry, 0) / "csv", "val/ce")
     curves = {label: curve for label, curve in curves.items() if curve[0]}
     if not curves:
         return []
