@@ -11,6 +11,7 @@ import torch
 
 from kd_lightning.callbacks import agreement_log_dict
 from kd_lightning.metrics import TeacherAgreement
+from kd_lightning.teachers.cache.topk import compress_topk, expand_topk
 
 
 def np_softmax(z: np.ndarray) -> np.ndarray:
@@ -216,3 +217,32 @@ def test_cross_entropy_by_hand_and_for_the_teachers_that_ran():
     expected = (math.log(4) + math.log(4 / 3)) / 2
     torch.testing.assert_close(result["teacher_ce"], torch.tensor([math.log(2), expected]))
     assert result["ensemble_ce"].item() == pytest.approx(math.log(8 / 3))
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_top_k_teachers_count_as_their_dense_expansion_read_in_chunks(masked):
+    """Every statistic from top-k teachers, expanded 4 real tokens at a time, equals the one from
+    their whole expansion: a batch of all three teachers, then one of teachers 2 and 0."""
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(3, 9, 11, generator=generator)
+    labels = torch.randint(0, 11, (3, 9), generator=generator)
+    mask = None
+    if masked:
+        mask = torch.ones(3, 9, dtype=torch.bool)
+        mask[0, :2] = mask[2, 5:] = False  # 21 real tokens: 6 chunks
+        labels[~mask] = -100
+    dense, sparse = TeacherAgreement(3), TeacherAgreement(3, chunk_tokens=4)
+    for teacher_indices in (None, [2, 0]):
+        ran = 3 if teacher_indices is None else len(teacher_indices)
+        topk = compress_topk(2 * torch.randn(ran, 3, 9, 11, generator=generator), k=4)
+        weights = torch.softmax(torch.randn(3, 9, ran, generator=generator), -1)
+        for metric, teachers in ((dense, expand_topk(topk)), (sparse, topk)):
+            metric.update(
+                student, teachers, labels, weights, mask=mask, teacher_indices=teacher_indices
+            )
+    expected, got = dense.compute(), sparse.compute()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert torch.equal(sparse.teacher_total, dense.teacher_total)
+    assert dense.teacher_total.tolist() == ([42, 21, 42] if masked else [54, 27, 54])

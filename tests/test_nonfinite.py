@@ -20,9 +20,11 @@ from kd_lightning.cli.validation import validate_config
 from kd_lightning.errors import ConfigError, NonFiniteLossError
 from kd_lightning.models import MLP
 from kd_lightning.modules import ClassifierModule, DMLModule
+from kd_lightning.teachers.cache.sequence_store import TopKTeacherOutputs
+from kd_lightning.teachers.cache.topk import compress_topk
 
 from .app_helpers import FAST, compose_config
-from .conftest import make_trainer, small_mlp
+from .conftest import NUM_CLASSES, make_trainer, small_mlp
 
 BATCHES = 4  # training batches per epoch (of the conftest datamodule)
 
@@ -106,6 +108,48 @@ def test_a_nan_teacher_stops_training_naming_step_term_and_teacher(tmp_path, dat
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (0, BATCHES)  # the last good epoch end
     assert all(bool(torch.isfinite(value).all()) for value in last["state_dict"].values())
+
+
+class TopKTeachers:
+    """Teachers ``good`` and ``bad`` as top-k outputs of every class (each tail ``-inf``, no
+    mass left), ``bad``'s values NaN at its ``nan_at``-th call."""
+
+    def __init__(self, nan_at: int) -> None:
+        self.models = {"good": small_mlp(), "bad": small_mlp()}
+        self.nan_at = nan_at
+        self.calls = 0
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def outputs(self, inputs, batch, stage) -> TopKTeacherOutputs:
+        with torch.no_grad():
+            logits = torch.stack([model(inputs) for model in self.models.values()])
+        topk = compress_topk(logits, NUM_CLASSES)
+        if self.calls == self.nan_at:
+            topk.values[1] = float("nan")
+        self.calls += 1
+        return TopKTeacherOutputs(topk, (0, 1))
+
+    def tap(self, layers) -> None:
+        raise ValueError("no taps here")
+
+    def networks(self) -> dict[str, nn.Module]:
+        return self.models
+
+    def shard(self, rank: int, world_size: int) -> TopKTeachers:
+        return self
+
+
+def test_nan_top_k_values_stop_training_naming_the_teacher(tmp_path, datamodule):
+    module = DistillationModule(small_mlp(), TopKTeachers(nan_at=2))
+    with pytest.raises(NonFiniteLossError) as raised:
+        fit(module, tmp_path, NonFiniteLossGuard(), datamodule, max_epochs=1)
+    message = str(raised.value)
+    assert message.startswith("non-finite loss at global step 2 (epoch 0, batch 2): kd = nan")
+    assert "teacher 'bad' produced NaN or inf logits" in message
+    assert "'good'" not in message and "student" not in message.split(";")[1]
 
 
 def test_a_nan_student_names_the_student_and_its_terms(tmp_path, datamodule):

@@ -7,15 +7,21 @@ import math
 import pytest
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from kd_lightning import DistillationLoss, DistillationModule
+from kd_lightning.callbacks import TeacherAgreementCallback
 from kd_lightning.fusion import LearnedWeights, StaticWeights, build_fusion
 from kd_lightning.losses import ChunkedDistillationLoss
+from kd_lightning.losses import chunked as chunked_module
 from kd_lightning.losses import distillation as distillation_module
+from kd_lightning.metrics import agreement as agreement_module
+from kd_lightning.teachers.cache import sequence_store
 from kd_lightning.teachers.cache.sequence_store import SequenceCachedTeachers, TopKTeacherOutputs
 from kd_lightning.teachers.cache.topk import TopKLogits, compress_topk, expand_topk
 
-from .test_sequence_cache import blocks, build, ensemble, lm
+from .conftest import make_trainer
+from .test_sequence_cache import L, blocks, build, ensemble, lm
 
 K, B, SEQ, V = 3, 2, 7, 40
 
@@ -186,8 +192,46 @@ def test_a_module_reading_the_cache_trains_the_same_sparse_or_dense(tmp_path):
         step["loss"].backward()
         results.append((step, [p.grad.clone() for p in student.parameters()]))
     (sparse_step, sparse_grads), (dense_step, dense_grads) = results
-    assert torch.equal(sparse_step["teacher_logits"], dense_step["teacher_logits"])
+    assert "teacher_logits" not in sparse_step and "teacher_topk" not in dense_step
+    assert torch.equal(expand_topk(sparse_step["teacher_topk"]), dense_step["teacher_logits"])
     torch.testing.assert_close(sparse_step["loss"], dense_step["loss"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sparse_step["fusion_weights"], dense_step["fusion_weights"])
     for got, expected in zip(sparse_grads, dense_grads, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_sparse_training_with_the_agreement_callback_expands_one_chunk_at_most(
+    tmp_path, monkeypatch
+):
+    """Two training steps from the cache with the sparse loss: the loss reads the top k, the
+    step outputs carry them, and the agreement callback expands 16 tokens of them at a time."""
+    data = blocks(40, 8)
+    built = build(ensemble(40), {"train": data}, tmp_path / "cache", top_k=8)
+    rows = []
+    for index, block in enumerate(data):
+        labels = block["input_ids"].roll(-1)
+        labels[-1] = -100
+        rows.append({"input_ids": block["input_ids"], "labels": labels, "index": index})
+    expanded: list[int] = []
+
+    def recording_expand_topk(packed: TopKLogits) -> Tensor:
+        logits = expand_topk(packed)
+        expanded.append(logits.numel())
+        return logits
+
+    for module in (sequence_store, distillation_module, chunked_module, agreement_module):
+        monkeypatch.setattr(module, "expand_topk", recording_expand_topk)
+    loss = DistillationLoss("entropy", temperature=2.0)
+    assert loss.accepts_topk
+    module = DistillationModule(
+        lm(40, seed=7, sharp=False), SequenceCachedTeachers(built.path), loss
+    )
+    callback = TeacherAgreementCallback(stages=("train",), chunk_tokens=16)
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[callback])
+    trainer.fit(module, train_dataloaders=DataLoader(rows, batch_size=4))
+    assert trainer.global_step == 2
+    chunk, batch = 16, 4
+    assert len(expanded) == 2 * math.ceil(batch * (L - 1) / chunk)  # 60 real tokens a step
+    assert max(expanded) <= K * chunk * V < K * batch * L * V
+    latest = callback.latest["train"]
+    assert torch.isfinite(latest["student_kl"]).all() and torch.isfinite(latest["ensemble_ce"])

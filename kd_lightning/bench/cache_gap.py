@@ -267,14 +267,14 @@ def run_cache_gap(
             raise ValueError(
                 f"top_ks {too_large} exceed the vocabulary (data.vocab_size={datamodule.vocab_size})"
             )
-        split = datamodule.train_set
-        assert split is not None  # set up above
+        split, val_set = datamodule.train_set, datamodule.val_set
+        assert split is not None and val_set is not None  # set up above
         cached_blocks = len(split) if train_blocks is None else train_blocks
         if not 0 < cached_blocks <= len(split):
             raise ValueError(
                 f"train_blocks={train_blocks}: the training split has {len(split)} blocks"
             )
-        val_size = validation_blocks(cfg, len(datamodule.val_set or ()), datamodule.batch_size)
+        val_size = validation_blocks(cfg, len(val_set), datamodule.batch_size)
         teachers = build_teachers(cfg, datamodule)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         teachers.to(device)
@@ -295,7 +295,8 @@ def run_cache_gap(
             "device": device,
             "progress": progress,
         }
-        entries, caches = [], {}
+        entries: list[dict[str, Any]] = []
+        caches = {}
         for k in top_ks:
             root = Path(workdir) / f"k{k}"
             start = time.perf_counter()
@@ -320,7 +321,7 @@ def run_cache_gap(
             shutil.rmtree(train_cache.path)  # k = 128 of the whole split takes about 1 GB
             caches[k] = build_sequence_cache(
                 teachers,
-                {"val": Subset(datamodule.val_set, range(val_size))},
+                {"val": Subset(val_set, range(val_size))},
                 root,
                 top_k=k,
                 **layout,

@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from kd_lightning.metrics import TeacherAgreement, with_teacher_dims
+from kd_lightning.metrics.agreement import CHUNK_TOKENS
 
 STAGES = ("train", "val", "test")
 
@@ -102,6 +103,7 @@ class TeacherAgreementCallback(StageCallback):
     """Log per-teacher agreement statistics at the end of each epoch, to any Lightning logger.
 
     Works with any module whose steps return a dict with ``student_logits``, ``teacher_logits``
+    (or ``teacher_topk``, top-k outputs that are expanded ``chunk_tokens`` positions at a time)
     and ``labels`` (and optionally ``teacher_indices`` when only some teachers ran,
     ``fusion_weights`` and, for token-level outputs, a ``mask`` of real tokens), and that names the
     teachers (or peers) in ``teacher_names`` — as :class:`~kd_lightning.DistillationModule` does.
@@ -127,14 +129,17 @@ class TeacherAgreementCallback(StageCallback):
 
     Args:
         stages: which of ``"train"``, ``"val"``, ``"test"`` to log.
+        chunk_tokens: positions of top-k teacher outputs expanded at once (see
+            :meth:`~kd_lightning.metrics.TeacherAgreement.update`).
 
     Examples:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[TeacherAgreementCallback(stages=("val",))], logger=False)
     """
 
-    def __init__(self, stages: Sequence[str] = STAGES) -> None:
+    def __init__(self, stages: Sequence[str] = STAGES, chunk_tokens: int = CHUNK_TOKENS) -> None:
         super().__init__(stages)
+        self.chunk_tokens = chunk_tokens
         self.metrics: dict[str, TeacherAgreement] = {}
         self.names: list[str] = []
         self.latest: dict[str, dict[str, Tensor]] = {}
@@ -148,19 +153,23 @@ class TeacherAgreementCallback(StageCallback):
             )
         self.names = list(names)
         self.metrics = {
-            name: TeacherAgreement(len(self.names)).to(pl_module.device) for name in self.stages
+            name: TeacherAgreement(len(self.names), self.chunk_tokens).to(pl_module.device)
+            for name in self.stages
         }
 
     def on_stage_batch_end(
         self, stage: str, trainer: Trainer, pl_module: LightningModule, outputs: Any
     ) -> None:
-        if not isinstance(outputs, Mapping) or "teacher_logits" not in outputs:
+        if not isinstance(outputs, Mapping):
+            return
+        teachers = outputs.get("teacher_topk", outputs.get("teacher_logits"))
+        if teachers is None:
             return
         metric = self.metrics[stage]
         metric.to(outputs["student_logits"].device)
         metric.update(
             outputs["student_logits"],
-            outputs["teacher_logits"],
+            teachers,
             outputs["labels"],
             outputs.get("fusion_weights"),
             mask=outputs.get("mask"),

@@ -13,6 +13,7 @@ from torch import Tensor
 from kd_lightning.callbacks.progress import progress_bar
 from kd_lightning.errors import NonFiniteLossError, TeacherOutputError
 from kd_lightning.modules.epoch_means import EpochMeans
+from kd_lightning.teachers.cache.topk import TopKLogits
 from kd_lightning.teachers.runtime import check_finite_logits
 
 OnNonFinite = Literal["stop", "skip"]
@@ -36,7 +37,8 @@ class NonFiniteLossGuard(Callback):
       ``adversarial/discriminator``, ...; see
       :class:`~kd_lightning.modules.epoch_means.EpochMeans`), and the student or the teacher
       whose logits were not (the step outputs' ``student_logits`` and
-      ``teacher_logits``, read with :func:`~kd_lightning.teachers.runtime.check_finite_logits`).
+      ``teacher_logits``, read with :func:`~kd_lightning.teachers.runtime.check_finite_logits`,
+      or the values and tail of ``teacher_topk``).
       The weights stay as they were before the step and ``last.ckpt`` keeps the last good state.
     * ``on_nonfinite="skip"`` goes on with the next batch, leaves the step out of the epoch
       means and counts it: :attr:`skipped_steps` (kept in checkpoints), logged as
@@ -182,8 +184,9 @@ class NonFiniteLossGuard(Callback):
 
 def _culprits(pl_module: LightningModule, outputs: Any) -> list[str]:
     """Which networks' logits in the step ``outputs`` are not finite: the student, and the
-    first teacher whose ``teacher_logits`` row is not (``teacher_indices`` into the module's
-    ``teacher_names``, or every teacher in order)."""
+    first teacher whose ``teacher_logits`` row, or ``teacher_topk`` values and tail, are not
+    (``teacher_indices`` into the module's ``teacher_names``, or every teacher in order). A tail
+    of ``-inf`` (no mass outside the top k) is no fault."""
     if not isinstance(outputs, dict):
         return []
     found = []
@@ -191,6 +194,10 @@ def _culprits(pl_module: LightningModule, outputs: Any) -> list[str]:
     if isinstance(student, Tensor) and not bool(torch.isfinite(student).all()):
         found.append("the student produced NaN or inf logits")
     logits = outputs.get("teacher_logits")
+    topk = outputs.get("teacher_topk")
+    if isinstance(topk, TopKLogits):  # each teacher's row: its top-k values, then its tail
+        tail = topk.tail_logsumexp.masked_fill(topk.tail_logsumexp == -math.inf, 0.0)
+        logits = torch.cat([topk.values.flatten(1), tail.flatten(1)], dim=1)
     names = list(getattr(pl_module, "teacher_names", []))
     if isinstance(logits, Tensor) and names:
         indices = outputs.get("teacher_indices")

@@ -9,6 +9,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from kd_lightning.teachers.cache.topk import TopKLogits, expand_topk
+
+CHUNK_TOKENS = 256
+"""Positions of top-k teacher outputs that :meth:`TeacherAgreement.update` expands at once."""
+
 
 class TeacherAgreement(Metric):
     """How each teacher relates to the labels, the student and the other teachers.
@@ -40,6 +45,7 @@ class TeacherAgreement(Metric):
 
     Args:
         num_teachers: K.
+        chunk_tokens: positions of top-k teacher outputs expanded at once (see :meth:`update`).
 
     Examples:
         >>> metric = TeacherAgreement(num_teachers=2)
@@ -78,11 +84,16 @@ class TeacherAgreement(Metric):
     teacher_ce_sum: Tensor
     ensemble_ce_sum: Tensor
 
-    def __init__(self, num_teachers: int, **kwargs: object) -> None:
+    def __init__(
+        self, num_teachers: int, chunk_tokens: int = CHUNK_TOKENS, **kwargs: object
+    ) -> None:
         super().__init__(**kwargs)
         if num_teachers < 1:
             raise ValueError(f"num_teachers must be at least 1, got {num_teachers}")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
         self.num_teachers = num_teachers
+        self.chunk_tokens = chunk_tokens
         k = num_teachers
         counts = {
             "total": (),
@@ -111,7 +122,7 @@ class TeacherAgreement(Metric):
     def update(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor,
+        teacher_logits: Tensor | TopKLogits,
         labels: Tensor,
         weights: Tensor | None = None,
         mask: Tensor | None = None,
@@ -120,22 +131,43 @@ class TeacherAgreement(Metric):
         """Add a batch: student ``(*batch, C)``, teachers ``(K', *batch, C)``, labels ``(*batch)``,
         weights ``(*batch, K')``, e.g. ``(B, C)`` or token-level ``(B, L, V)``.
 
+        Teachers given as :class:`~kd_lightning.teachers.cache.topk.TopKLogits` (values and ids
+        ``(K', *batch, k)``, e.g. a sequence cache's) count as their expansion
+        (:func:`~kd_lightning.teachers.cache.topk.expand_topk`), made ``chunk_tokens`` real
+        positions at a time: ``K' × chunk_tokens × C`` dense logits at most, never the batch's.
+
         ``teacher_indices`` ``(K',)``: which teachers the rows of ``teacher_logits`` (and the
         columns of ``weights``) are, distinct indices in ``[0, K)``; ``None`` means all ``K`` in
         order. ``mask`` ``(*batch)``, true at real positions (tokens), restricts every statistic
         to those; ``None`` counts every position, so every label must then be a class index
         (mask out padding labelled ``-100``).
+
+        Examples:
+            >>> from kd_lightning.teachers.cache.topk import compress_topk
+            >>> teachers = torch.randn(2, 3, 4, 6)
+            >>> student, labels = torch.randn(3, 4, 6), torch.randint(0, 6, (3, 4))
+            >>> dense, sparse = TeacherAgreement(2), TeacherAgreement(2, chunk_tokens=5)
+            >>> packed = compress_topk(teachers, k=2)
+            >>> dense.update(student, expand_topk(packed), labels)
+            >>> sparse.update(student, packed, labels)  # 12 positions in 3 chunks
+            >>> torch.allclose(dense.compute()["student_kl"], sparse.compute()["student_kl"])
+            True
         """
-        ran = teacher_logits.shape[0]
+        shape = (
+            torch.Size((*teacher_logits.values.shape[:-1], teacher_logits.num_classes))
+            if isinstance(teacher_logits, TopKLogits)
+            else teacher_logits.shape
+        )
+        ran = shape[0]
         if teacher_indices is None and ran != self.num_teachers:
             raise ValueError(
                 f"expected teacher logits of shape ({self.num_teachers}, *{tuple(student_logits.shape)}), "
-                f"got {tuple(teacher_logits.shape)}; pass teacher_indices when only some teachers ran"
+                f"got {tuple(shape)}; pass teacher_indices when only some teachers ran"
             )
-        if teacher_logits.shape[1:] != student_logits.shape:
+        if shape[1:] != student_logits.shape:
             raise ValueError(
                 f"expected teacher logits of shape (K', *{tuple(student_logits.shape)}), got "
-                f"{tuple(teacher_logits.shape)}"
+                f"{tuple(shape)}"
             )
         if teacher_indices is not None and len(teacher_indices) != ran:
             raise ValueError(
@@ -148,9 +180,45 @@ class TeacherAgreement(Metric):
                     f"{tuple(student_logits.shape)}"
                 )
             mask = mask.bool()
-            student_logits, teacher_logits = student_logits[mask], teacher_logits[:, mask]
-            labels = labels[mask]
+        elif isinstance(teacher_logits, TopKLogits):  # every position, flattened for the chunks
+            mask = student_logits.new_ones(student_logits.shape[:-1], dtype=torch.bool)
+        if mask is not None:
+            student_logits, labels = student_logits[mask], labels[mask]
             weights = None if weights is None else weights[mask]
+        if teacher_indices is None:
+            rows = torch.arange(ran, device=self.teacher_total.device)
+        else:
+            rows = torch.as_tensor(
+                teacher_indices, dtype=torch.long, device=self.teacher_total.device
+            )
+        if not isinstance(teacher_logits, TopKLogits):
+            dense = teacher_logits if mask is None else teacher_logits[:, mask]
+            self._accumulate(student_logits, dense, labels, weights, rows)
+            return
+        values, indices = teacher_logits.values[:, mask], teacher_logits.indices[:, mask]
+        tail, classes = teacher_logits.tail_logsumexp[:, mask], teacher_logits.num_classes
+        for start in range(0, labels.numel(), self.chunk_tokens):
+            part = slice(start, start + self.chunk_tokens)
+            chunk = TopKLogits(values[:, part], indices[:, part], tail[:, part], classes)
+            self._accumulate(
+                student_logits[part],
+                expand_topk(chunk),
+                labels[part],
+                None if weights is None else weights[part],
+                rows,
+            )
+
+    def _accumulate(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        labels: Tensor,
+        weights: Tensor | None,
+        rows: Tensor,
+    ) -> None:
+        """Add the statistics of every position of student ``(*batch, C)`` and dense teachers
+        ``(K', *batch, C)`` (the teachers ``rows``), labels ``(*batch)``, weights ``(*batch, K')``."""
+        ran = teacher_logits.shape[0]
         student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
         student_top1 = student_logits.argmax(-1)
         teacher_top1 = teacher_logits.argmax(-1)
@@ -161,12 +229,6 @@ class TeacherAgreement(Metric):
 
         self.total += positions
         self.student_correct += (student_top1 == labels).sum()
-        if teacher_indices is None:
-            rows = torch.arange(ran, device=self.teacher_total.device)
-        else:
-            rows = torch.as_tensor(
-                teacher_indices, dtype=torch.long, device=self.teacher_total.device
-            )
         pairs = (rows[:, None], rows[None])
         self.teacher_total[rows] += positions
         self.pair_total[pairs] += positions

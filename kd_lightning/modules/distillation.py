@@ -35,6 +35,10 @@ class DistillationModule(MethodModule):
     (``fusion_weights``, ``(*batch, K')``), so callbacks (e.g.
     :class:`~kd_lightning.callbacks.TeacherAgreementCallback`) never run a teacher again. ``K' = K``
     unless the source runs a subset (:class:`~kd_lightning.teachers.DrawnTeachers` in training).
+    A source of top-k outputs (a :class:`~kd_lightning.teachers.SequenceCachedTeachers` with
+    ``sparse=True``) gives ``teacher_topk`` instead of ``teacher_logits``: the
+    :class:`~kd_lightning.teachers.cache.topk.TopKLogits` (values and ids ``(K', *batch, k)``,
+    tail ``(K', *batch)``), so that no step builds the dense ``(K', *batch, C)``.
     Logged: ``{stage}/loss``, ``{stage}/ce``, ``{stage}/kd`` and ``{stage}/acc``.
 
     Token-level outputs work too: logits ``(B, L, V)`` with labels ``(B, L)`` whose padded
@@ -240,14 +244,18 @@ class DistillationModule(MethodModule):
             for key in [key for key in state if key.startswith("teachers.")]:
                 del state[key]
 
-    def step(self, batch: Any, stage: Stage) -> dict[str, Tensor]:
+    def step(self, batch: Any, stage: Stage) -> dict[str, Any]:
         inputs, labels = self.batch_adapter(batch)
         # Named ranges for torch.profiler (`kd-bench --profile`); free when nothing profiles.
         with record_function("kd/student_forward"):
             student_logits, student_features = self._run_student(inputs)
         with record_function("kd/teachers"):
             teachers = self.teachers.outputs(inputs, batch, stage)
-        self._check_classes(student_logits, teachers.logits)
+        # Top-k teachers stay unexpanded unless a dense loss reads their logits.
+        topk = getattr(teachers, "topk", None)
+        self._check_classes(
+            student_logits, teachers.logits.shape[-1] if topk is None else topk.num_classes
+        )
         with record_function("kd/loss"):
             out = self._loss(batch, labels, student_logits, student_features, teachers)
         total = out.loss
@@ -277,11 +285,15 @@ class DistillationModule(MethodModule):
             values.append(hint)
             weights.append(size)
         self.update_epoch_means(stage, values, weights)
+        if topk is None:
+            teacher, device = {"teacher_logits": teachers.logits}, teachers.logits.device
+        else:
+            teacher, device = {"teacher_topk": topk}, topk.values.device
         outputs = {
             "loss": total,
             "student_logits": student_logits.detach(),
-            "teacher_logits": teachers.logits,
-            "teacher_indices": torch.tensor(teachers.ran, device=teachers.logits.device),
+            **teacher,
+            "teacher_indices": torch.tensor(teachers.ran, device=device),
             "labels": labels,
             "fusion_weights": out.weights.detach(),
         }
@@ -321,8 +333,8 @@ class DistillationModule(MethodModule):
             if isinstance(optimizer, JointOptimizer):  # built by configure_optimizers, rule's last
                 plan.start_epoch(optimizer.optimizers[-1], self.current_epoch)
 
-    def _check_classes(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
-        student_classes, teacher_classes = student_logits.shape[-1], teacher_logits.shape[-1]
+    def _check_classes(self, student_logits: Tensor, teacher_classes: int) -> None:
+        student_classes = student_logits.shape[-1]
         if student_classes == teacher_classes:
             return
         student = type(self.student).__name__

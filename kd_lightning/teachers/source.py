@@ -35,10 +35,13 @@ class TeacherOutputs:
     features: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.ran) != self.logits.shape[0]:
+        self._check_rows(self.logits.shape[0])
+
+    def _check_rows(self, rows: int) -> None:
+        """Raise ``ValueError`` unless ``ran`` holds one index for each of the ``rows`` rows."""
+        if len(self.ran) != rows:
             raise ValueError(
-                f"TeacherOutputs: {len(self.ran)} indices in `ran` for {self.logits.shape[0]} "
-                "rows of logits"
+                f"TeacherOutputs: {len(self.ran)} indices in `ran` for {rows} rows of logits"
             )
 
 

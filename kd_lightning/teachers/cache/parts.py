@@ -83,7 +83,7 @@ def writing(path: Path) -> Iterator[None]:
         raise written from error
 
 
-def open_array(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+def open_array(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
     """A new ``.npy`` file at ``path`` opened as a writable memory map, its blocks allocated
     on disk first: a disk without room fails here, as a :class:`CacheWriteError`, rather than
     with a ``SIGBUS`` when a page of the map is written later."""

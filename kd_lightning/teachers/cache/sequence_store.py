@@ -62,7 +62,7 @@ import json
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from tokenize import TokenError
 from typing import Any
@@ -224,12 +224,12 @@ def decode_ids(code: np.ndarray, top_k: int, vocab_size: int) -> np.ndarray:
     # The set bits of all rows' bitmaps in one flat scan, then in-place arithmetic on that one
     # array: several times faster than a 2-D nonzero and fresh arrays (kd-bench --lm reads a
     # batch's ids at every step).
-    ids = np.flatnonzero(np.ascontiguousarray(bits[:, :upper_bits]).view(bool))
-    if len(ids) != rows * top_k:
+    flat = np.flatnonzero(np.ascontiguousarray(bits[:, :upper_bits]).view(bool))
+    if len(flat) != rows * top_k:
         raise CorruptCacheError(
-            f"an id code holds {len(ids)} ids for {rows} rows of {top_k}: corrupt data"
+            f"an id code holds {len(flat)} ids for {rows} rows of {top_k}: corrupt data"
         )
-    ids = ids.reshape(rows, top_k)
+    ids = flat.reshape(rows, top_k)
     ids -= np.arange(rows, dtype=np.int64)[:, None] * upper_bits  # positions in each row
     if rows and (ids[:, 0].min() < 0 or ids[:, -1].max() >= upper_bits):
         raise CorruptCacheError(f"an id code holds other than {top_k} ids in a row: corrupt data")
@@ -292,22 +292,47 @@ def read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, file.tell()
 
 
-@dataclass(frozen=True)
 class TopKTeacherOutputs(TeacherOutputs):
-    """:class:`~kd_lightning.teachers.source.TeacherOutputs` whose dense ``logits`` were rebuilt
-    from the teachers' top-k outputs, which ``topk`` keeps (values and ids ``(K, *batch, k)``,
-    tail ``(K, *batch)``, on the logits' device). A
-    :class:`~kd_lightning.DistillationModule` hands ``topk`` to a loss that
-    :attr:`~kd_lightning.DistillationLoss.accepts_topk` instead of ``logits``.
+    """:class:`~kd_lightning.teachers.source.TeacherOutputs` of the teachers' top-k outputs
+    ``topk`` (values and ids ``(K, *batch, k)``, tail ``(K, *batch)``), whose dense ``logits``
+    are rebuilt from them (:func:`~kd_lightning.teachers.cache.topk.expand_topk`) only when read,
+    once. A :class:`~kd_lightning.DistillationModule` hands ``topk`` to a loss that
+    :attr:`~kd_lightning.DistillationLoss.accepts_topk` instead of ``logits``, and to its step
+    outputs as ``teacher_topk``, so that a sparse step never builds the dense ``(K, *batch, C)``.
 
     Examples:
         >>> topk = TopKLogits(torch.zeros(2, 1, 3), torch.zeros(2, 1, 3, dtype=torch.long),
-        ...                   torch.zeros(2, 1), num_classes=3)
-        >>> TopKTeacherOutputs(expand_topk(topk), (0, 1), topk=topk).topk.values.shape
-        torch.Size([2, 1, 3])
+        ...                   torch.zeros(2, 1), num_classes=5)
+        >>> outputs = TopKTeacherOutputs(topk, (0, 1))
+        >>> outputs.topk.values.shape, "logits" in vars(outputs)  # nothing expanded yet
+        (torch.Size([2, 1, 3]), False)
+        >>> outputs.logits.shape, outputs.logits is outputs.logits
+        (torch.Size([2, 1, 5]), True)
     """
 
-    topk: TopKLogits | None = None
+    topk: TopKLogits
+
+    def __init__(
+        self,
+        topk: TopKLogits,
+        ran: tuple[int, ...],
+        features: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        object.__setattr__(self, "topk", topk)
+        object.__setattr__(self, "ran", ran)
+        object.__setattr__(self, "features", {} if features is None else features)
+        self._check_rows(topk.values.shape[0])
+
+    @cached_property
+    def logits(self) -> Tensor:
+        """The dense float32 logits ``(K, *batch, C)`` rebuilt from ``topk``, on first read."""
+        return expand_topk(self.topk)
+
+    def __repr__(self) -> str:
+        shape = tuple(self.topk.values.shape)
+        return (
+            f"TopKTeacherOutputs(topk=<values {shape}, C={self.topk.num_classes}>, ran={self.ran})"
+        )
 
 
 class SequenceCachedTeachers(StoredOutputs):
@@ -321,11 +346,12 @@ class SequenceCachedTeachers(StoredOutputs):
     block indices (``batch["index"]``, as
     :class:`~kd_lightning.data.indexed.IndexedDataModule` adds them) and checks the batch's
     tokens against those the cache was built on. The layout is in the module's docstring.
-    With ``sparse=True`` (the default) those outputs are :class:`TopKTeacherOutputs`: the dense
-    logits and the top-k form they were rebuilt from, from which a
+    With ``sparse=True`` (the default) those outputs are :class:`TopKTeacherOutputs`: the top-k
+    form, expanded to dense logits only if they are read. A
     :class:`~kd_lightning.DistillationLoss` that
-    :attr:`~kd_lightning.DistillationLoss.accepts_topk` computes its KD term without the dense
-    ``(K, B, L, V)`` (:mod:`kd_lightning.losses.sparse`).
+    :attr:`~kd_lightning.DistillationLoss.accepts_topk` computes its KD term from it
+    (:mod:`kd_lightning.losses.sparse`) and the agreement metrics expand a chunk of tokens at a
+    time, so that no step holds the dense ``(K, B, L, V)``.
 
     Opening checks the manifest (format, fingerprint), each chunk file's size and header, and the
     tokenizer, block length and vocabulary given; every read checks the checksum of each block it
@@ -568,7 +594,7 @@ class SequenceCachedTeachers(StoredOutputs):
         """Every teacher's cached logits ``(K, B, L, V)`` for the batch's blocks (their indices
         read from ``batch["index"]``), on the device of ``inputs``: the ``(B, L)`` token ids, or
         a mapping of model inputs holding them as ``"input_ids"``; with ``sparse``, a
-        :class:`TopKTeacherOutputs` that also holds their top-k form.
+        :class:`TopKTeacherOutputs` of their top-k form, expanded only if its ``logits`` are read.
 
         Raises:
             MismatchedCacheError: ``inputs`` are not the tokens the cache was built on.
@@ -606,7 +632,7 @@ class SequenceCachedTeachers(StoredOutputs):
         ran = tuple(range(len(self)))
         if not self.sparse:
             return TeacherOutputs(expand_topk(topk), ran)
-        return TopKTeacherOutputs(expand_topk(topk), ran, topk=topk)
+        return TopKTeacherOutputs(topk, ran)
 
     def verify(self) -> int:
         """Check every block's checksum; return the number of blocks checked.
