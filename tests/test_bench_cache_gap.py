@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -79,3 +84,18 @@ def test_kd_bench_lm_cache_quick_reports_cost_and_a_gap_that_shrinks_with_k(tmp_
         assert abs(by_k[128]["kd_gap"][student][t]) < abs(by_k[8]["kd_gap"][student][t])
     assert "| 128 |" in markdown and f"Commit `{report['commit']}`" in markdown
     assert not list((tmp_path / "cache").glob("outputs/*"))  # the caches were temporary
+
+
+def test_a_stopped_run_removes_its_working_directory(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "WANDB_MODE": "disabled"}
+    (tmp_path / "tmp").mkdir()
+    command = [sys.executable, "-m", "kd_lightning.bench.run", "--lm-cache", "--quick"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "tmp").glob("kd-gap-*")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        time.sleep(0.1)
+    assert list((tmp_path / "tmp").glob("kd-gap-*")), "the run never made its working directory"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not list((tmp_path / "tmp").glob("kd-gap-*"))

@@ -41,6 +41,7 @@ import logging
 import os
 import platform
 import resource
+import signal
 import statistics
 import sys
 import threading
@@ -423,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="with --lm: also pair TRL's GKD trainer with the library (pip install '.[bench]')",
     )
     args = parser.parse_args(argv)
+    # A stopped benchmark (SIGTERM) unwinds, so its temporary directories are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not args.lm_cache and (args.overrides or args.out is not None or args.train_blocks):
         parser.error("overrides, --out and --train-blocks go with --lm-cache")
     if args.lm_cache:
