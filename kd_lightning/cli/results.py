@@ -653,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not rows:
         raise SystemExit("no run has finished yet: " + "; ".join(failures))
     scores = teacher_scores(teachers, summaries, benchmark.metric)
+    about = machine()  # before anything is written: the commit is clean or dirty as it ran
     write_json(
         args.out / f"{benchmark.name}.json",
         {"overrides": overrides, "teachers": teachers, "rows": rows} | {"scores": scores},
@@ -664,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{benchmark.student}, teachers {'/'.join(teachers)} (trained once; their SHA-256 are in "
         f"`teachers/teachers.json`, and every run below distilled from exactly these), up to {seeds} seeds "
         f"per entry (`seed=0..{seeds - 1}`); each seed's scratch baseline is trained on the same "
-        f"batches in that seed's `{HEADLINE}` run. {machine()}. Written by "
+        f"batches in that seed's `{HEADLINE}` run. {about}. Written by "
         f"`kd-results --preset {args.preset}`; the runs took {hours:.1f} h one after another "
         f"(each run's wall time includes its scratch baseline where there is one)."
     )
