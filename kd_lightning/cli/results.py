@@ -150,8 +150,19 @@ def protocol(teachers: Sequence[str] = ("cnn", "gru", "mlp")) -> list[Entry]:
 
 
 def run_dir(out: Path, entry: Entry, seed: int) -> Path:
-    """Where one run of ``entry`` lives."""
-    safe = entry.label.replace("=", "-").replace("[", "").replace("]", "").replace(",", "+")
+    """Where one run of ``entry`` lives: a directory name without spaces or brackets.
+
+    Examples:
+        >>> run_dir(Path("out"), Entry("sparse cache", "cached k=32", ()), 1).as_posix()
+        'out/runs/cached_k-32/seed1'
+    """
+    safe = (
+        entry.label.replace("=", "-")
+        .replace("[", "")
+        .replace("]", "")
+        .replace(",", "+")
+        .replace(" ", "_")
+    )
     return out / "runs" / safe / f"seed{seed}"
 
 
