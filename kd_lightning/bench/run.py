@@ -415,8 +415,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--quick",
         action="store_true",
         help="with --lm: tiny models and 2 epochs unless --epochs (seconds); with --lm-cache: "
-        "tiny data and "
-        "models (a minute or two)",
+        "tiny data and models (a minute or two)",
     )
     parser.add_argument(
         "--trl",
