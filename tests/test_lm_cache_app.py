@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from kd_lightning.cli.cache import cache_teachers
@@ -72,3 +74,20 @@ def test_training_from_a_full_float_cache_matches_live_teachers(tmp_path):
     assert isinstance(objects["teachers"], SequenceCachedTeachers)
     assert cached["test_ce"]["student"] == pytest.approx(live["test_ce"]["student"], abs=1e-4)
     assert cached["test_ce"]["teachers"] == pytest.approx(live["test_ce"]["teachers"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_student_shaped_tail_trains_from_the_same_cache(tmp_path):
+    cached = [*TINY_LM, "cache=true", "cache_top_k=16"]
+    uniform, first = train(compose_config(tmp_path, cached))
+    cfg = compose_config(tmp_path / "shaped", [*cached, "method.loss.topk_tail=student"])
+    cfg.paths.cache_dir = str(tmp_path / "cache")  # the same teachers and cache
+    shaped, second = train(cfg)
+    assert second["teachers"].path == first["teachers"].path  # the tail is read, not stored
+    assert (first["module"].loss.topk_tail, second["module"].loss.topk_tail) == (
+        "uniform",
+        "student",
+    )
+    assert shaped["test_ce"]["teachers"] == uniform["test_ce"]["teachers"]
+    assert shaped["test_ce"]["student"] != uniform["test_ce"]["student"]
+    assert math.isfinite(shaped["test_ce"]["student"])

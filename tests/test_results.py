@@ -240,9 +240,11 @@ def test_the_lm_table_averages_perplexities_and_pairs_relative_changes(tmp_path)
         "fusion=aekd",
         "fusion=routed",
         "cached k=32",
+        "cached k=32 tail=student",
     ]
-    assert entries[-2].overrides == ("fusion=routed", "data.route_ids=3")
-    assert entries[-1].overrides == (HEADLINE, "cache=true", "cache_top_k=32")
+    assert entries[-3].overrides == ("fusion=routed", "data.route_ids=3")
+    assert entries[-2].overrides == (HEADLINE, "cache=true", "cache_top_k=32")
+    assert entries[-1].overrides == (*entries[-2].overrides, "method.loss.topk_tail=student")
     students, scratch = [50.0, 54.0], [64.0, 60.0]
     for seed in range(2):
         summary = {

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -235,3 +237,122 @@ def test_a_sparse_training_with_the_agreement_callback_expands_one_chunk_at_most
     assert max(expanded) <= K * chunk * V < K * batch * L * V
     latest = callback.latest["train"]
     assert torch.isfinite(latest["student_kl"]).all() and torch.isfinite(latest["ensemble_ce"])
+
+
+def student_tail_reference(
+    loss: DistillationLoss, topk: TopKLogits, student: Tensor, labels: Tensor
+) -> Tensor:
+    """The loss written out densely over the real positions, in float64: each teacher's softmax
+    at T keeps its top-k probabilities, and its tail mass goes to the other ids in proportion to
+    the student's (detached) tempered probabilities there."""
+    temperature, real = loss.temperature, labels != -100
+    student, labels = student[real], labels[real]
+    expanded = expand_topk(topk)[:, real]
+    teachers = torch.softmax(expanded.double() / temperature, -1)
+    top = torch.zeros_like(teachers, dtype=torch.bool).scatter(
+        -1, topk.indices[:, real].long(), True
+    )
+    mass = torch.where(top, 0.0, teachers).sum(-1, keepdim=True)
+    q = torch.softmax(student.detach().double() / temperature, -1)
+    spread = mass * q / torch.where(top, 0.0, q).sum(-1, keepdim=True)
+    shaped = torch.where(top, teachers, spread)  # (K, M, V)
+    weights = loss.fusion(expanded, labels, temperature, student_logits=student).weights.double()
+    log_q = torch.log_softmax(student.double() / temperature, -1)
+    if loss.aggregation == "target":
+        shaped = torch.einsum("mk,kmv->mv", weights / weights.sum(-1, keepdim=True), shaped)
+    kl = torch.xlogy(shaped, shaped) - shaped * log_q
+    per = (kl if loss.divergence == "kl" else -shaped * log_q).sum(-1)
+    if loss.aggregation == "loss":
+        per = (weights * per.T).sum(-1)
+    hard = torch.nn.functional.cross_entropy(student.double(), labels)
+    soft = temperature**2 * per.mean()
+    return (1 - loss.alpha) * hard + loss.alpha * soft + loss.fusion.penalty()
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("divergence", ["kl", "soft_ce"])
+@pytest.mark.parametrize("aggregation", ["target", "loss"])
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 6), (2.5, 1), (1.0, V)])
+def test_a_student_shaped_tail_equals_its_dense_construction(
+    rule, divergence, aggregation, temperature, top_k
+):
+    loss = DistillationLoss(
+        RULES[rule](),
+        alpha=0.7,
+        temperature=temperature,
+        divergence=divergence,
+        aggregation=aggregation,
+        topk_tail="student",
+    )
+    topk, (student, labels) = teachers_topk(top_k, seed=top_k), batch()
+    results = []
+    for compute in (
+        lambda leaf: loss(leaf, topk, labels).loss,
+        lambda leaf: student_tail_reference(loss, topk, leaf, labels),
+    ):
+        leaf = student.clone().requires_grad_()
+        value = compute(leaf)
+        wanted = [leaf, *(p for p in loss.parameters() if p.requires_grad)]
+        results.append((value, *torch.autograd.grad(value, wanted)))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got.double(), expected.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_student_shaped_tail_at_k_equal_v_is_the_uniform_one():
+    topk, (student, labels) = teachers_topk(V), batch()
+    uniform = DistillationLoss("entropy", temperature=2.0)(student, topk, labels)
+    shaped = DistillationLoss("entropy", temperature=2.0, topk_tail="student")(
+        student, topk, labels
+    )
+    torch.testing.assert_close(shaped.loss, uniform.loss)
+
+
+def test_one_teacher_with_a_student_tail_is_the_kl_of_the_merged_distributions():
+    """KL(p ‖ q) over the teacher's top-k ids plus one bin for every other id, in NumPy."""
+    generator = torch.Generator().manual_seed(3)
+    logits, student = 2 * torch.randn(1, 5, V, generator=generator), torch.randn(5, V)
+    topk = compress_topk(logits, 4)
+    labels = torch.zeros(5, dtype=torch.long)
+    loss = DistillationLoss("mean_probs", alpha=1.0, temperature=1.0, topk_tail="student")
+    got = loss(student, topk, labels).soft.item()
+    p, q = (
+        np.exp(x - x.max(-1, keepdims=True))
+        for x in (logits[0].double().numpy(), student.double().numpy())
+    )
+    p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
+    expected = []
+    for row, ids in enumerate(topk.indices[0].long().numpy()):
+        p_bins = np.append(p[row, ids], 1 - p[row, ids].sum())
+        q_bins = np.append(q[row, ids], 1 - q[row, ids].sum())
+        expected.append(np.sum(p_bins * np.log(p_bins / q_bins)))
+    assert got == pytest.approx(np.mean(expected), rel=1e-5)
+    uniform = DistillationLoss("mean_probs", alpha=1.0, temperature=1.0)(student, topk, labels)
+    assert uniform.soft.item() > got  # the flat tail also asks the student to flatten its own
+
+
+def test_a_student_tail_below_float32s_range_stays_exact():
+    """A student sure of the teacher's top ids (its other ids at e^-150, below float32's
+    smallest number) gets the merged KL: its tail mass is read in log space."""
+    logits = torch.tensor([[[4.0, 3.0] + [0.0] * (V - 2)]])
+    student = torch.tensor([[0.0, 0.0] + [-150.0] * (V - 2)])
+    loss = DistillationLoss("mean_probs", alpha=1.0, temperature=1.0, topk_tail="student")
+    got = loss(student, compress_topk(logits, 2), torch.zeros(1, dtype=torch.long)).soft
+    p = torch.softmax(logits[0, 0].double(), -1)
+    r, tail = 1 - p[:2].sum(), math.log(V - 2) - 150.0  # the student's tail mass, in log
+    expected = (p[:2] * (p[:2] / 0.5).log()).sum() + r * (r.log() - (tail - math.log(2)))
+    assert torch.isfinite(got)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "culprit"),
+    [
+        ({"fusion": "aekd"}, "fusion='aekd'"),
+        ({"divergence": "js"}, "divergence='js'"),
+        ({"probability_shift": True}, "probability_shift=True"),
+        ({"topk_tail": "flat"}, "'flat'"),
+    ],
+)
+def test_a_student_tail_off_the_sparse_path_is_refused_naming_why(options, culprit):
+    with pytest.raises(ValueError, match=re.escape(culprit)):
+        DistillationLoss(**{"topk_tail": "student", **options})

@@ -38,6 +38,9 @@ REFUSED = [
     pytest.param(["method.loss.temperature=0"], "method.loss.temperature=0", id="temperature"),
     pytest.param(["method=dml", "method.temperature=-1"], "method.temperature=-1", id="dml-temp"),
     pytest.param(["method.loss.divergence=kll"], "method.loss:", id="divergence"),
+    pytest.param(
+        ["fusion=aekd", "method.loss.topk_tail=student"], "fusion='aekd'", id="student-tail"
+    ),
     pytest.param(["fusion._target_=kd_lightning.fusion.Nope"], "fusion:", id="fusion-target"),
     pytest.param(["fusion=static", "fusion.weights=[1,2]"], "fusion:", id="fusion-weights"),
     pytest.param(["fusion=learned_gate", "fusion.student_layer=nope"], "fusion:", id="gate-layer"),

@@ -101,10 +101,12 @@ EXTRA_OVERRIDES = {
 # Rules that need what MNIST-1D lacks: routing reads a teacher id from each batch.
 NOT_ON_MNIST1D = {"fusion=routed"}
 # The LM protocol's rules besides the headline, and its sparse cache of the three teachers; the
-# routed rule serves each sequence from one teacher, round robin (data.route_ids).
+# routed rule serves each sequence from one teacher, round robin (data.route_ids); the cache is
+# read with each teacher's tail spread evenly, then like the student's (method.loss.topk_tail).
 LM_FUSIONS = ("entropy", "confidence", "aekd")
 LM_ROUTED = ("fusion=routed", "data.route_ids=3")
 LM_CACHE = ("cache=true", "cache_top_k=32")
+LM_STUDENT_TAIL = ("method.loss.topk_tail=student",)
 # Corrections of the teachers' targets, each on top of the headline's mean of probabilities.
 TARGET_TRANSFORMS = {"probability_shift": ("method.loss.probability_shift=true",)}
 HEADLINE = "fusion=mean_probs"  # the default distillation; its runs also train the scratch baseline
@@ -170,11 +172,12 @@ def lm_protocol(teachers: Sequence[str] = ("lm_wide", "lm_deep", "lm_gru")) -> l
     """The stdlib LM's entries: the mean of probabilities (with the scratch baseline), each
     single teacher, the uncertainty-weighted rules, AE-KD, one teacher per sequence (routed,
     round robin, as a TRL ``teacher_id`` column assigns them), and the mean of probabilities read
-    from a sparse top-32 cache of the teachers.
+    from a sparse top-32 cache of the teachers, with each teacher's tail spread evenly, then like
+    the student's.
 
     Examples:
-        >>> [entry.label for entry in lm_protocol()][4:]
-        ['fusion=entropy', 'fusion=confidence', 'fusion=aekd', 'fusion=routed', 'cached k=32']
+        >>> [entry.label for entry in lm_protocol()][7:]
+        ['fusion=routed', 'cached k=32', 'cached k=32 tail=student']
     """
     entries = [Entry("ensemble", HEADLINE, (HEADLINE,))]
     entries += [Entry("single teacher", f"teachers=[{t}]", (f"teachers=[{t}]",)) for t in teachers]
@@ -183,6 +186,9 @@ def lm_protocol(teachers: Sequence[str] = ("lm_wide", "lm_deep", "lm_gru")) -> l
         entries.append(Entry("fusion rule", label, (label, *EXTRA_OVERRIDES.get(label, []))))
     entries.append(Entry("fusion rule", LM_ROUTED[0], LM_ROUTED))
     entries.append(Entry("sparse cache", "cached k=32", (HEADLINE, *LM_CACHE)))
+    entries.append(
+        Entry("sparse cache", "cached k=32 tail=student", (HEADLINE, *LM_CACHE, *LM_STUDENT_TAIL))
+    )
     return entries
 
 

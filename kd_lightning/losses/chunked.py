@@ -79,6 +79,8 @@ class ChunkedDistillationLoss(DistillationLoss):
         aggregation: ``"target"`` or ``"loss"``.
         ignore_index: the label of padded positions.
         probability_shift: correct each teacher before fusion (Wen et al. 2019).
+        topk_tail: how top-k teachers spread their mass beyond their top k (``"uniform"`` or
+            ``"student"``; top-k teachers take the unchunked sparse path).
         chunk_tokens: positions per chunk; ``None`` sizes chunks so that a stacked
             ``(K, chunk, V)`` tensor holds about :data:`CHUNK_ELEMENTS` elements.
 
@@ -105,10 +107,18 @@ class ChunkedDistillationLoss(DistillationLoss):
         aggregation: Aggregation = "target",
         ignore_index: int = -100,
         probability_shift: bool = False,
+        topk_tail: str = "uniform",
         chunk_tokens: int | None = None,
     ) -> None:
         super().__init__(
-            fusion, alpha, temperature, divergence, aggregation, ignore_index, probability_shift
+            fusion,
+            alpha,
+            temperature,
+            divergence,
+            aggregation,
+            ignore_index,
+            probability_shift,
+            topk_tail,
         )
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be a positive integer or None, got {chunk_tokens}")

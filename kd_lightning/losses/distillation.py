@@ -91,6 +91,12 @@ class DistillationLoss(nn.Module):
             (:func:`~kd_lightning.functional.probability_shift`, Wen et al. 2019); the
             fusion rule and the KD term see the corrected teachers, the returned weights come from
             them too.
+        topk_tail: how top-k teachers spread their mass beyond their top k: ``"uniform"``
+            (evenly, as their dense expansion does) or ``"student"`` (like the student's own
+            tempered probabilities there: the KD term then matches each teacher's top-k
+            probabilities and its tail mass, not a flat tail; see
+            :mod:`kd_lightning.losses.sparse`). ``"student"`` needs the sparse path (see
+            :attr:`accepts_topk`).
 
     Teachers given as top-k outputs (a :class:`~kd_lightning.teachers.cache.topk.TopKLogits` of
     values ``(K, *batch, k)``, as a sequence cache reads them) stand for their dense expansion
@@ -135,6 +141,7 @@ class DistillationLoss(nn.Module):
         aggregation: Aggregation = "target",
         ignore_index: int = -100,
         probability_shift: bool = False,
+        topk_tail: str = "uniform",
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -154,6 +161,19 @@ class DistillationLoss(nn.Module):
         self.aggregation = aggregation
         self.ignore_index = int(ignore_index)
         self.probability_shift = bool(probability_shift)
+        if topk_tail not in ("uniform", "student"):
+            raise ValueError(f"unknown topk_tail {topk_tail!r}; choose 'uniform' or 'student'")
+        if topk_tail == "student" and not self.accepts_topk:
+            names = {rule: name for name, rule in FusionRule.registry.items()}
+            raise ValueError(
+                "topk_tail='student' is computed from top-k teachers unexpanded, which needs a "
+                f"divergence in {list(sparse.SPARSE_DIVERGENCES)}, a fusion rule in "
+                f"{[names[rule] for rule in sparse.SPARSE_RULES]} and no probability_shift; got "
+                f"divergence={divergence!r}, "
+                f"fusion={names.get(type(self.fusion), type(self.fusion).__name__)!r}, "
+                f"probability_shift={self.probability_shift}"
+            )
+        self.topk_tail = topk_tail
 
     @property
     def accepts_topk(self) -> bool:
@@ -290,6 +310,7 @@ class DistillationLoss(nn.Module):
                 self.divergence,
                 self.aggregation,
                 self.temperature,
+                self.topk_tail,
             )
             loss, hard, soft, weights = self._reduce(hard_sum, per_position, weights, real)
         return DistillationOutput(
@@ -327,7 +348,8 @@ class DistillationLoss(nn.Module):
         return (
             f"alpha={self.alpha}, temperature={self.temperature}, "
             f"divergence={self.divergence!r}, aggregation={self.aggregation!r}, "
-            f"ignore_index={self.ignore_index}, probability_shift={self.probability_shift}"
+            f"ignore_index={self.ignore_index}, probability_shift={self.probability_shift}, "
+            f"topk_tail={self.topk_tail!r}"
         )
 
 

@@ -13,6 +13,13 @@ teacher ("loss" aggregation) needs no target at all: for any ``g`` over the voca
 log-softmax the cross term costs ``O(k)`` per teacher besides one sum over ``V``, and a teacher's
 entropy is ``−Σ_i p_i log p_i − m c log c``.
 
+The tail can instead take the student's shape (``tail="student"``): each teacher keeps its tail
+mass ``r = m c`` but spreads it like the student's own (detached) tempered probabilities ``q``
+there, ``p(v) = r q(v) / Q`` with ``Q`` the student's mass outside the teacher's top k. The KL of
+one such teacher to the student is then the KL between the two distributions with every id
+outside the teacher's top k merged into one ("other"): it moves the student's tail mass towards
+``r``, never its shape towards a flat one. Each teacher's tail costs one masked pass over ``V``.
+
 Exact (equal to the dense expansion's loss and gradients up to float32 rounding) for the
 divergences in :data:`SPARSE_DIVERGENCES` and the rules in :data:`SPARSE_RULES`, whose weights
 read the teachers only through their shape or through their entropies or cross-entropies at
@@ -119,9 +126,17 @@ class TopKSoftmax:
         """The log-probabilities ``(N, K, k)`` at the top-k ids."""
         return self.shifted - self.log_norm.unsqueeze(-1)
 
+    def tail_mass(self) -> Tensor:
+        """``r = m c``, each teacher's mass beyond its top k at each position, ``(N, K)``."""
+        return self.rest * self.log_rest.exp()
+
+    def neg_entropy_top(self) -> Tensor:
+        """``Σ_i p_i log p_i`` over each teacher's top-k ids at each position, ``(N, K)``."""
+        return torch.where(self.probs > 0, self.probs * self.log_top(), 0.0).sum(-1)
+
     def neg_entropy(self) -> Tensor:
         """``Σ_v p log p`` of each teacher at each position, ``(N, K)``."""
-        top = torch.where(self.probs > 0, self.probs * self.log_top(), 0.0).sum(-1)
+        top = self.neg_entropy_top()
         if not self.rest:
             return top
         rest = self.log_rest.exp()
@@ -152,6 +167,49 @@ class TopKSoftmax:
         return floor.scatter_add(1, self.indices.view(positions, -1), spikes.view(positions, -1))
 
 
+def student_shaped(teachers: TopKSoftmax, log_q: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """The mixture ``Σ_k w_k p_k`` ``(N, V)`` and each teacher's ``Σ_v p_k log p_k`` ``(N, K)``
+    when each teacher's tail mass ``r_k`` is spread like the student's probabilities beyond the
+    teacher's top k: ``p_k(v) = r_k q(v) / Q_k`` there.
+
+    Args:
+        teachers: The teachers' softmax at the loss's temperature.
+        log_q: The student's log-probabilities ``(N, V)`` at that temperature; read detached.
+        weights: The weights ``(N, K)`` of the mixture (with their gradient, if any: then each
+            teacher's normalised tail ``(N, V)`` is kept for backward).
+
+    Examples:
+        >>> logits = torch.tensor([[[2.0, 1.0, 0.0, 0.0]]])  # K = 1, N = 1, V = 4, k = 1
+        >>> topk = TopKLogits(logits[..., :1], torch.tensor([[[0]]]),
+        ...                   torch.logsumexp(logits[..., 1:], -1), num_classes=4)
+        >>> log_q = torch.tensor([[0.1, 0.6, 0.2, 0.1]]).log()
+        >>> mixture, _ = student_shaped(TopKSoftmax.of(topk, 1.0), log_q, torch.ones(1, 1))
+        >>> p = torch.softmax(logits[0, 0], -1)  # the tail 1 − p[0] goes 6 : 2 : 1 to ids 1, 2, 3
+        >>> torch.allclose(mixture[0], torch.cat([p[:1], (1 - p[0]) * torch.tensor([6, 2, 1]) / 9]))
+        True
+    """
+    log_q = log_q.detach()
+    tails = teachers.tail_mass()
+    mixture = torch.zeros_like(log_q)
+    neg_entropy = teachers.neg_entropy_top()
+    if teachers.rest:
+        tail_neg_entropy = []
+        for teacher in range(tails.shape[-1]):
+            beyond = log_q.scatter(1, teachers.indices[:, teacher], -math.inf)
+            shape = (beyond - beyond.logsumexp(-1, keepdim=True)).exp()  # q / Q_k, 0 on the top k
+            tail_neg_entropy.append(torch.xlogy(shape, shape).sum(-1))
+            mixture = mixture + (weights[:, teacher] * tails[:, teacher]).unsqueeze(-1) * shape
+        # Σ over the tail of r u log(r u) = r log r + r Σ u log u, with u = q / Q_k
+        neg_entropy = neg_entropy + torch.xlogy(tails, tails)
+        neg_entropy = neg_entropy + tails * torch.stack(tail_neg_entropy, -1)
+    positions = len(teachers.indices)
+    spikes = teachers.probs * weights.unsqueeze(-1)
+    mixture = mixture.scatter_add(
+        1, teachers.indices.view(positions, -1), spikes.view(positions, -1)
+    )
+    return mixture, neg_entropy
+
+
 def fusion_weights(
     rule: FusionRule, topk: TopKLogits, context: FusionContext, temperature: float
 ) -> Tensor:
@@ -180,9 +238,11 @@ def soft_term(
     divergence: str,
     aggregation: str,
     temperature: float,
+    tail: str = "uniform",
 ) -> Tensor:
     """The KD term at each position, ``(N,)``, as :class:`~kd_lightning.DistillationLoss`
-    computes it from the dense expansion of ``teachers`` (their softmax at ``temperature``).
+    computes it from the dense expansion of ``teachers`` (their softmax at ``temperature``), or
+    with each teacher's tail shaped like the student's (``tail="student"``, :func:`student_shaped`).
 
     Args:
         student: Float32 student logits ``(N, V)``.
@@ -192,6 +252,8 @@ def soft_term(
         aggregation: ``"target"`` (one divergence to the weighted mixture) or ``"loss"`` (the
             weighted sum of each teacher's divergence).
         temperature: ``T``; the term carries ``T²``.
+        tail: ``"uniform"`` (each teacher's mass beyond its top k spread evenly) or
+            ``"student"`` (spread like the student's tempered probabilities there).
 
     Examples:
         >>> from kd_lightning.functional import kl_divergence
@@ -204,14 +266,20 @@ def soft_term(
         True
     """
     log_q = F.log_softmax(student / temperature, dim=-1)
-    if aggregation == "loss":
+    if aggregation == "loss" and tail == "uniform":
         cross = teachers.cross(log_q)  # (N, K)
         per_teacher = teachers.neg_entropy() - cross if divergence == "kl" else -cross
         return temperature**2 * (weights * per_teacher).sum(-1)
-    normalised = weights / weights.sum(-1, keepdim=True)
-    target = teachers.mixture(normalised, student.shape[-1])
-    if divergence == "kl":
-        per_position = (target * (target.clamp_min(_TINY).log() - log_q)).sum(-1)
+    if aggregation == "target":
+        weights = weights / weights.sum(-1, keepdim=True)
+    if tail == "uniform":
+        target = teachers.mixture(weights, student.shape[-1])
     else:
+        target, neg_entropy = student_shaped(teachers, log_q, weights)
+    if divergence == "soft_ce":
         per_position = -(target * log_q).sum(-1)
+    elif aggregation == "loss":  # (student tails) Σ_k w_k Σ_v p_k log q is the mixture's cross term
+        per_position = (weights * neg_entropy).sum(-1) - (target * log_q).sum(-1)
+    else:
+        per_position = (target * (target.clamp_min(_TINY).log() - log_q)).sum(-1)
     return temperature**2 * per_position
