@@ -18,8 +18,11 @@ from kd_lightning.cli.config import CONFIG_DIR
 FAST = ["experiment=smoke", "data=synthetic", "logger=none", "trainer.enable_progress_bar=false"]
 
 
-def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
-    """The composed config with Hydra's runtime set, output and cache under ``tmp_path``."""
+def compose_config(
+    tmp_path: Path, overrides: list[str], cache_dir: Path | None = None
+) -> DictConfig:
+    """The composed config with Hydra's runtime set, output and cache under ``tmp_path`` (the
+    teachers and caches in ``cache_dir`` instead, when given: another run's)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
@@ -27,7 +30,7 @@ def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
     output_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
-        cfg.paths.cache_dir = str(tmp_path / "cache")
+        cfg.paths.cache_dir = str(cache_dir or tmp_path / "cache")
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.job.num = 0
         cfg.hydra.job.id = "0"

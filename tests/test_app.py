@@ -97,7 +97,11 @@ def test_train_end_to_end_writes_summary_and_caches_teachers(tmp_path, monkeypat
         raise AssertionError("a cached teacher was trained again")
 
     monkeypatch.setattr(teacher_cache, "train_teacher", refuse)
-    again, _ = train(compose_config(tmp_path, [*FAST, "teachers=[cnn,mlp]", "baseline=false"]))
+    again, _ = train(
+        compose_config(
+            tmp_path / "again", [*FAST, "teachers=[cnn,mlp]", "baseline=false"], tmp_path / "cache"
+        )
+    )
     assert again["test_accuracy"]["teachers"] == summary["test_accuracy"]["teachers"]
     assert again["test_accuracy"]["baseline"] is None
 
@@ -215,6 +219,20 @@ def test_cli_help_lists_the_groups(tmp_path):
     assert result.returncode == 0, result.stderr
     for group in ("teachers", "fusion", "accelerator", "logger", "method"):
         assert f"{group}:" in result.stdout
+
+
+def test_a_relaunch_that_changes_what_the_student_learns_from_is_refused(tmp_path):
+    overrides = [*FAST, "teachers=[mlp]", "fusion=mean_probs", "baseline=false"]
+    train(compose_config(tmp_path, overrides))
+    last = tmp_path / "output" / "checkpoints" / "last.ckpt"
+    written = last.stat().st_mtime_ns
+    changed = [*overrides[:-2], "fusion=entropy", "baseline=true"]  # baseline may change
+    with pytest.raises(ValueError) as refused:
+        train(compose_config(tmp_path, changed))
+    message = str(refused.value)
+    assert "['fusion=mean_probs'] there, ['fusion=entropy'] now" in message
+    assert f"hydra.run.dir={tmp_path / 'output'}" in message
+    assert last.stat().st_mtime_ns == written
 
 
 def test_relaunch_in_the_same_directory_resumes_from_last_checkpoint(tmp_path):

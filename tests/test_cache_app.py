@@ -68,7 +68,7 @@ def test_training_from_the_cache_matches_live_teachers(tmp_path, monkeypatch, ca
     assert all(path.parent == cache.path for path in root.rglob("*") if path.is_file())
 
     built = break_teachers_once_cached(monkeypatch)
-    cfg = compose_config(tmp_path, [*OVERRIDES, "cache=true"])
+    cfg = compose_config(tmp_path / "cached", [*OVERRIDES, "cache=true"], tmp_path / "cache")
     summary, _ = train(cfg)
     assert json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text()) == summary
     assert [found.path for found in built] == [cache.path]  # found again, not rebuilt
@@ -81,11 +81,8 @@ def test_training_from_the_cache_matches_live_teachers(tmp_path, monkeypatch, ca
 
     monkeypatch.undo()  # config validation runs each teacher once on a dummy batch
     with pytest.raises(StaleCacheError, match=r"changed top_k \(None → 3\)"):
-        train(
-            compose_config(
-                tmp_path, [*OVERRIDES, "cache=true", "cache_top_k=3", "cache_build=false"]
-            )
-        )
+        overrides = [*OVERRIDES, "cache=true", "cache_top_k=3", "cache_build=false"]
+        train(compose_config(tmp_path / "top3", overrides, tmp_path / "cache"))
 
 
 def test_random_augmentation_is_refused_before_any_teacher_is_trained(tmp_path):

@@ -245,8 +245,7 @@ def test_kd_train_skips_and_reports_skipped_steps_or_stops_keeping_last_ckpt(tmp
     assert "training steps skipped for a non-finite loss: 1" in format_summary(summary)
     assert all_finite(objects["module"].student)
 
-    cfg = compose_config(tmp_path / "stop", NAN_RUN)
-    cfg.paths.cache_dir = str(tmp_path / "skip" / "cache")  # the teacher trained above
+    cfg = compose_config(tmp_path / "stop", NAN_RUN, tmp_path / "skip" / "cache")  # its teacher
     with pytest.raises(
         NonFiniteLossError, match="at global step 5 \\(epoch 1, batch 1\\): ce = nan"
     ):

@@ -50,8 +50,23 @@ from kd_lightning.teachers import TeacherSource
 from kd_lightning.teachers.cache.parts import NO_ROOM
 
 log = logging.getLogger(__name__)
-#: Where a multirun job keeps the overrides it was launched with (see :func:`record_sweep_job`).
-SWEEP_JOB_RECORD = "job.json"
+#: Where a run or a multirun job keeps the overrides it was launched with (see :func:`record_job`).
+JOB_RECORD = "job.json"
+#: The config keys whose overrides a run relaunched into its directory may change: how, where and
+#: how long it runs and what it logs, never what the student learns from.
+RELAUNCH_MAY_CHANGE = (
+    "trainer",
+    "accelerator",
+    "logger",
+    "callbacks",
+    "paths",
+    "baseline",
+    "train_if_missing",
+    "cache_build",
+    "cache_wait_s",
+    "on_nonfinite",
+    "optimized_metric",
+)
 warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -72,13 +87,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     with ``on_nonfinite=skip`` is skipped and counted (:class:`~kd_lightning.callbacks.NonFiniteLossGuard`).
     """
     started = time.perf_counter()
+    check_relaunch(cfg)
     finished = finished_sweep_job(cfg)
     if finished is not None:
         return finished, {}
     refuse_ddp_in_multirun(cfg)
     check_optimized_metric(cfg)
     validate_config(cfg)  # every problem at once, before anything is trained or written
-    record_sweep_job(cfg)
+    record_job(cfg)
     if cfg.get("cache"):
         check_cacheable(cfg)  # before any teacher is trained
     datamodule: LightningDataModule = instantiate(cfg.data)
@@ -261,43 +277,84 @@ def raise_no_room(error: OSError, trainer: Trainer) -> None:
     ) from error
 
 
-def finished_sweep_job(cfg: DictConfig) -> dict[str, Any] | None:
-    """For a job of a multirun relaunched with the same ``hydra.sweep.dir``: the summary that an
-    earlier launch wrote when it finished this job, else ``None`` (the job runs, resuming from its
-    ``last.ckpt`` when it has one).
+def check_relaunch(cfg: DictConfig) -> None:
+    """Refuse a launch into the output directory of a run launched with other overrides, whose
+    ``last.ckpt`` it would resume (and, for a multirun job, whose summary it would return).
 
-    :func:`record_sweep_job` kept the overrides the job was first launched with; a launch that
-    gives the job others (a changed sweep renumbers its jobs) is refused, since the job's
-    summary and checkpoints are not theirs.
+    :func:`record_job` kept the overrides the run was first launched with. A multirun job must
+    get exactly those (a changed sweep renumbers its jobs); a single run relaunched with the same
+    ``hydra.run.dir`` may change only the keys in :data:`RELAUNCH_MAY_CHANGE` (e.g.
+    ``trainer.max_epochs`` to train on), not the teachers, the fusion rule or anything else the
+    student learns from.
     """
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
+    if not HydraConfig.initialized():
+        return
     hydra_cfg = HydraConfig.get()
-    output_dir = Path(hydra_cfg.runtime.output_dir)
-    record = output_dir / SWEEP_JOB_RECORD
-    if record.is_file():
-        launched = json.loads(record.read_text())["overrides"]
-        overrides = sorted(str(override) for override in hydra_cfg.overrides.task)
+    output_dir = Path(cfg.paths.output_dir)
+    record = output_dir / JOB_RECORD
+    if not record.is_file():
+        return
+    launched = json.loads(record.read_text())["overrides"]
+    overrides = sorted(str(override) for override in hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
         if launched != overrides:
             raise ValueError(
                 f"hydra.sweep.dir={hydra_cfg.sweep.dir}: job {hydra_cfg.job.num} ({output_dir}) "
                 f"was launched with the overrides {launched}, this launch gives it {overrides}; "
                 "relaunch the same sweep to finish it, or use a new hydra.sweep.dir"
             )
+        return
+    then, now = (
+        sorted(set(ours) - set(theirs) - set(may_change(ours)))
+        for ours, theirs in ((launched, overrides), (overrides, launched))
+    )
+    if then or now:
+        raise ValueError(
+            f"hydra.run.dir={output_dir} holds a run launched with other overrides: "
+            f"{then or 'none'} there, {now or 'none'} now; relaunch it with its overrides to "
+            f"resume it (only {', '.join(RELAUNCH_MAY_CHANGE)} may change), or use another "
+            "hydra.run.dir"
+        )
+
+
+def may_change(overrides: list[str]) -> list[str]:
+    """The overrides among ``overrides`` of the keys in :data:`RELAUNCH_MAY_CHANGE`.
+
+    Examples:
+        >>> may_change(["trainer.max_epochs=3", "fusion=entropy", "~callbacks.heatmap"])
+        ['trainer.max_epochs=3', '~callbacks.heatmap']
+    """
+    return [
+        override
+        for override in overrides
+        if override.lstrip("+~").split("=")[0].split(".")[0] in RELAUNCH_MAY_CHANGE
+    ]
+
+
+def finished_sweep_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """For a job of a multirun relaunched with the same ``hydra.sweep.dir``: the summary that an
+    earlier launch wrote when it finished this job, else ``None`` (the job runs, resuming from its
+    ``last.ckpt`` when it has one). :func:`check_relaunch` has made sure that they are its own.
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = output_dir / "summary.json"
     if not summary.is_file():  # written whole or not at all (write_json)
         return None
-    log.info("job %s: skipped, an earlier launch finished it (%s)", hydra_cfg.job.num, summary)
+    log.info(
+        "job %s: skipped, an earlier launch finished it (%s)", HydraConfig.get().job.num, summary
+    )
     return cast(dict[str, Any], json.loads(summary.read_text()))
 
 
-def record_sweep_job(cfg: DictConfig) -> None:
-    """For a job of a multirun: keep the overrides it is launched with in its directory
-    (``job.json``, once), for :func:`finished_sweep_job` to compare on a relaunch."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+def record_job(cfg: DictConfig) -> None:
+    """Keep the overrides a run or a multirun job is launched with in its directory
+    (``job.json``, once), for :func:`check_relaunch` to compare on a relaunch."""
+    if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
-    record = Path(hydra_cfg.runtime.output_dir) / SWEEP_JOB_RECORD
+    record = Path(cfg.paths.output_dir) / JOB_RECORD
     if not record.is_file():
         overrides = sorted(str(override) for override in hydra_cfg.overrides.task)
         write_json(record, {"overrides": overrides})
