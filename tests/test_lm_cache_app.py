@@ -80,9 +80,8 @@ def test_training_from_a_full_float_cache_matches_live_teachers(tmp_path):
 def test_a_student_shaped_tail_trains_from_the_same_cache(tmp_path):
     cached = [*TINY_LM, "cache=true", "cache_top_k=16"]
     uniform, first = train(compose_config(tmp_path, cached))
-    cfg = compose_config(tmp_path / "shaped", [*cached, "method.loss.topk_tail=student"])
-    cfg.paths.cache_dir = str(tmp_path / "cache")  # the same teachers and cache
-    shaped, second = train(cfg)
+    shaped_run = [*cached, "method.loss.topk_tail=student"]
+    shaped, second = train(compose_config(tmp_path / "shaped", shaped_run, tmp_path / "cache"))
     assert second["teachers"].path == first["teachers"].path  # the tail is read, not stored
     assert (first["module"].loss.topk_tail, second["module"].loss.topk_tail) == (
         "uniform",
