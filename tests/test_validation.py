@@ -39,7 +39,7 @@ REFUSED = [
     pytest.param(["method=dml", "method.temperature=-1"], "method.temperature=-1", id="dml-temp"),
     pytest.param(["method.loss.divergence=kll"], "method.loss:", id="divergence"),
     pytest.param(
-        ["fusion=aekd", "method.loss.topk_tail=student"], "fusion='aekd'", id="student-tail"
+        ["method.loss.topk_tail=student"], "method.loss.topk_tail=student: ", id="tail-not-top-k"
     ),
     pytest.param(["fusion._target_=kd_lightning.fusion.Nope"], "fusion:", id="fusion-target"),
     pytest.param(["fusion=static", "fusion.weights=[1,2]"], "fusion:", id="fusion-weights"),

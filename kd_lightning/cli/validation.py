@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.callbacks.nonfinite import ON_NONFINITE
 from kd_lightning.cli.config import method_arguments, method_name
+from kd_lightning.cli.logit_cache import is_text
 from kd_lightning.cli.teacher_checkpoints import (
     cached_teacher_path,
     check_teacher_name,
@@ -101,6 +102,7 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
     problems += sharding_problems(cfg)
     problems += directory_problems(cfg)
     problems += nonfinite_problems(cfg)
+    problems += topk_tail_problems(cfg)
     if "data" not in cfg or "student" not in cfg:
         _raise_if_any(problems)
         return
@@ -236,6 +238,26 @@ def hyperparameter_problems(cfg: DictConfig) -> list[str]:
         if key.endswith("loss.alpha") and not 0 <= value <= 1:
             problems.append(f"{key}={value}: the weight of the KD term must lie in [0, 1]")
     return problems
+
+
+def topk_tail_problems(cfg: DictConfig) -> list[str]:
+    """A loss told to shape the tails of top-k teacher outputs (``method.loss.topk_tail=student``)
+    that would get none: only a text cache hands the loss top-k outputs, any other teachers give
+    it dense logits.
+
+    Examples:
+        >>> topk_tail_problems(OmegaConf.create({"method": {"loss": {"topk_tail": "student"}}}))[0]
+        'method.loss.topk_tail=student: shapes the tails of top-k teacher outputs, which only a text cache (cache=true cache_top_k=<k> on text data) gives the loss; these teachers give it dense logits, so it would change nothing'
+    """
+    if OmegaConf.select(cfg, "method.loss.topk_tail", default="uniform") != "student":
+        return []
+    if cfg.get("cache") and "data" in cfg and is_text(cfg):
+        return []
+    return [
+        "method.loss.topk_tail=student: shapes the tails of top-k teacher outputs, which only a "
+        "text cache (cache=true cache_top_k=<k> on text data) gives the loss; these teachers "
+        "give it dense logits, so it would change nothing"
+    ]
 
 
 def hardware_problems(trainer: DictConfig) -> list[str]:
