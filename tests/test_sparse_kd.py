@@ -17,6 +17,7 @@ from kd_lightning.fusion import LearnedWeights, StaticWeights, build_fusion
 from kd_lightning.losses import ChunkedDistillationLoss
 from kd_lightning.losses import chunked as chunked_module
 from kd_lightning.losses import distillation as distillation_module
+from kd_lightning.losses import sparse as sparse_module
 from kd_lightning.metrics import agreement as agreement_module
 from kd_lightning.teachers.cache import sequence_store
 from kd_lightning.teachers.cache.sequence_store import SequenceCachedTeachers, TopKTeacherOutputs
@@ -356,3 +357,16 @@ def test_a_student_tail_below_float32s_range_stays_exact():
 def test_a_student_tail_off_the_sparse_path_is_refused_naming_why(options, culprit):
     with pytest.raises(ValueError, match=re.escape(culprit)):
         DistillationLoss(**{"topk_tail": "student", **options})
+
+
+def test_student_shaped_tails_built_a_few_positions_at_a_time_are_the_same(monkeypatch):
+    topk, (student, labels) = teachers_topk(6), batch()
+    loss = DistillationLoss(LearnedWeights(num_teachers=K), aggregation="loss", topk_tail="student")
+    results = []
+    for elements in (sparse_module.TAIL_CHUNK_ELEMENTS, 3 * K * V):  # all at once, then 3 at a time
+        monkeypatch.setattr(sparse_module, "TAIL_CHUNK_ELEMENTS", elements)
+        leaf = student.clone().requires_grad_()
+        out = loss(leaf, topk, labels)
+        results.append((out.loss, *torch.autograd.grad(out.loss, [leaf, *loss.parameters()])))
+    for whole, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, whole)

@@ -18,7 +18,7 @@ mass ``r = m c`` but spreads it like the student's own (detached) tempered proba
 there, ``p(v) = r q(v) / Q`` with ``Q`` the student's mass outside the teacher's top k. The KL of
 one such teacher to the student is then the KL between the two distributions with every id
 outside the teacher's top k merged into one ("other"): it moves the student's tail mass towards
-``r``, never its shape towards a flat one. Each teacher's tail costs one masked pass over ``V``.
+``r``, never its shape towards a flat one. It builds each teacher's tail over ``V``, chunk by chunk.
 
 Exact (equal to the dense expansion's loss and gradients up to float32 rounding) for the
 divergences in :data:`SPARSE_DIVERGENCES` and the rules in :data:`SPARSE_RULES`, whose weights
@@ -52,6 +52,9 @@ SPARSE_DIVERGENCES = ("kl", "soft_ce")
 SPARSE_RULES = (MeanProbabilities, StaticWeights, LearnedWeights, EntropyWeighted, ConfidenceAware)
 """The rules (these classes exactly, not subclasses) whose weights the sparse path computes."""
 _TINY = torch.finfo(torch.float32).tiny
+TAIL_CHUNK_ELEMENTS = 2**22
+"""Student-shaped tails are built a chunk of positions at a time, ``(chunk, K, V)`` holding
+about this many elements (16 MiB in float32)."""
 
 
 def exact_rule(rule: FusionRule) -> bool:
@@ -175,8 +178,8 @@ def student_shaped(teachers: TopKSoftmax, log_q: Tensor, weights: Tensor) -> tup
     Args:
         teachers: The teachers' softmax at the loss's temperature.
         log_q: The student's log-probabilities ``(N, V)`` at that temperature; read detached.
-        weights: The weights ``(N, K)`` of the mixture (with their gradient, if any: then each
-            teacher's normalised tail ``(N, V)`` is kept for backward).
+        weights: The weights ``(N, K)`` of the mixture (with their gradient, if any: then the
+            teachers' normalised tails, ``(N, K, V)``, are kept for backward).
 
     Examples:
         >>> logits = torch.tensor([[[2.0, 1.0, 0.0, 0.0]]])  # K = 1, N = 1, V = 4, k = 1
@@ -189,20 +192,32 @@ def student_shaped(teachers: TopKSoftmax, log_q: Tensor, weights: Tensor) -> tup
         True
     """
     log_q = log_q.detach()
+    positions, num_classes = log_q.shape
     tails = teachers.tail_mass()
-    mixture = torch.zeros_like(log_q)
     neg_entropy = teachers.neg_entropy_top()
-    if teachers.rest:
-        tail_neg_entropy = []
-        for teacher in range(tails.shape[-1]):
-            beyond = log_q.scatter(1, teachers.indices[:, teacher], -math.inf)
-            shape = (beyond - beyond.logsumexp(-1, keepdim=True)).exp()  # q / Q_k, 0 on the top k
-            tail_neg_entropy.append(torch.xlogy(shape, shape).sum(-1))
-            mixture = mixture + (weights[:, teacher] * tails[:, teacher]).unsqueeze(-1) * shape
-        # Σ over the tail of r u log(r u) = r log r + r Σ u log u, with u = q / Q_k
+    if not teachers.rest:
+        mixture = torch.zeros_like(log_q)
+    else:
+        scale = weights * tails  # w_k r_k
+        num_teachers = tails.shape[-1]
+        chunk = max(1, TAIL_CHUNK_ELEMENTS // (num_teachers * num_classes))
+        parts, tail_neg_entropy = [], []
+        for start in range(0, positions, chunk):
+            rows = slice(start, start + chunk)
+            beyond = log_q[rows].unsqueeze(1).expand(-1, num_teachers, -1)
+            beyond = beyond.scatter(2, teachers.indices[rows], -math.inf)
+            # z = q / e^peak beyond teacher k's top k, 0 on it: Q_k = e^peak Σ z, u_k = z / Σ z
+            peak = beyond.amax(-1, keepdim=True)
+            z = beyond.sub_(peak).exp_()
+            total = z.sum(-1)
+            # Σ u log u = Σ z log q / Σ z − peak − log Σ z
+            cross = torch.einsum("nkv,nv->nk", z, log_q[rows])
+            tail_neg_entropy.append(cross / total - peak.squeeze(-1) - total.log())
+            parts.append(torch.einsum("nk,nkv->nv", scale[rows] / total, z))
+        mixture = torch.cat(parts)
+        # Σ over the tail of r u log(r u) = r log r + r Σ u log u
         neg_entropy = neg_entropy + torch.xlogy(tails, tails)
-        neg_entropy = neg_entropy + tails * torch.stack(tail_neg_entropy, -1)
-    positions = len(teachers.indices)
+        neg_entropy = neg_entropy + tails * torch.cat(tail_neg_entropy)
     spikes = teachers.probs * weights.unsqueeze(-1)
     mixture = mixture.scatter_add(
         1, teachers.indices.view(positions, -1), spikes.view(positions, -1)
