@@ -1,6 +1,6 @@
 """``kd-bench --lm``: tokens per second of LM distillation against plain LM training, side by side.
 
-Seven workloads train the same :class:`~kd_lightning.models.CausalLM` student on the same
+Eight workloads train the same :class:`~kd_lightning.models.CausalLM` student on the same
 packed blocks of the standard library's sources (:class:`~kd_lightning.data.TextDataModule`, byte
 tokens), each through a Lightning ``Trainer``:
 
@@ -12,6 +12,8 @@ tokens), each through a Lightning ``Trainer``:
   or 128 logits per token from a sequence cache built before timing
   (:func:`~kd_lightning.teachers.cache.sequence_build.build_sequence_cache`), the KD term
   computed from them unexpanded (:mod:`kd_lightning.losses.sparse`);
+* ``lm_cached_k32_tail``: the k = 32 cache with each teacher's tail spread like the student's
+  (``DistillationLoss(topk_tail="student")``);
 * ``lm_unchunked`` and ``lm_chunked``: the k = 32 cache read as dense logits
   (``SequenceCachedTeachers(sparse=False)``) with :class:`~kd_lightning.DistillationLoss` or
   with :class:`~kd_lightning.losses.ChunkedDistillationLoss`, timed as a pair of their own.
@@ -61,12 +63,14 @@ LM_WORKLOADS = (
     "lm_live_handwritten",
     "lm_cached_k32",
     "lm_cached_k128",
+    "lm_cached_k32_tail",
     "lm_unchunked",
     "lm_chunked",
 )
 LM_TARGETS = {
     "lm_cached_k32/lm_plain": 1.10,
     "lm_cached_k128/lm_plain": 1.10,
+    "lm_cached_k32_tail/lm_cached_k32": 1.10,
     "lm_live/lm_live_handwritten": 1.03,
     "lm_chunked/lm_unchunked": 1.15,
 }
@@ -206,10 +210,14 @@ def lm_workload(
     if name == "lm_live_handwritten":
         models = list(teacher_lms(size, vocab_size, seed).values())
         return HandwrittenLMModule(student, models), loader
-    if name in ("lm_cached_k32", "lm_cached_k128", "lm_unchunked", "lm_chunked"):
+    if name.startswith("lm_cached") or name in ("lm_unchunked", "lm_chunked"):
         top_k = 128 if name == "lm_cached_k128" else 32
         if name == "lm_chunked":
             loss = ChunkedDistillationLoss("mean_probs", alpha=ALPHA, temperature=TEMPERATURE)
+        if name == "lm_cached_k32_tail":
+            loss = DistillationLoss(
+                "mean_probs", alpha=ALPHA, temperature=TEMPERATURE, topk_tail="student"
+            )
         cache = sequence_cache(size, datamodule, top_k, seed, device)
         if name in ("lm_unchunked", "lm_chunked"):  # the chunking of the dense KD term
             cache = SequenceCachedTeachers(cache.path, sparse=False)
