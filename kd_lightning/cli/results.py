@@ -4,9 +4,10 @@ Every entry of a protocol runs as a real ``kd-train`` process per seed, in
 ``<out>/runs/<entry>/seed<k>``: on MNIST-1D the scratch baseline, KD from each single teacher, every
 fusion rule and every method; on the standard-library LM (``--preset lm``) the scratch baseline,
 each single teacher, the mean of probabilities, the entropy and confidence weights, AE-KD, the
-routed rule with one teacher per sequence and the sparse top-32 cache. A finished run (its
-``summary.json`` exists) is never run again and an interrupted one resumes from its ``last.ckpt``,
-so rerunning the command continues where it stopped. Then ``<out>/mnist1d.md`` gets the table
+routed rule with one teacher per sequence and the sparse top-32 cache (its tails spread evenly,
+then like the student's). A finished run (its ``summary.json`` exists) is never run again and an
+interrupted one resumes from its ``last.ckpt``, so rerunning the command continues where it
+stopped. Then ``<out>/mnist1d.md`` gets the table
 (mean ± std test accuracy over seeds, gain over scratch, wall time, the commit and the machine) and
 ``<out>/*.png`` the plots:
 
