@@ -20,8 +20,7 @@ from kd_lightning.cli.validation import validate_config
 from kd_lightning.errors import ConfigError, NonFiniteLossError
 from kd_lightning.models import MLP
 from kd_lightning.modules import ClassifierModule, DMLModule
-from kd_lightning.teachers.cache.sequence_store import TopKTeacherOutputs
-from kd_lightning.teachers.cache.topk import compress_topk
+from kd_lightning.teachers.cache.topk import TopKTeacherOutputs, compress_topk
 
 from .app_helpers import FAST, compose_config
 from .conftest import NUM_CLASSES, make_trainer, small_mlp

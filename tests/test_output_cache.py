@@ -32,7 +32,7 @@ from kd_lightning.teachers.cache.build import (
     build_output_cache,
     remove_partial_builds,
 )
-from kd_lightning.teachers.cache.topk import compress_topk, expand_topk
+from kd_lightning.teachers.cache.topk import TopKTeacherOutputs, compress_topk, expand_topk
 
 
 def ensemble(seed: int = 0) -> TeacherEnsemble:
@@ -329,6 +329,39 @@ def test_training_from_the_cache_gives_the_live_losses(tmp_path):
     cached = _losses(module(cache), IndexedDataModule(data()))
     assert len(live) == len(cached) == 2 + 2 * (8 + 4)  # sanity check, then 2 epochs
     np.testing.assert_allclose(cached, live, rtol=0, atol=1e-6)
+
+
+class ExpandingLoss(DistillationLoss):
+    """The loss of the expanded top-k logits: it never takes the top-k form."""
+
+    accepts_topk = False  # type: ignore[assignment]
+
+
+def test_a_top_k_cache_trains_from_its_top_k_as_from_their_expansion(tmp_path):
+    def data() -> SyntheticDataModule:
+        return SyntheticDataModule(num_samples=240, in_features=6, num_classes=5, batch_size=16)
+
+    base = data()
+    base.setup("fit")
+    sets = {"train": base.train_set, "val": base.val_set}
+    cache = build_output_cache(ensemble(), sets, tmp_path, batch_size=64, top_k=2)  # type: ignore[arg-type]
+    batch = (torch.zeros(3, 6), torch.zeros(3), torch.tensor([4, 0, 7]))
+    outputs = cache.outputs(batch[0], batch, "train")
+    assert isinstance(outputs, TopKTeacherOutputs) and outputs.topk.values.shape == (3, 3, 2)
+    assert torch.equal(outputs.logits, cache.logits("train", [4, 0, 7]))
+    losses = []
+    for loss in (
+        DistillationLoss("confidence", alpha=0.7, temperature=3.0),
+        ExpandingLoss("confidence", alpha=0.7, temperature=3.0),
+        DistillationLoss("confidence", alpha=0.7, temperature=3.0, topk_tail="student"),
+    ):
+        torch.manual_seed(1)
+        module = DistillationModule(nn.Linear(6, 5), cache, loss, partial(torch.optim.SGD, lr=0.1))
+        L.seed_everything(3)
+        losses.append(_losses(module, IndexedDataModule(data())))
+    sparse, dense, shaped = losses
+    np.testing.assert_allclose(sparse, dense, rtol=0, atol=1e-5)
+    assert np.isfinite(shaped).all() and not np.allclose(shaped, dense)
 
 
 def test_benchmark_times_training_from_the_cache(tmp_path, monkeypatch):

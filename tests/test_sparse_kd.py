@@ -20,8 +20,14 @@ from kd_lightning.losses import distillation as distillation_module
 from kd_lightning.losses import sparse as sparse_module
 from kd_lightning.metrics import agreement as agreement_module
 from kd_lightning.teachers.cache import sequence_store
-from kd_lightning.teachers.cache.sequence_store import SequenceCachedTeachers, TopKTeacherOutputs
-from kd_lightning.teachers.cache.topk import TopKLogits, compress_topk, expand_topk
+from kd_lightning.teachers.cache import topk as topk_module
+from kd_lightning.teachers.cache.sequence_store import SequenceCachedTeachers
+from kd_lightning.teachers.cache.topk import (
+    TopKLogits,
+    TopKTeacherOutputs,
+    compress_topk,
+    expand_topk,
+)
 
 from .conftest import make_trainer
 from .test_sequence_cache import L, blocks, build, ensemble, lm
@@ -222,7 +228,13 @@ def test_a_sparse_training_with_the_agreement_callback_expands_one_chunk_at_most
         expanded.append(logits.numel())
         return logits
 
-    for module in (sequence_store, distillation_module, chunked_module, agreement_module):
+    for module in (
+        sequence_store,
+        topk_module,
+        distillation_module,
+        chunked_module,
+        agreement_module,
+    ):
         monkeypatch.setattr(module, "expand_topk", recording_expand_topk)
     loss = DistillationLoss("entropy", temperature=2.0)
     assert loss.accepts_topk

@@ -34,7 +34,6 @@ from torch.utils.data import Dataset
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.callbacks.nonfinite import ON_NONFINITE
 from kd_lightning.cli.config import method_arguments, method_name
-from kd_lightning.cli.logit_cache import is_text
 from kd_lightning.cli.teacher_checkpoints import (
     cached_teacher_path,
     check_teacher_name,
@@ -242,21 +241,21 @@ def hyperparameter_problems(cfg: DictConfig) -> list[str]:
 
 def topk_tail_problems(cfg: DictConfig) -> list[str]:
     """A loss told to shape the tails of top-k teacher outputs (``method.loss.topk_tail=student``)
-    that would get none: only a text cache hands the loss top-k outputs, any other teachers give
-    it dense logits.
+    that would get none: only a cache of top-k outputs hands the loss top-k outputs, live teachers
+    and full caches give it dense logits.
 
     Examples:
         >>> topk_tail_problems(OmegaConf.create({"method": {"loss": {"topk_tail": "student"}}}))[0]
-        'method.loss.topk_tail=student: shapes the tails of top-k teacher outputs, which only a text cache (cache=true cache_top_k=<k> on text data) gives the loss; these teachers give it dense logits, so it would change nothing'
+        'method.loss.topk_tail=student: shapes the tails of top-k teacher outputs, which only a cache of them (cache=true cache_top_k=<k>) gives the loss; these teachers give it dense logits, so it would change nothing'
     """
     if OmegaConf.select(cfg, "method.loss.topk_tail", default="uniform") != "student":
         return []
-    if cfg.get("cache") and "data" in cfg and is_text(cfg):
+    if cfg.get("cache") and cfg.get("cache_top_k") is not None:
         return []
     return [
         "method.loss.topk_tail=student: shapes the tails of top-k teacher outputs, which only a "
-        "text cache (cache=true cache_top_k=<k> on text data) gives the loss; these teachers "
-        "give it dense logits, so it would change nothing"
+        "cache of them (cache=true cache_top_k=<k>) gives the loss; these teachers give it dense "
+        "logits, so it would change nothing"
     ]
 
 

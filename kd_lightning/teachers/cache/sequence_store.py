@@ -62,7 +62,6 @@ import json
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from functools import cached_property
 from pathlib import Path
 from tokenize import TokenError
 from typing import Any
@@ -79,7 +78,12 @@ from kd_lightning.teachers.cache.store import (
     CorruptCacheError,
     StoredOutputs,
 )
-from kd_lightning.teachers.cache.topk import TopKLogits, compress_topk, expand_topk
+from kd_lightning.teachers.cache.topk import (
+    TopKLogits,
+    TopKTeacherOutputs,
+    compress_topk,
+    expand_topk,
+)
 from kd_lightning.teachers.source import Stage, TeacherOutputs
 
 FORMAT = "kd-sequence-cache"
@@ -290,49 +294,6 @@ def read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         if fortran:
             raise ValueError("a Fortran-ordered array")
         return shape, dtype, file.tell()
-
-
-class TopKTeacherOutputs(TeacherOutputs):
-    """:class:`~kd_lightning.teachers.source.TeacherOutputs` of the teachers' top-k outputs
-    ``topk`` (values and ids ``(K, *batch, k)``, tail ``(K, *batch)``), whose dense ``logits``
-    are rebuilt from them (:func:`~kd_lightning.teachers.cache.topk.expand_topk`) only when read,
-    once. A :class:`~kd_lightning.DistillationModule` hands ``topk`` to a loss that
-    :attr:`~kd_lightning.DistillationLoss.accepts_topk` instead of ``logits``, and to its step
-    outputs as ``teacher_topk``, so that a sparse step never builds the dense ``(K, *batch, C)``.
-
-    Examples:
-        >>> topk = TopKLogits(torch.zeros(2, 1, 3), torch.zeros(2, 1, 3, dtype=torch.long),
-        ...                   torch.zeros(2, 1), num_classes=5)
-        >>> outputs = TopKTeacherOutputs(topk, (0, 1))
-        >>> outputs.topk.values.shape, "logits" in vars(outputs)  # nothing expanded yet
-        (torch.Size([2, 1, 3]), False)
-        >>> outputs.logits.shape, outputs.logits is outputs.logits
-        (torch.Size([2, 1, 5]), True)
-    """
-
-    topk: TopKLogits
-
-    def __init__(
-        self,
-        topk: TopKLogits,
-        ran: tuple[int, ...],
-        features: Mapping[str, Tensor] | None = None,
-    ) -> None:
-        object.__setattr__(self, "topk", topk)
-        object.__setattr__(self, "ran", ran)
-        object.__setattr__(self, "features", {} if features is None else features)
-        self._check_rows(topk.values.shape[0])
-
-    @cached_property
-    def logits(self) -> Tensor:
-        """The dense float32 logits ``(K, *batch, C)`` rebuilt from ``topk``, on first read."""
-        return expand_topk(self.topk)
-
-    def __repr__(self) -> str:
-        shape = tuple(self.topk.values.shape)
-        return (
-            f"TopKTeacherOutputs(topk=<values {shape}, C={self.topk.num_classes}>, ran={self.ran})"
-        )
 
 
 class SequenceCachedTeachers(StoredOutputs):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.teachers.cache.indices import sample_indices
-from kd_lightning.teachers.cache.topk import TopKLogits, expand_topk
+from kd_lightning.teachers.cache.topk import TopKLogits, TopKTeacherOutputs, expand_topk
 from kd_lightning.teachers.source import Stage, TeacherOutputs, TeacherSource
 
 FORMAT_VERSION = 1
@@ -160,6 +160,31 @@ class CachedTeachers(StoredOutputs):
 
     def logits(self, stage: str, indices: Tensor | np.ndarray | Sequence[int]) -> Tensor:
         """Float32 logits ``(K, B, *S)`` of the samples ``indices`` of the ``stage`` split."""
+        if self.top_k is not None:
+            return expand_topk(self.topk(stage, indices))
+        rows = self._rows(stage, indices)
+        assert self._arrays is not None  # opened by _rows
+        return torch.stack(
+            [torch.from_numpy(files["logits"][rows]) for files in self._arrays[stage]]
+        )
+
+    def topk(self, stage: str, indices: Tensor | np.ndarray | Sequence[int]) -> TopKLogits:
+        """The stored top-k outputs (values ``(K, B, *S[:-1], k)``) of the samples ``indices``
+        of the ``stage`` split, of a cache built with ``top_k``."""
+        if self.top_k is None:
+            raise ValueError(f"{self.path} holds every logit (built without top_k), not top-k ones")
+        rows = self._rows(stage, indices)
+        assert self._arrays is not None  # opened by _rows
+        files = self._arrays[stage]
+        return TopKLogits(
+            values=torch.stack([torch.from_numpy(f["values"][rows]) for f in files]),
+            indices=torch.stack([torch.from_numpy(f["indices"][rows]) for f in files]),
+            tail_logsumexp=torch.stack([torch.from_numpy(f["tail"][rows]) for f in files]),
+            num_classes=self.manifest["splits"][stage]["sample_shape"][-1],
+        )
+
+    def _rows(self, stage: str, indices: Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
+        """``indices`` as int64 rows of the ``stage`` split, checked against its size."""
         if self._arrays is None:
             self._arrays = self._open()
         if stage not in self._arrays:
@@ -173,27 +198,30 @@ class CachedTeachers(StoredOutputs):
                 f"sample indices {rows.min()}..{rows.max()} outside the {stage!r} split of "
                 f"{size} samples"
             )
-        per_teacher = []
-        for files in self._arrays[stage]:
-            if self.top_k is None:
-                per_teacher.append(torch.from_numpy(files["logits"][rows]))
-                continue
-            packed = TopKLogits(
-                values=torch.from_numpy(files["values"][rows]),
-                indices=torch.from_numpy(files["indices"][rows]),
-                tail_logsumexp=torch.from_numpy(files["tail"][rows]),
-                num_classes=self.manifest["splits"][stage]["sample_shape"][-1],
-            )
-            per_teacher.append(expand_topk(packed))
-        return torch.stack(per_teacher)
+        return rows
 
     def outputs(self, inputs: Any, batch: Any, stage: Stage) -> TeacherOutputs:
         """Every teacher's cached logits for the batch's samples (read from ``batch`` by
         :func:`~kd_lightning.teachers.cache.indices.sample_indices`), on the indices' device;
-        ``inputs`` are not used."""
+        ``inputs`` are not used. A cache built with ``top_k`` gives
+        :class:`~kd_lightning.teachers.cache.topk.TopKTeacherOutputs`, expanded only when their
+        ``logits`` are read (a loss that
+        :attr:`~kd_lightning.DistillationLoss.accepts_topk` reads the top k)."""
         indices = sample_indices(batch)
-        logits = self.logits(stage, indices).to(indices.device)
-        return TeacherOutputs(logits, tuple(range(len(self))))
+        ran = tuple(range(len(self)))
+        if self.top_k is None:
+            return TeacherOutputs(self.logits(stage, indices).to(indices.device), ran)
+        packed = self.topk(stage, indices)
+        device = indices.device
+        return TopKTeacherOutputs(
+            TopKLogits(
+                packed.values.to(device),
+                packed.indices.to(device),
+                packed.tail_logsumexp.to(device),
+                packed.num_classes,
+            ),
+            ran,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_arrays": None}

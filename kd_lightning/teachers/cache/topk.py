@@ -1,12 +1,17 @@
-"""Top-k compression of teacher logits, and the logits rebuilt from it with the tail mass spread."""
+"""Top-k compression of teacher logits, the logits rebuilt from it with the tail mass spread, and
+a step's teacher outputs in that form."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
+
+from kd_lightning.teachers.source import TeacherOutputs
 
 
 @dataclass(frozen=True)
@@ -84,3 +89,46 @@ def expand_topk(packed: TopKLogits) -> Tensor:
         fill = packed.tail_logsumexp - math.log(num_classes - k)
     rows = fill.unsqueeze(-1).expand(*fill.shape, num_classes).clone()
     return rows.scatter_(-1, packed.indices.long(), packed.values.float())
+
+
+class TopKTeacherOutputs(TeacherOutputs):
+    """:class:`~kd_lightning.teachers.source.TeacherOutputs` of the teachers' top-k outputs
+    ``topk`` (values and ids ``(K, *batch, k)``, tail ``(K, *batch)``), whose dense ``logits``
+    are rebuilt from them (:func:`~kd_lightning.teachers.cache.topk.expand_topk`) only when read,
+    once. A :class:`~kd_lightning.DistillationModule` hands ``topk`` to a loss that
+    :attr:`~kd_lightning.DistillationLoss.accepts_topk` instead of ``logits``, and to its step
+    outputs as ``teacher_topk``, so that a sparse step never builds the dense ``(K, *batch, C)``.
+
+    Examples:
+        >>> topk = TopKLogits(torch.zeros(2, 1, 3), torch.zeros(2, 1, 3, dtype=torch.long),
+        ...                   torch.zeros(2, 1), num_classes=5)
+        >>> outputs = TopKTeacherOutputs(topk, (0, 1))
+        >>> outputs.topk.values.shape, "logits" in vars(outputs)  # nothing expanded yet
+        (torch.Size([2, 1, 3]), False)
+        >>> outputs.logits.shape, outputs.logits is outputs.logits
+        (torch.Size([2, 1, 5]), True)
+    """
+
+    topk: TopKLogits
+
+    def __init__(
+        self,
+        topk: TopKLogits,
+        ran: tuple[int, ...],
+        features: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        object.__setattr__(self, "topk", topk)
+        object.__setattr__(self, "ran", ran)
+        object.__setattr__(self, "features", {} if features is None else features)
+        self._check_rows(topk.values.shape[0])
+
+    @cached_property
+    def logits(self) -> Tensor:
+        """The dense float32 logits ``(K, *batch, C)`` rebuilt from ``topk``, on first read."""
+        return expand_topk(self.topk)
+
+    def __repr__(self) -> str:
+        shape = tuple(self.topk.values.shape)
+        return (
+            f"TopKTeacherOutputs(topk=<values {shape}, C={self.topk.num_classes}>, ran={self.ran})"
+        )
