@@ -96,7 +96,7 @@ class DistillationLoss(nn.Module):
             tempered probabilities there: the KD term then matches each teacher's top-k
             probabilities and its tail mass, not a flat tail; see
             :mod:`kd_lightning.losses.sparse`). ``"student"`` needs the sparse path (see
-            :attr:`accepts_topk`).
+            :attr:`accepts_topk`); dense teacher logits have no tail and are used as they are.
 
     Teachers given as top-k outputs (a :class:`~kd_lightning.teachers.cache.topk.TopKLogits` of
     values ``(K, *batch, k)``, as a sequence cache reads them) stand for their dense expansion
