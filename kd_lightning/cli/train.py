@@ -357,6 +357,7 @@ def record_job(cfg: DictConfig) -> None:
     record = Path(cfg.paths.output_dir) / JOB_RECORD
     if not record.is_file():
         overrides = sorted(str(override) for override in hydra_cfg.overrides.task)
+        record.parent.mkdir(parents=True, exist_ok=True)
         write_json(record, {"overrides": overrides})
 
 
