@@ -583,13 +583,7 @@ class SequenceCachedTeachers(StoredOutputs):
                 f"{self.path} was built: the data changed (or the batch's indices are not its "
                 f"blocks' positions in the split); rebuild the cache"
             )
-        packed = self._decode(records)
-        topk = TopKLogits(
-            values=packed.values.to(inputs.device),
-            indices=packed.indices.to(inputs.device),
-            tail_logsumexp=packed.tail_logsumexp.to(inputs.device),
-            num_classes=self.vocab_size,
-        )
+        topk = self._decode(records).to(inputs.device)
         ran = tuple(range(len(self)))
         if not self.sparse:
             return TeacherOutputs(expand_topk(topk), ran)

@@ -211,17 +211,7 @@ class CachedTeachers(StoredOutputs):
         ran = tuple(range(len(self)))
         if self.top_k is None:
             return TeacherOutputs(self.logits(stage, indices).to(indices.device), ran)
-        packed = self.topk(stage, indices)
-        device = indices.device
-        return TopKTeacherOutputs(
-            TopKLogits(
-                packed.values.to(device),
-                packed.indices.to(device),
-                packed.tail_logsumexp.to(device),
-                packed.num_classes,
-            ),
-            ran,
-        )
+        return TopKTeacherOutputs(self.topk(stage, indices).to(indices.device), ran)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_arrays": None}

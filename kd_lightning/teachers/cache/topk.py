@@ -31,6 +31,15 @@ class TopKLogits:
     tail_logsumexp: Tensor
     num_classes: int
 
+    def to(self, device: torch.device | str) -> TopKLogits:
+        """The same outputs on ``device``."""
+        return TopKLogits(
+            self.values.to(device),
+            self.indices.to(device),
+            self.tail_logsumexp.to(device),
+            self.num_classes,
+        )
+
 
 def index_dtype(num_classes: int) -> torch.dtype:
     """The narrowest signed integer type holding class indices below ``num_classes``."""
