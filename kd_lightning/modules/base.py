@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler
@@ -14,6 +15,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from kd_lightning.batch import BatchAdapter
 from kd_lightning.modules.epoch_means import EpochMeans, Stage
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory, configure_optimizers
+from kd_lightning.modules.process_group import destroy_process_group_at_exit
 
 
 class MethodModule(EpochMeans):
@@ -91,6 +93,10 @@ class MethodModule(EpochMeans):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.batch_adapter = batch_adapter if batch_adapter is not None else BatchAdapter()
+
+    def setup(self, stage: str) -> None:
+        if dist.is_available() and dist.is_initialized():
+            destroy_process_group_at_exit()
 
     def forward(self, inputs: Any) -> Tensor:
         """The student's logits."""
