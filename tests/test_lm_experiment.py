@@ -65,6 +65,10 @@ def test_experiment_lm_picks_its_pieces_and_passes_the_data_vocabulary_to_every_
         (["data.tokenizer=byte"], "student.vocab_size=2048"),  # the byte tokenizer has 258
         (["teachers.lm_deep.model.vocab_size=4096"], "teachers.lm_deep.model.vocab_size=4096"),
         (["data=synthetic"], "student.vocab_size=258"),
+        (["method=dml"], "method=dml"),  # an online method: one label per sample
+        # a classifier assistant on token data: its width reads the student's, which has none
+        (["method=takd"], "method.assistants[0].in_features=${student.in_features}"),
+        (["method=ensemble_hints"], "method.hints"),
     ],
 )
 def test_language_model_mistakes_are_refused_naming_the_key(tmp_path, overrides, key):

@@ -76,6 +76,16 @@ REFUSED = [
     ),
     pytest.param(["method=dml", "+method.nope=1"], "method: ", id="unknown-argument"),
     pytest.param(
+        ["method.loss.alpha=${nowhere}"],
+        "method.loss.alpha=${nowhere}: Interpolation key 'nowhere' not found",
+        id="dangling-interpolation",
+    ),
+    pytest.param(
+        ["+teachers.mlp.fit.note=${oc.env:KD_NO_SUCH_VARIABLE}"],
+        "teachers.mlp.fit.note=${oc.env:KD_NO_SUCH_VARIABLE}: ",
+        id="unset-environment-variable",
+    ),
+    pytest.param(
         ["method=dml", "method.peers=[{_target_:nope.Nope}]"], "method.peers.0: ", id="peer-target"
     ),
     pytest.param(

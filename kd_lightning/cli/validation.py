@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -88,11 +88,10 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
         trainer.devices=0: must be a positive count, -1 (all) or 'auto'
     """
     problems = _Problems()
-    problems += [
-        f"{key}: is required and has no value (??? in the config)"
-        for key in OmegaConf.missing_keys(cfg)
-        if not key.startswith("hydra.")
-    ]
+    missing, dangling = unresolved_problems(cfg)
+    if dangling:  # every later check reads the config, and would only repeat these less clearly
+        _raise_if_any(missing + dangling)
+    problems += missing
     arguments = _method_arguments(cfg, problems)
     if needs_teachers is None:
         needs_teachers = arguments is not None and "teachers" in arguments
@@ -133,11 +132,52 @@ def validate_config(cfg: DictConfig, needs_teachers: bool | None = None) -> None
     _raise_if_any(problems)
 
 
+def unresolved_problems(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """Keys with no value (``???``), and interpolations that resolve to nothing (a key that does
+    not exist, an unset environment variable), outside ``hydra``; an interpolation of a key with
+    no value is that key's problem alone.
+
+    Examples:
+        >>> unresolved_problems(OmegaConf.create({"a": "???", "b": "${a}", "c": ["${nowhere}"]}))
+        (['a: is required and has no value (??? in the config)'], ["c[0]=${nowhere}: Interpolation key 'nowhere' not found"])
+    """
+    missing: list[str] = []
+    dangling: list[str] = []
+
+    def walk(node: DictConfig | ListConfig, prefix: str) -> None:
+        written: Any = OmegaConf.to_container(node, resolve=False)  # interpolations as written
+        keys = list(written) if isinstance(node, DictConfig) else range(len(written))
+        for key in keys:
+            path = (
+                f"{prefix}.{key}".lstrip(".")
+                if isinstance(node, DictConfig)
+                else f"{prefix}[{key}]"
+            )
+            if path == "hydra":
+                continue
+            if OmegaConf.is_missing(node, key):
+                missing.append(f"{path}: is required and has no value (??? in the config)")
+            elif OmegaConf.is_interpolation(node, key):
+                try:
+                    node[key]
+                except InterpolationToMissingValueError:
+                    pass  # the key it reads is reported as missing
+                except OmegaConfBaseException as error:
+                    dangling.append(f"{path}={written[key]}: {str(error).splitlines()[0]}")
+            elif isinstance(node[key], DictConfig | ListConfig):
+                walk(node[key], path)
+
+    walk(cfg, "")
+    return missing, dangling
+
+
 def vocabulary_problems(cfg: DictConfig, datamodule: Any, needs_teachers: bool) -> list[str]:
     """Language-model mistakes readable from the config and the data module's ``vocab_size``
     (the token ids its tokenizer gives, known before any tokenising): a classifier (a student
     with ``num_classes``) on token data, a ``vocab_size`` on data without tokens, a student
-    whose ``vocab_size`` is not the data's, teachers whose ``vocab_size`` is not the student's.
+    whose ``vocab_size`` is not the data's, teachers whose ``vocab_size`` is not the student's,
+    and a method that takes one label per sample (every one but ``method=ensemble`` without
+    feature hints) on token data.
 
     Examples:
         >>> from kd_lightning.data import TextDataModule
@@ -168,6 +208,8 @@ def vocabulary_problems(cfg: DictConfig, datamodule: Any, needs_teachers: bool) 
             f"(data.tokenizer={cfg.data.get('tokenizer')}) gives {data_vocabulary} token ids; "
             f"set the student's vocab_size to the data's"
         )
+    if data_vocabulary is not None and "method" in cfg:
+        problems += token_method_problems(cfg)
     for name, teacher in (cfg.get("teachers") or {}).items() if needs_teachers else ():
         vocabulary = (teacher.get("model") or {}).get("vocab_size")
         if None not in (vocabulary, student_vocabulary) and vocabulary != student_vocabulary:
@@ -177,6 +219,31 @@ def vocabulary_problems(cfg: DictConfig, datamodule: Any, needs_teachers: bool) 
                 f"tokens as the student"
             )
     return problems
+
+
+def token_method_problems(cfg: DictConfig) -> list[str]:
+    """On language-model data, a method other than per-token distillation from frozen teachers
+    (``method=ensemble``, a :class:`~kd_lightning.modules.DistillationModule` without hints): the
+    others are written for one label per sample.
+
+    Examples:
+        >>> cfg = OmegaConf.create({"method": {"_target_": "kd_lightning.modules.DMLModule"}})
+        >>> [problem] = token_method_problems(cfg)
+        >>> problem.split(": ")[1].split(";")[0]
+        'on language-model data only method=ensemble distils (per token, from frozen teachers)'
+    """
+    name = method_name(cfg)
+    if cfg.method.get("_target_") != "kd_lightning.modules.DistillationModule":
+        return [
+            f"method={name}: on language-model data only method=ensemble distils (per token, "
+            f"from frozen teachers); {name} takes one label per sample"
+        ]
+    if cfg.method.get("hints"):
+        return [
+            "method.hints: feature hints take one feature vector per sample; on language-model "
+            "data distil without them (method=ensemble, or method.hints=null)"
+        ]
+    return []
 
 
 def directory_problems(cfg: DictConfig) -> list[str]:
