@@ -65,7 +65,7 @@ def test_experiment_lm_picks_its_pieces_and_passes_the_data_vocabulary_to_every_
         (["data.tokenizer=byte"], "student.vocab_size=2048"),  # the byte tokenizer has 258
         (["teachers.lm_deep.model.vocab_size=4096"], "teachers.lm_deep.model.vocab_size=4096"),
         (["data=synthetic"], "student.vocab_size=258"),
-        (["method=dml"], "method=dml"),  # an online method: one label per sample
+        (["method=ffl"], "method=ffl"),  # an online method of one label per sample
         # a classifier assistant on token data: its width reads the student's, which has none
         (["method=takd"], "method.assistants[0].in_features=${student.in_features}"),
         (["method=ensemble_hints"], "method.hints"),
@@ -175,3 +175,17 @@ def test_kd_train_experiment_lm_end_to_end_then_from_cached_teachers(tmp_path, m
             math.log(summary["test_perplexity"]["teachers"][name]), rel=1e-4
         )
     assert {path: path.stat().st_mtime_ns for path in cached} == written_at
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dml", "codistillation"])
+def test_kd_train_experiment_lm_trains_language_model_peers_online(tmp_path, method):
+    cfg = compose_config(tmp_path, [*TINY, f"method={method}"])
+    summary, _ = train(cfg)
+    assert summary["per_token"] and summary["method"] == method
+    assert list(summary["test_perplexity"]["teachers"]) == ["peer1"]
+    for stage in ("val", "test"):
+        perplexity = summary[f"{stage}_perplexity"]
+        values = [perplexity["student"], perplexity["baseline"], perplexity["teachers"]["peer1"]]
+        assert all(1.0 < value < 300 for value in values), perplexity  # below uniform's 300
+    assert not (tmp_path / "cache" / "teachers").exists()  # an online method trains no teacher

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
 from torch import nn
+from torch.utils.data import DataLoader
 
 from kd_lightning.models import CNN1D
 from kd_lightning.modules import AFDModule, CodistillationModule, DMLModule, FFLModule, OKDDipModule
@@ -365,3 +366,91 @@ def test_afd_null_adversarial_optimizers_take_the_networks_own(tmp_path, datamod
     for optimizer, config in zip(trainer.optimizers, trainer.lr_scheduler_configs, strict=True):
         assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.1
         assert isinstance(config.scheduler, torch.optim.lr_scheduler.ConstantLR)
+
+
+class TinyLM(nn.Module):
+    """Next-token logits (B, L, V) from a Hugging Face style batch's input ids."""
+
+    def __init__(self, vocab: int = 7) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, 5)
+        self.head = nn.Linear(5, vocab)
+
+    def forward(self, inputs):
+        return self.head(self.embedding(inputs["input_ids"]))
+
+
+def token_batch() -> dict[str, torch.Tensor]:
+    """Two sequences of 5 tokens, the second padded after 3 (its last labels -100)."""
+    ids = torch.tensor([[1, 4, 2, 6, 3], [5, 2, 2, 0, 0]])
+    labels = torch.tensor([[4, 2, 6, 3, 1], [2, 2, 3, -100, -100]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("method", ["dml", "codistillation"])
+def test_token_objectives_are_the_per_sample_ones_over_real_tokens(method):
+    torch.manual_seed(0)
+    peers = [TinyLM(), TinyLM()]
+    if method == "dml":
+        module = DMLModule(*peers, temperature=2.0, update="simultaneous")
+    else:
+        module = CodistillationModule(*peers, burn_in=0)
+        module.refresh_snapshots()
+        with torch.no_grad():  # the live peers move away from their snapshots
+            for peer in peers:
+                peer.head.bias += torch.randn(7)
+    batch = token_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    real = batch["labels"] != -100
+    loss, logits = module.objective(inputs, batch["labels"])
+    rows = {name: peer(inputs)[real] for name, peer in module.peers.items()}
+    assert {name: z.shape for name, z in logits.items()} == {n: (8, 7) for n in rows}
+    if method == "dml":
+        kl = [
+            4.0
+            * F.kl_div(
+                F.log_softmax(rows[a] / 2, -1), F.softmax(rows[b] / 2, -1), reduction="batchmean"
+            )
+            for a, b in (("peer0", "peer1"), ("peer1", "peer0"))
+        ]
+        expected = sum(F.cross_entropy(z, batch["labels"][real]) for z in rows.values()) + sum(kl)
+    else:
+        stale = {name: snap(inputs)[real] for name, snap in module._snapshots.items()}
+        expected = sum(
+            F.cross_entropy(rows[a], batch["labels"][real])
+            - (F.softmax(stale[b], -1) * F.log_softmax(rows[a], -1)).sum(-1).mean()
+            for a, b in (("peer0", "peer1"), ("peer1", "peer0"))
+        )
+    torch.testing.assert_close(loss, expected)
+
+
+def test_a_sequential_dml_step_on_tokens_matches_the_papers_update_by_hand(tmp_path):
+    torch.manual_seed(0)
+    peers = [TinyLM(), TinyLM()]
+    first, second = copy.deepcopy(peers)
+    module = DMLModule(*peers, optimizer=partial(torch.optim.SGD, lr=0.5))
+    batch = token_batch()
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    real = batch["labels"] != -100
+    y = batch["labels"][real]
+    z_first, z_second = first(inputs)[real], second(inputs)[real]
+    sgd_step(first, F.cross_entropy(z_first, y) + kl_to(z_second, z_first), lr=0.5)
+    sgd_step(second, F.cross_entropy(z_second, y) + kl_to(first(inputs)[real], z_second), lr=0.5)
+    assert_same_parameters(module.peers["peer0"], first)
+    assert_same_parameters(module.peers["peer1"], second)
+    # the logged means are per real token: the student's cross-entropy before its update
+    torch.testing.assert_close(
+        trainer.callback_metrics["train/ce"], F.cross_entropy(z_first, y).detach()
+    )
+
+
+def test_token_steps_hand_callbacks_the_real_tokens_rows():
+    torch.manual_seed(0)
+    module = DMLModule(TinyLM(), TinyLM(), update="simultaneous")
+    outputs = module.validation_step(token_batch(), 0)
+    assert outputs["student_logits"].shape == (8, 7)
+    assert outputs["teacher_logits"].shape == (1, 8, 7)
+    assert outputs["labels"].tolist() == [4, 2, 6, 3, 1, 2, 2, 3]

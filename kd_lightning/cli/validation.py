@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -222,21 +222,25 @@ def vocabulary_problems(cfg: DictConfig, datamodule: Any, needs_teachers: bool) 
 
 
 def token_method_problems(cfg: DictConfig) -> list[str]:
-    """On language-model data, a method other than per-token distillation from frozen teachers
-    (``method=ensemble``, a :class:`~kd_lightning.modules.DistillationModule` without hints): the
-    others are written for one label per sample.
+    """On language-model data, a method whose module is not ``token_level`` (every pipeline, and
+    the online methods but DML and codistillation: they take one label per sample), or feature
+    hints (one feature vector per sample).
 
     Examples:
-        >>> cfg = OmegaConf.create({"method": {"_target_": "kd_lightning.modules.DMLModule"}})
+        >>> cfg = OmegaConf.create({"method": {"_target_": "kd_lightning.modules.FFLModule"}})
         >>> [problem] = token_method_problems(cfg)
         >>> problem.split(": ")[1].split(";")[0]
-        'on language-model data only method=ensemble distils (per token, from frozen teachers)'
+        'on language-model data a method trains per token'
     """
     name = method_name(cfg)
-    if cfg.method.get("_target_") != "kd_lightning.modules.DistillationModule":
+    try:
+        target = get_object(cfg.method._target_)
+    except Exception:  # reported as method._target_ by _method_arguments
+        return []
+    if not getattr(target, "token_level", False):
         return [
-            f"method={name}: on language-model data only method=ensemble distils (per token, "
-            f"from frozen teachers); {name} takes one label per sample"
+            f"method={name}: on language-model data a method trains per token; {name} takes "
+            f"one label per sample (method=ensemble, dml and codistillation train language models)"
         ]
     if cfg.method.get("hints"):
         return [

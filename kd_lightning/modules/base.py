@@ -4,7 +4,7 @@ factories, and the contract by which ``kd-train`` builds a method from its confi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,10 @@ class MethodModule(EpochMeans):
         >>> module.validation_step((torch.randn(2, 4), torch.tensor([0, 2])), 0).ndim
         0
     """
+
+    #: Whether the method trains on sequences too: logits ``(B, L, V)`` for labels ``(B, L)``
+    #: holding ``-100`` where nothing is predicted, each loss a mean over real tokens.
+    token_level: ClassVar[bool] = False
 
     def __init__(
         self,

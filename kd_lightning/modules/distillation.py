@@ -95,6 +95,8 @@ class DistillationModule(MethodModule):
         (torch.Size([2, 2, 3]), [0, 1])
     """
 
+    token_level = True
+
     def __init__(
         self,
         student: nn.Module,

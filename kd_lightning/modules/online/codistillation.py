@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.functional.online import codistillation_loss
-from kd_lightning.modules.online.peers import OnlinePeersModule, Peers
+from kd_lightning.modules.online.peers import OnlinePeersModule, Peers, token_rows
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 _CHECKPOINT_KEY = "codistillation_snapshots"
@@ -118,6 +118,8 @@ class CodistillationModule(OnlinePeersModule):
                 f"world size ({world_size}) must be a multiple of {peers}"
             )
 
+    token_level = True
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         inputs, labels = self.batch_adapter(batch)
         losses, logits = self.peer_losses(inputs, labels)
@@ -132,23 +134,23 @@ class CodistillationModule(OnlinePeersModule):
 
     def peer_losses(self, inputs: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Each peer's loss ``(N,)`` and logits."""
-        logits = {name: peer(inputs) for name, peer in self.peers.items()}
-        stale = self._stale_logits(inputs)
+        logits = self.peer_logits(inputs, labels)
+        stale = self._stale_logits(inputs, labels)
+        rows = token_rows(labels, labels)
         losses = []
         for name in self.names:
             others = None if stale is None else torch.stack([stale[o] for o in stale if o != name])
             losses.append(
-                codistillation_loss(logits[name], others, labels, self.hparams["distill_weight"])
+                codistillation_loss(logits[name], others, rows, self.hparams["distill_weight"])
             )
         return torch.stack(losses), logits
 
-    def _stale_logits(self, inputs: Any) -> dict[str, Tensor] | None:
+    def _stale_logits(self, inputs: Any, labels: Tensor) -> dict[str, Tensor] | None:
         if not self._snapshots:
             return None
+        snapshots = {name: snapshot.to(self.device) for name, snapshot in self._snapshots.items()}
         with torch.no_grad():
-            return {
-                name: snapshot.to(self.device)(inputs) for name, snapshot in self._snapshots.items()
-            }
+            return self.peer_logits(inputs, labels, snapshots)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_CHECKPOINT_KEY] = {

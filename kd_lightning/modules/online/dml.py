@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.functional.online import PeerReduction, dml_losses, dml_peer_loss
-from kd_lightning.modules.online.peers import OnlinePeersModule, Peers
+from kd_lightning.modules.online.peers import OnlinePeersModule, Peers, token_rows
 from kd_lightning.modules.optim import OptimizerFactory, SchedulerFactory
 
 Update = Literal["sequential", "simultaneous"]
@@ -79,11 +79,13 @@ class DMLModule(OnlinePeersModule):
         )
         self.automatic_optimization = update == "simultaneous"
 
+    token_level = True
+
     def objective(self, inputs: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = {name: peer(inputs) for name, peer in self.peers.items()}
+        logits = self.peer_logits(inputs, labels)
         losses = dml_losses(
             torch.stack(list(logits.values())),
-            labels,
+            token_rows(labels, labels),
             self.hparams["temperature"],
             self.hparams["peer_reduction"],
         )
@@ -94,15 +96,16 @@ class DMLModule(OnlinePeersModule):
             return super().training_step(batch, batch_idx)
         inputs, labels = self.batch_adapter(batch)
         optimizers = self.optimizers()
-        logits = {name: peer(inputs) for name, peer in self.peers.items()}
+        logits = self.peer_logits(inputs, labels)
         targets = {name: z.detach() for name, z in logits.items()}
+        rows = token_rows(labels, labels)
         total = torch.zeros((), device=labels.device)
         for index, (name, optimizer) in enumerate(zip(self.names, optimizers, strict=True)):
             others = torch.stack([targets[other] for other in self.names if other != name])
             loss = dml_peer_loss(
                 logits[name],
                 others,
-                labels,
+                rows,
                 self.hparams["temperature"],
                 self.hparams["peer_reduction"],
             )
@@ -112,7 +115,7 @@ class DMLModule(OnlinePeersModule):
             total = total + loss.detach()
             if index < len(self.names) - 1:  # later peers learn from this peer's update
                 with torch.no_grad():
-                    targets[name] = self.peers[name](inputs)
+                    targets[name] = token_rows(self.peers[name](inputs), labels)
         self.step_schedulers(end_of_epoch=False)
         return self.report("train", total, logits, labels)
 

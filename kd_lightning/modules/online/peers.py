@@ -6,9 +6,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+from kd_lightning.batch import IGNORE_INDEX
 from kd_lightning.models.taps import FeatureTaps
 from kd_lightning.modules.base import MethodModule
 from kd_lightning.modules.epoch_means import Stage
@@ -68,6 +70,20 @@ def name_peers(
     return {student_name: student, **others}
 
 
+def token_rows(values: Tensor, labels: Tensor) -> Tensor:
+    """``values`` at the labelled positions: unchanged for one label per sample (``labels``
+    ``(B,)``); for sequences (``labels`` ``(B, L)``, ``-100`` where nothing is predicted) the rows
+    of the real tokens, ``(N, *)`` from ``(B, L, *)``, so that a per-sample objective becomes a
+    per-token one.
+
+    Examples:
+        >>> labels = torch.tensor([[3, 1, -100]])
+        >>> token_rows(torch.arange(6.0).reshape(1, 3, 2), labels).tolist(), token_rows(labels, labels).tolist()
+        ([[0.0, 1.0], [2.0, 3.0]], [3, 1])
+    """
+    return values if labels.ndim == 1 else values[labels != IGNORE_INDEX]
+
+
 def layers_per_peer(layers: str | Sequence[str], names: Sequence[str]) -> dict[str, str]:
     """One tapped layer per peer: the same name for all, or one per peer in order.
 
@@ -103,8 +119,14 @@ class OnlinePeersModule(MethodModule):
     ``(K, B, C)`` of the other outputs named in :attr:`teacher_names` (detached) and ``labels``,
     so :class:`~kd_lightning.callbacks.TeacherAgreementCallback` logs every peer like a teacher.
     Logged as epoch means (:class:`~kd_lightning.modules.epoch_means.EpochMeans`):
-    ``{stage}/loss``, ``{stage}/acc`` (the first network), ``{stage}/peer_acc/{name}`` for every
-    output, and ``{stage}/{name}`` for each of ``extra_means`` a step passes to :meth:`report`.
+    ``{stage}/loss``, ``{stage}/ce`` and ``{stage}/acc`` (the first network's cross-entropy and
+    accuracy on the labels), ``{stage}/peer_acc/{name}`` for every output, and ``{stage}/{name}``
+    for each of ``extra_means`` a step passes to :meth:`report`.
+
+    A method that sets ``token_level`` trains language models too: it runs its peers through
+    :meth:`peer_logits`, which keeps the real tokens' rows of sequence outputs (:func:`token_rows`),
+    so its per-sample objective is averaged over real tokens, and the logged means and the
+    callbacks' outputs are per token.
 
     Args:
         student: network 0, reported as the student.
@@ -144,7 +166,7 @@ class OnlinePeersModule(MethodModule):
         named = name_peers(student, peers, num_peers, student_name, minimum)
         output_names = [*named, *extra_outputs]
         super().__init__(
-            ("loss", "acc", *(f"peer_acc/{name}" for name in output_names), *extra_means),
+            ("loss", "ce", "acc", *(f"peer_acc/{name}" for name in output_names), *extra_means),
             optimizer,
             scheduler,
             scheduler_interval,
@@ -172,6 +194,14 @@ class OnlinePeersModule(MethodModule):
     def objective(self, inputs: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss on one batch and the logits of every name in ``output_names``."""
         raise NotImplementedError
+
+    def peer_logits(
+        self, inputs: Any, labels: Tensor, peers: Mapping[str, nn.Module] | None = None
+    ) -> dict[str, Tensor]:
+        """Every peer's logits (of ``peers``, by default the module's) on ``inputs``, at the
+        labelled positions: the real tokens' rows ``(N, V)`` for sequences (:func:`token_rows`)."""
+        chosen = (self.peers if peers is None else peers).items()
+        return {name: token_rows(peer(inputs), labels) for name, peer in chosen}
 
     def build_parts(self, inputs: Any) -> None:
         """Create the parts whose shapes depend on the peers' outputs (no-op by default)."""
@@ -244,6 +274,7 @@ class OnlinePeersModule(MethodModule):
         """Add loss, accuracies and the ``extra`` means (those of ``extra_means`` this step has;
         the others count for nothing) to the epoch means; the step's outputs for callbacks."""
         extra = extra or {}
+        labels = token_rows(labels, labels)  # sequences: the real tokens, as the logits are
         size = float(labels.shape[0])
         reported = logits[self.output_names[0]]
         accuracies = [
@@ -251,11 +282,12 @@ class OnlinePeersModule(MethodModule):
         ]
         values = [
             loss,
+            F.cross_entropy(reported.detach().float(), labels),
             accuracies[0],
             *accuracies,
             *(extra.get(n, loss.new_zeros(())) for n in self.extra_means),
         ]
-        weights = [size] * (2 + len(accuracies)) + [
+        weights = [size] * (3 + len(accuracies)) + [
             size if name in extra else 0.0 for name in self.extra_means
         ]
         self.update_epoch_means(stage, values, weights)
