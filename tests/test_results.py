@@ -241,10 +241,13 @@ def test_the_lm_table_averages_perplexities_and_pairs_relative_changes(tmp_path)
         "fusion=routed",
         "cached k=32",
         "cached k=32 tail=student",
+        "method=dml",
+        "method=codistillation",
     ]
-    assert entries[-3].overrides == ("fusion=routed", "data.route_ids=3")
-    assert entries[-2].overrides == (HEADLINE, "cache=true", "cache_top_k=32")
-    assert entries[-1].overrides == (*entries[-2].overrides, "method.loss.topk_tail=student")
+    assert entries[-5].overrides == ("fusion=routed", "data.route_ids=3")
+    assert entries[-4].overrides == (HEADLINE, "cache=true", "cache_top_k=32")
+    assert entries[-3].overrides == (*entries[-4].overrides, "method.loss.topk_tail=student")
+    assert entries[-1].overrides == ("method=codistillation",)
     students, scratch = [50.0, 54.0], [64.0, 60.0]
     for seed in range(2):
         summary = {
@@ -287,13 +290,13 @@ def test_lm_results_write_perplexities_and_the_validation_curves(tmp_path):
         "trainer.limit_val_batches=2",
         "trainer.val_check_interval=3",
     ]
-    only = f"{HEADLINE},fusion=routed,cached k=32"
+    only = f"{HEADLINE},fusion=routed,cached k=32,method=dml"
     args = ["-m", "kd_lightning.cli.results", "--preset", "lm", "--seeds", "1", "--only", only]
     done = run_command([*args, "--out", str(tmp_path / "lm"), *tiny], cwd=tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = (tmp_path / "lm" / "stdlib_lm.md").read_text()
     assert "| test perplexity | change over scratch, paired by seed (%) |" in table
-    for label in ("scratch (CE only)", HEADLINE, "fusion=routed", "cached k=32"):
+    for label in ("scratch (CE only)", HEADLINE, "fusion=routed", "cached k=32", "method=dml"):
         assert f"| {label} | 1 |" in table
     ledger = json.loads((tmp_path / "lm" / "stdlib_lm.json").read_text())
     assert set(ledger["scores"]) == {"lm_wide", "lm_deep", "lm_gru", "ensemble (mean p)"}

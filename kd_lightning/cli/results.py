@@ -108,6 +108,8 @@ LM_FUSIONS = ("entropy", "confidence", "aekd")
 LM_ROUTED = ("fusion=routed", "data.route_ids=3")
 LM_CACHE = ("cache=true", "cache_top_k=32")
 LM_STUDENT_TAIL = ("method.loss.topk_tail=student",)
+# The online methods that train language models: two CausalLM peers, no pretrained teacher.
+LM_ONLINE = ("dml", "codistillation")
 # Corrections of the teachers' targets, each on top of the headline's mean of probabilities.
 TARGET_TRANSFORMS = {"probability_shift": ("method.loss.probability_shift=true",)}
 HEADLINE = "fusion=mean_probs"  # the default distillation; its runs also train the scratch baseline
@@ -172,13 +174,13 @@ def run_dir(out: Path, entry: Entry, seed: int) -> Path:
 def lm_protocol(teachers: Sequence[str] = ("lm_wide", "lm_deep", "lm_gru")) -> list[Entry]:
     """The stdlib LM's entries: the mean of probabilities (with the scratch baseline), each
     single teacher, the uncertainty-weighted rules, AE-KD, one teacher per sequence (routed,
-    round robin, as a TRL ``teacher_id`` column assigns them), and the mean of probabilities read
+    round robin, as a TRL ``teacher_id`` column assigns them), the mean of probabilities read
     from a sparse top-32 cache of the teachers, with each teacher's tail spread evenly, then like
-    the student's.
+    the student's, and the online methods that train language-model peers (no teacher).
 
     Examples:
         >>> [entry.label for entry in lm_protocol()][7:]
-        ['fusion=routed', 'cached k=32', 'cached k=32 tail=student']
+        ['fusion=routed', 'cached k=32', 'cached k=32 tail=student', 'method=dml', 'method=codistillation']
     """
     entries = [Entry("ensemble", HEADLINE, (HEADLINE,))]
     entries += [Entry("single teacher", f"teachers=[{t}]", (f"teachers=[{t}]",)) for t in teachers]
@@ -190,6 +192,7 @@ def lm_protocol(teachers: Sequence[str] = ("lm_wide", "lm_deep", "lm_gru")) -> l
     entries.append(
         Entry("sparse cache", "cached k=32 tail=student", (HEADLINE, *LM_CACHE, *LM_STUDENT_TAIL))
     )
+    entries += [Entry("online", f"method={m}", (f"method={m}",)) for m in LM_ONLINE]
     return entries
 
 
