@@ -176,8 +176,7 @@ def vocabulary_problems(cfg: DictConfig, datamodule: Any, needs_teachers: bool) 
     (the token ids its tokenizer gives, known before any tokenising): a classifier (a student
     with ``num_classes``) on token data, a ``vocab_size`` on data without tokens, a student
     whose ``vocab_size`` is not the data's, teachers whose ``vocab_size`` is not the student's,
-    and a method that takes one label per sample (every one but ``method=ensemble`` without
-    feature hints) on token data.
+    and a method or feature hints that take one label per sample (:func:`token_method_problems`).
 
     Examples:
         >>> from kd_lightning.data import TextDataModule

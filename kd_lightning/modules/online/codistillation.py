@@ -63,6 +63,8 @@ class CodistillationModule(OnlinePeersModule):
         (0, True)
     """
 
+    token_level = True
+
     def __init__(
         self,
         student: nn.Module,
@@ -117,8 +119,6 @@ class CodistillationModule(OnlinePeersModule):
                 f"method.sharded=true trains each of the {peers} peers on its own ranks: the "
                 f"world size ({world_size}) must be a multiple of {peers}"
             )
-
-    token_level = True
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         inputs, labels = self.batch_adapter(batch)

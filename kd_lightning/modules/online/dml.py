@@ -52,6 +52,8 @@ class DMLModule(OnlinePeersModule):
         (['peer1'], torch.Size([5, 3]))
     """
 
+    token_level = True
+
     def __init__(
         self,
         student: nn.Module,
@@ -78,8 +80,6 @@ class DMLModule(OnlinePeersModule):
             ignore=["student", "peers", "optimizer", "scheduler", "batch_adapter"]
         )
         self.automatic_optimization = update == "simultaneous"
-
-    token_level = True
 
     def objective(self, inputs: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.peer_logits(inputs, labels)
